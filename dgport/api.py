@@ -1,0 +1,111 @@
+"""Python API: `dgport.load(path, backend=...)` returns a Generator over any backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backend import Backend
+from .config import GenerationDefaults
+from .errors import DgportError
+from .loop import CanvasEvent, StepEvent, generate_ids
+from .tokenizer import ChatTokenizer
+
+BACKENDS = ("cpu", "cuda", "mlx", "torch")
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[list[int]]  # per batch row: whole canvases after the prompt, PAD after the first EOS
+    texts: list[str]
+    steps_per_canvas: list[int]
+    tokens_per_forward: float
+    prompt_ids: list[int] = field(default_factory=list)
+    finished: bool = False  # stopped on an EOS id
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+class Generator:
+    def __init__(self, backend: Backend, tokenizer: ChatTokenizer, defaults: GenerationDefaults):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+
+    @property
+    def config(self):
+        return self.backend.config
+
+    def prompt_ids(self, prompt, raw: bool = False, system: str | None = None, think: bool = False) -> list[int]:
+        """Token ids for a prompt: a list of ids is used as is; a string gets the chat template
+        (or only <bos> with raw=True)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise DgportError("the prompt is empty; give some text")
+            if raw:
+                return self.tokenizer.encode_raw(prompt)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            return self.tokenizer.encode(self.tokenizer.render(messages, enable_thinking=think))
+        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+        if not ids:
+            raise DgportError("the prompt is empty; give at least one token id")
+        return ids
+
+    def settings(self, max_new_tokens=None, **sampler_overrides) -> GenerationDefaults:
+        return self.defaults.with_overrides(max_new_tokens=max_new_tokens, **sampler_overrides)
+
+    def generate(self, prompt, max_new_tokens: int | None = None, seed: int | None = None,
+                 rng: np.random.Generator | None = None, raw: bool = False, system: str | None = None,
+                 think: bool = False, on_step=None, on_canvas=None, keep_cache: bool = False,
+                 **sampler_overrides) -> GenerationResult:
+        """Generate after `prompt` (string or token ids). `rng` (a numpy Generator) wins over `seed`;
+        with neither, the draw is fresh. Sampler settings (max_denoising_steps, entropy_bound, t_min,
+        t_max, stability_threshold, confidence_threshold, eos_token_ids, pad_token_id) override the
+        checkpoint's generation defaults. `keep_cache=True` continues after what is already encoded."""
+        if max_new_tokens is not None and max_new_tokens <= 0:
+            raise DgportError(f"max_new_tokens must be a positive integer (got {max_new_tokens})")
+        settings = self.settings(max_new_tokens, **sampler_overrides)
+        ids = self.prompt_ids(prompt, raw=raw, system=system, think=think)
+        if rng is None:
+            rng = np.random.Generator(np.random.PCG64(seed))
+        if not keep_cache:
+            self.backend.reset()
+        out = generate_ids(self.backend, ids, settings, rng, on_step=on_step, on_canvas=on_canvas)
+        return GenerationResult(
+            token_ids=[out.token_ids],
+            texts=[self.tokenizer.decode([t for t in out.token_ids if t != settings.pad_token_id])],
+            steps_per_canvas=out.steps_per_canvas,
+            tokens_per_forward=out.tokens_per_forward(settings.pad_token_id),
+            prompt_ids=ids,
+            finished=out.finished,
+        )
+
+
+def load(path, backend: str = "cpu", **backend_options) -> Generator:
+    """Open a model. backend 'torch' takes a Hugging Face checkpoint folder; 'cpu', 'cuda' (ONNX
+    Runtime) and 'mlx' take a folder written by `dgport export`."""
+    if backend not in BACKENDS:
+        raise DgportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    if backend == "torch":
+        from .exporters.checkpoint import read_config
+        from .runtimes.torch_ref import TorchRefBackend
+
+        _, defaults, _ = read_config(path)
+        return Generator(TorchRefBackend(path, **backend_options), ChatTokenizer(path), defaults)
+    from .manifest import open_export
+
+    export = open_export(path, backend)
+    if backend in ("cpu", "cuda"):
+        from .runtimes.onnx import OnnxBackend
+
+        runtime = OnnxBackend(export, device=backend, **backend_options)
+    else:
+        from .runtimes.mlx import MlxBackend
+
+        runtime = MlxBackend(export, **backend_options)
+    return Generator(runtime, ChatTokenizer(path), export.generation)

@@ -1,0 +1,112 @@
+"""The step loop: block diffusion over any Backend, in numpy (spec §6.2, the HF reference sampler).
+
+The randomness contract (public; backends and tests rely on it). With `rng` a numpy Generator:
+  per canvas:  rng.integers(0, V, size=(B, C))                 the initial canvas
+  per step:    rng.random((B, C), dtype=np.float32)             one uniform per position (sampling)
+               rng.integers(0, V, size=(B, C))                  renoise ids
+The sampled token is the smallest index whose cumulative probability exceeds its uniform.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .backend import Backend
+from .config import GenerationDefaults
+from .errors import DgportError
+from .sampler import StableAndConfident, accept_mask, pad_after_eos, temperature
+
+
+@dataclass
+class StepEvent:
+    canvas_index: int
+    step: int  # 0-based step within the canvas
+    temperature: float
+    argmax: np.ndarray  # [C] the draft (argmax) canvas
+    entropy: np.ndarray  # [C]
+    accepted: np.ndarray  # [C] bool
+    canvas: np.ndarray  # [C] next step's input canvas (accepted samples + renoise)
+
+
+@dataclass
+class CanvasEvent:
+    canvas_index: int
+    tokens: np.ndarray  # [C] committed ids (PAD after the first EOS)
+    steps: int
+    finished: bool  # an EOS id was committed
+
+
+@dataclass
+class LoopResult:
+    token_ids: list[int]  # whole canvases after the prompt, PAD after the first EOS (as HF generate returns)
+    steps_per_canvas: list[int] = field(default_factory=list)
+    finished: bool = False  # stopped on an EOS id (else: ran out of max_new_tokens)
+
+    @property
+    def decoder_passes(self) -> int:
+        return sum(self.steps_per_canvas)
+
+    def tokens_per_forward(self, pad_id: int) -> float:
+        """Non-PAD generated tokens per decoder pass (the reference's metric)."""
+        n = sum(1 for t in self.token_ids if t != pad_id)
+        return n / self.decoder_passes if self.decoder_passes else 0.0
+
+
+def generate_ids(
+    backend: Backend,
+    prompt_ids,
+    settings: GenerationDefaults,
+    rng: np.random.Generator,
+    on_step: Callable[[StepEvent], None] | None = None,
+    on_canvas: Callable[[CanvasEvent], None] | None = None,
+) -> LoopResult:
+    """Generate after `prompt_ids` (the uncached tokens; the backend's cache may already hold a
+    prefix, e.g. earlier chat turns). Positions continue from `backend.cache_len`."""
+    settings.validate()
+    prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+    if prompt.size == 0:
+        raise DgportError("the prompt is empty; give at least one token")
+    cfg = backend.config
+    C, V = cfg.canvas_length, cfg.vocab_size
+    if prompt.min() < 0 or prompt.max() >= V:
+        raise DgportError(f"prompt token ids must lie in [0, {V}) (got {prompt.min()}..{prompt.max()})")
+    stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
+    result = LoopResult(token_ids=[])
+    to_encode = prompt
+    start = backend.cache_len
+    enc_pos = np.arange(start, start + prompt.size, dtype=np.int64)
+    for k in range(math.ceil(settings.max_new_tokens / C)):
+        backend.encode(to_encode[None], enc_pos[None])
+        dec_pos = np.arange(enc_pos[-1] + 1, enc_pos[-1] + 1 + C, dtype=np.int64)[None]
+        canvas = rng.integers(0, V, size=(1, C))
+        argmax = canvas
+        backend.new_canvas()
+        stopper.reset()
+        steps = 0
+        for cur_step in range(settings.max_denoising_steps, 0, -1):
+            t = temperature(cur_step, settings.max_denoising_steps, settings.t_min, settings.t_max)
+            uniforms = rng.random((1, C), dtype=np.float32)
+            out = backend.denoise(canvas, dec_pos, t, uniforms)
+            renoise = rng.integers(0, V, size=(1, C))
+            accepted = accept_mask(out.entropy, settings.entropy_bound)
+            canvas = np.where(accepted, out.sampled, renoise)
+            argmax = out.argmax
+            stop = stopper(argmax, out.entropy)
+            steps += 1
+            if on_step is not None:
+                on_step(StepEvent(k, steps - 1, float(t), argmax[0], out.entropy[0], accepted[0], canvas[0]))
+            if stop.all():
+                break
+        committed, finished = pad_after_eos(argmax[0], settings.eos_token_ids, settings.pad_token_id)
+        result.token_ids.extend(int(t) for t in committed)
+        result.steps_per_canvas.append(steps)
+        result.finished = finished
+        if on_canvas is not None:
+            on_canvas(CanvasEvent(k, committed, steps, finished))
+        if finished:
+            break
+        to_encode, enc_pos = argmax[0], dec_pos[0]
+    return result

@@ -1,0 +1,65 @@
+"""Tokenizer and chat template: `tokenizers` for ids, jinja2 for the checkpoint's own template."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import DgportError
+
+
+class ChatTokenizer:
+    def __init__(self, folder):
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.exists():
+            raise DgportError(f"{path}: missing; the export or checkpoint must carry its tokenizer.json")
+        self.tok = Tokenizer.from_file(str(path))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        template = cfg.get("chat_template")
+        if (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+        self.chat_template = template
+        self.bos_token = cfg.get("bos_token") or "<bos>"
+        if isinstance(self.bos_token, dict):
+            self.bos_token = self.bos_token.get("content", "<bos>")
+        self.bos_id = self.tok.token_to_id(self.bos_token)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False) -> str:
+        if not self.chat_template:
+            raise DgportError("this model has no chat template; pass raw=True (CLI: --raw) to send the prompt as is")
+
+        def raise_exception(msg):
+            raise DgportError(f"chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                enable_thinking=enable_thinking, bos_token=self.bos_token,
+            )
+        except jinja2.TemplateError as e:
+            raise DgportError(f"chat template failed to render: {e}") from e
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text that already carries its special tokens (e.g. a rendered chat)."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_raw(self, text: str) -> list[int]:
+        """A raw prompt: its ids with <bos> in front (the model expects every sequence to start with it)."""
+        ids = self.encode(text)
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tok.id_to_token(int(token_id)) or ""

@@ -1,0 +1,144 @@
+"""Read a Hugging Face DiffusionGemma checkpoint folder: config, generation config, tokenizer files
+and safetensors weights (never pickle), and check every tensor the text model needs."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dgport.config import GenerationDefaults, TextConfig
+from dgport.errors import CheckpointError, DgportError
+
+from .safetensors_np import SafetensorsFile
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DEC = "model.decoder."
+ENC_SCALAR = "model.encoder.language_model.layers.{i}.layer_scalar"
+
+
+def expected_tensors(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Every text-model tensor name (as transformers saves it) with its shape."""
+    H, I, E, M = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.moe_intermediate_size
+    t = {
+        f"{DEC}embed_tokens.weight": (cfg.vocab_size, H),
+        f"{DEC}norm.weight": (H,),
+        f"{DEC}self_conditioning.pre_norm.weight": (H,),
+        f"{DEC}self_conditioning.gate_proj.weight": (I, H),
+        f"{DEC}self_conditioning.up_proj.weight": (I, H),
+        f"{DEC}self_conditioning.down_proj.weight": (H, I),
+    }
+    for i in range(cfg.num_layers):
+        d, kv, p = cfg.head_dims[i], cfg.kv_heads[i], f"{DEC}layers.{i}."
+        t[f"{p}self_attn.q_proj.weight"] = (cfg.num_heads * d, H)
+        t[f"{p}self_attn.k_proj.weight"] = (kv * d, H)
+        if cfg.is_sliding(i):
+            t[f"{p}self_attn.v_proj.weight"] = (kv * d, H)
+        t[f"{p}self_attn.o_proj.weight"] = (H, cfg.num_heads * d)
+        t[f"{p}self_attn.q_norm.weight"] = (d,)
+        t[f"{p}self_attn.k_norm.weight"] = (d,)
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "pre_feedforward_layernorm_2",
+                     "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
+            t[f"{p}{norm}.weight"] = (H,)
+        t[f"{p}mlp.gate_proj.weight"] = (I, H)
+        t[f"{p}mlp.up_proj.weight"] = (I, H)
+        t[f"{p}mlp.down_proj.weight"] = (H, I)
+        t[f"{p}router.proj.weight"] = (E, H)
+        t[f"{p}router.scale"] = (H,)
+        t[f"{p}router.per_expert_scale"] = (E,)
+        t[f"{p}experts.gate_up_proj"] = (E, 2 * M, H)
+        t[f"{p}experts.down_proj"] = (E, H, M)
+        t[f"{p}layer_scalar"] = (1,)
+        t[ENC_SCALAR.format(i=i)] = (1,)
+    return t
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: TextConfig
+    generation: GenerationDefaults
+    raw_config: dict
+    tokenizer_files: list[Path]
+    _files: dict[str, SafetensorsFile] = field(repr=False)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A text-model tensor by its transformers name, as stored (bf16 via ml_dtypes; memory-mapped)."""
+        return self._files[name].tensor(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._files[name].dtype(name)
+
+    @property
+    def names(self) -> list[str]:
+        return list(expected_tensors(self.config))
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json and every safetensors header: identifies the source cheaply."""
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        for f in sorted({id(f): f for f in self._files.values()}.values(), key=lambda f: f.path.name):
+            with open(f.path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(n))
+        return h.hexdigest()
+
+
+def read_config(path: Path) -> tuple[TextConfig, GenerationDefaults, dict]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder; give the path of a Hugging Face DiffusionGemma checkpoint")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder; give the checkpoint folder, not a file in it")
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{cfg_path}: missing; a Hugging Face checkpoint folder has a config.json")
+    raw = _read_json(cfg_path)
+    text = TextConfig.from_hf(raw, where=str(cfg_path))
+    gen_path = path / "generation_config.json"
+    gen = _read_json(gen_path) if gen_path.exists() else {}
+    return text, GenerationDefaults.from_hf(gen, text, raw.get("eos_token_id")), raw
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Open and validate a checkpoint folder. Tensors are memory-mapped, not loaded."""
+    path = Path(path)
+    text, gen, raw = read_config(path)
+    st = sorted(path.glob("*.safetensors"))
+    if not st:
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(
+                f"{path}: only pickle weights ({', '.join(pickles)}); dgport never unpickles. Convert them with "
+                "`model.save_pretrained(dir, safe_serialization=True)` and export that folder"
+            )
+        raise CheckpointError(f"{path}: no *.safetensors weights found")
+    files: dict[str, SafetensorsFile] = {}
+    for p in st:
+        f = SafetensorsFile(p)
+        for name in f.names:
+            files[name] = f
+    problems = []
+    for name, shape in expected_tensors(text).items():
+        if name not in files:
+            problems.append(f"missing tensor {name} {list(shape)}")
+        elif files[name].shape(name) != shape:
+            problems.append(f"tensor {name} has shape {list(files[name].shape(name))}, expected {list(shape)}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{path}: {'; '.join(problems[:3])}{more}; the weights do not match config.json")
+    tok = [path / n for n in TOKENIZER_FILES if (path / n).exists()]
+    if not (path / "tokenizer.json").exists():
+        raise CheckpointError(f"{path / 'tokenizer.json'}: missing; dgport needs the checkpoint's tokenizer.json")
+    return Checkpoint(path, text, gen, raw, tok, files)

@@ -1,0 +1,191 @@
+"""Small DiffusionGemma checkpoints for tests and benchmarks, built with the transformers classes.
+
+`build_fixture(name, out_dir)` writes a complete Hugging Face checkpoint folder (config.json,
+model.safetensors from `save_pretrained`, generation_config.json, tokenizer.json,
+tokenizer_config.json with a Gemma-4-style chat template) from a named preset, with random weights
+and a fixed seed, so every run builds byte-identical weights. Needs torch and transformers.
+
+Random weights give near-uniform next-token distributions, so the sampler would never accept more
+than a token per step nor stop early. Presets that must exercise adaptive stopping or EOS shrink the
+layers' contributions to the residual stream (`residual_gain`) and widen the embedding
+(`embed_std`), which makes the denoiser lean towards predicting its own input confidently.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+SPECIAL_TOKENS = {
+    0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>",
+    48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>',
+    98: "<|think|>", 100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>",
+}
+FIRST_BYTE_ID = 108  # byte-level tokens follow Gemma's reserved/special range
+
+# Gemma 4 chat format (spec §7): non-thinking prompts pre-fill an empty thought channel.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set sys = messages[0].content | trim if messages and messages[0].role == 'system' else none -%}"
+    "{%- if enable_thinking or sys is not none -%}"
+    "<|turn>system{{ '\\n' }}{%- if enable_thinking -%}<|think|>{{ '\\n' }}{%- endif -%}"
+    "{%- if sys is not none -%}{{ sys }}{%- endif -%}<turn|>{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- for m in messages -%}{%- if m.role != 'system' -%}"
+    "<|turn>{{ 'model' if m.role == 'assistant' else m.role }}{{ '\\n' }}{{ m.content | trim }}<turn|>{{ '\\n' }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|turn>model{{ '\\n' }}"
+    "{%- if not enable_thinking -%}<|channel>thought{{ '\\n' }}<channel|>{%- endif -%}"
+    "{%- endif -%}"
+)
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class Preset:
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 96
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    global_head_dim: int = 32
+    num_global_key_value_heads: int = 1
+    layer_types: tuple = (SLIDING, FULL, SLIDING, FULL)
+    sliding_window: int = 16
+    num_experts: int = 4
+    top_k_experts: int = 2
+    moe_intermediate_size: int = 32
+    canvas_length: int = 16
+    partial_rotary_factor: float = 0.25
+    seed: int = 0
+    embed_std: float = 0.02
+    residual_gain: float = 1.0  # scales every post-* norm weight: < 1 keeps the residual near the input
+    eos_boost: float = 1.0  # scales the embedding rows of the EOS ids (makes EOS a likelier argmax)
+    generation: dict = field(default_factory=dict)
+
+
+BASE_GENERATION = {
+    "max_new_tokens": 48,
+    "max_denoising_steps": 6,
+    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+    "eos_token_id": [1, 106, 50],
+    "pad_token_id": 0,
+    "bos_token_id": 2,
+}
+
+PRESETS: dict[str, Preset] = {
+    # near-uniform outputs: every canvas runs all steps; sliding + full (K=V) layers, MoE top-2
+    "tiny": Preset(),
+    # confident denoiser: adaptive stopping fires well before max_denoising_steps
+    "confident": Preset(seed=1, embed_std=1.0, residual_gain=0.3, generation={"max_denoising_steps": 12}),
+    # a sliding window (7 cached positions) far shorter than prompts and canvases
+    "long-context": Preset(seed=2, sliding_window=8, layer_types=(SLIDING, SLIDING, FULL, SLIDING, FULL)),
+    # EOS ids are likely argmaxes: generation stops inside a canvas
+    "eos": Preset(seed=3, embed_std=1.0, residual_gain=0.15, eos_boost=2.5,
+                  generation={"max_denoising_steps": 12, "max_new_tokens": 64}),
+}
+
+
+def _tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    if vocab_size < FIRST_BYTE_ID + len(alphabet):
+        raise ValueError(f"vocab_size must be >= {FIRST_BYTE_ID + len(alphabet)} for the byte-level fixture tokenizer")
+    vocab = {}
+    for i in range(vocab_size):
+        if i in SPECIAL_TOKENS:
+            vocab[SPECIAL_TOKENS[i]] = i
+        elif FIRST_BYTE_ID <= i < FIRST_BYTE_ID + len(alphabet):
+            vocab[sorted(alphabet)[i - FIRST_BYTE_ID]] = i
+        else:
+            vocab[f"<unused{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([t for t in vocab if t.startswith("<") and t.endswith(">")])
+    return tok
+
+
+def write_tokenizer(out_dir: Path, vocab_size: int, chat_template: str = CHAT_TEMPLATE) -> None:
+    """tokenizer.json (byte-level, Gemma's special ids) and tokenizer_config.json with the chat template."""
+    _tokenizer(vocab_size).save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "chat_template": chat_template,
+        "model_max_length": 1_000_000,
+    }, indent=2))
+
+
+def hf_config(p: Preset):
+    from transformers import DiffusionGemmaConfig
+
+    text = dict(
+        vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
+        num_hidden_layers=len(p.layer_types), num_attention_heads=p.num_attention_heads,
+        num_key_value_heads=p.num_key_value_heads, head_dim=p.head_dim, global_head_dim=p.global_head_dim,
+        num_global_key_value_heads=p.num_global_key_value_heads, layer_types=list(p.layer_types),
+        sliding_window=p.sliding_window, num_experts=p.num_experts, top_k_experts=p.top_k_experts,
+        moe_intermediate_size=p.moe_intermediate_size, max_position_embeddings=8192,
+        use_bidirectional_attention="vision",
+        rope_parameters={
+            SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+            FULL: {"rope_type": "proportional", "partial_rotary_factor": p.partial_rotary_factor,
+                   "rope_theta": 1_000_000.0},
+        },
+    )
+    # The vision tower is unused by a text runtime; keep it tiny so fixtures stay small.
+    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=1, num_key_value_heads=1, head_dim=16)
+    return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=p.canvas_length,
+                                eos_token_id=[1, 106])
+
+
+def build_model(p: Preset):
+    """A DiffusionGemmaForBlockDiffusion with seeded random weights, in float32."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(p.seed)
+    model = DiffusionGemmaForBlockDiffusion(hf_config(p)).eval()
+    g = torch.Generator().manual_seed(p.seed + 1000)
+    with torch.no_grad():
+        emb = model.model.decoder.embed_tokens.weight
+        emb.normal_(0.0, p.embed_std, generator=g)
+        emb[[1, 106, 50]] *= p.eos_boost
+        for name, prm in model.model.decoder.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight") or "_layernorm_" in name:
+                prm.copy_(1.0 + 0.1 * torch.randn(prm.shape, generator=g))
+                if ".post_" in name:
+                    prm.mul_(p.residual_gain)
+            elif name.endswith("router.scale") or name.endswith("per_expert_scale"):
+                prm.copy_(1.0 + 0.2 * torch.rand(prm.shape, generator=g))
+        dec_layers = model.model.decoder.layers
+        enc_layers = model.model.encoder.language_model.layers
+        for dec, enc in zip(dec_layers, enc_layers):
+            s = 0.6 + 0.4 * torch.rand(1, generator=g)
+            dec.layer_scalar.copy_(s)
+            # the encoder's scalars are separate buffers; make them differ so a mix-up fails parity
+            enc.layer_scalar.copy_(s * 0.97)
+    return model
+
+
+def build_fixture(name: str, out_dir, **overrides) -> Path:
+    """Write preset `name` (with dataclass field overrides) as an HF checkpoint folder."""
+    p = replace(PRESETS[name], **overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(p)
+    model.save_pretrained(out)
+    gen = {**BASE_GENERATION, **p.generation}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    write_tokenizer(out, p.vocab_size)
+    return out

@@ -1,0 +1,99 @@
+"""The Hugging Face modules behind the Backend protocol: the reference the other backends are
+checked against (tests, `dgport check`, benchmarks). Never imported on the `run` path.
+
+encode = `model.model.encoder` writing a transformers DynamicCache (sliding layers keep the last
+`sliding_window - 1` positions); denoise = the full model's decoder pass with tied lm_head and
+softcap, then the same temperature, sampling, entropy and self-conditioning handling as
+`DiffusionGemmaGenerationMixin._denoising_step`. The self-conditioning logits stay a torch tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dgport.backend import StepOutput
+from dgport.config import TextConfig
+from dgport.errors import BackendUnavailable
+
+
+def inverse_cdf_torch(probs, uniforms):
+    """The randomness contract's draw on torch tensors: probs [N, V] float32, uniforms [N] float32."""
+    import torch
+
+    cdf = torch.cumsum(probs, dim=-1)
+    idx = (cdf <= uniforms[:, None]).sum(dim=-1)
+    return torch.clamp(idx, max=probs.shape[-1] - 1)
+
+
+class TorchRefBackend:
+    def __init__(self, checkpoint, dtype: str = "fp32", model=None):
+        try:
+            import torch
+            from transformers import DiffusionGemmaForBlockDiffusion
+        except ImportError as e:
+            raise BackendUnavailable(
+                "backend 'torch' needs torch and transformers: pip install 'dgport[export]'"
+            ) from e
+        from dgport.exporters.checkpoint import read_checkpoint  # validates the folder with dgport's messages
+
+        self._torch = torch
+        self.config: TextConfig = read_checkpoint(checkpoint).config
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        self.model = model if model is not None else DiffusionGemmaForBlockDiffusion.from_pretrained(
+            Path(checkpoint), dtype=torch_dtype
+        ).eval()
+        self.last_logits = None
+        self.reset()
+
+    @property
+    def cache_len(self) -> int:
+        return self._cache_len
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        self._cache_len = 0
+        self._sc_logits = None
+
+    def encode(self, ids: np.ndarray, positions: np.ndarray) -> None:
+        torch = self._torch
+        ids_t = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        pos_t = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
+        B, T = ids_t.shape
+        # the same mask mapping generate() builds from an all-ones 2-D mask
+        masks = self.model.model.encoder.create_masks_for_generate(
+            config=self.model.config,
+            inputs_embeds=torch.empty((B, T, 0), dtype=self.model.dtype),
+            attention_mask=torch.ones((B, self._cache_len + T), dtype=torch.bool),
+            past_key_values=self.cache,
+            position_ids=pos_t,
+        )
+        with torch.no_grad():
+            self.model.model.encoder(input_ids=ids_t, attention_mask=masks, past_key_values=self.cache,
+                                     position_ids=pos_t)
+        self._cache_len += T
+
+    def new_canvas(self) -> None:
+        self._sc_logits = None
+
+    def denoise(self, canvas, positions, temperature, uniforms) -> StepOutput:
+        torch = self._torch
+        with torch.no_grad():
+            logits = self.model(
+                decoder_input_ids=torch.from_numpy(np.ascontiguousarray(canvas, dtype=np.int64)),
+                past_key_values=self.cache,
+                self_conditioning_logits=self._sc_logits,
+                decoder_position_ids=torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)),
+            ).logits
+            self.last_logits = logits
+            proc = logits / torch.tensor(np.float32(temperature))
+            probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
+            B, C, V = probs.shape
+            sampled = inverse_cdf_torch(probs.view(-1, V), torch.from_numpy(
+                np.ascontiguousarray(uniforms, dtype=np.float32)).view(-1)).view(B, C)
+            argmax = torch.argmax(proc, dim=-1)
+            entropy = torch.distributions.Categorical(logits=proc).entropy()
+            self._sc_logits = proc.to(self.model.model.decoder.embed_tokens.weight.dtype)
+        return StepOutput(argmax.numpy().astype(np.int64), entropy.float().numpy(), sampled.numpy().astype(np.int64))

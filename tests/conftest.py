@@ -1,0 +1,44 @@
+"""Shared fixtures: preset checkpoints are built once per test session (random weights, fixed seeds)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # hf_reference helper
+
+os.environ.setdefault("DGPORT_CACHE_DIR", str(Path(__file__).parent / ".." / ".pytest_cache" / "dgport"))
+
+from models.fixtures import PRESETS, build_fixture  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """name -> folder of every fixture preset, built on first use."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    built = {}
+
+    class Lazy(dict):
+        def __missing__(self, name):
+            built[name] = build_fixture(name, root / name)
+            return built[name]
+
+    return Lazy()
+
+
+@pytest.fixture(scope="session")
+def hf_models(checkpoints):
+    """name -> DiffusionGemmaForBlockDiffusion loaded from the fixture folder (float32)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    class Lazy(dict):
+        def __missing__(self, name):
+            self[name] = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoints[name]).eval()
+            return self[name]
+
+    return Lazy()
+
+
+ALL_PRESETS = list(PRESETS)
