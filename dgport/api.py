@@ -1,6 +1,7 @@
 """Python API: `dgport.load(path, backend=...)` returns a Generator over any backend."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from .backend import Backend
 from .config import GenerationDefaults
-from .errors import DgportError
+from .errors import BackendUnavailable, DgportError
 from .loop import CanvasEvent, StepEvent, generate_ids
 from .tokenizer import ChatTokenizer
 
@@ -100,6 +101,12 @@ def load(path, backend: str = "cpu", **backend_options) -> Generator:
     from .manifest import open_export
 
     export = open_export(path, backend)
+    package = "onnxruntime" if backend in ("cpu", "cuda") else "mlx.core"
+    try:
+        importlib.import_module(package)
+    except ImportError as e:
+        raise BackendUnavailable(f"--backend {backend} needs the {package.split('.')[0]} package, which is not "
+                                 f"installed: pip install 'dgport[{backend}]'") from e
     if backend in ("cpu", "cuda"):
         from .runtimes.onnx import OnnxBackend
 

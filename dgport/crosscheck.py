@@ -1,0 +1,115 @@
+"""`dgport check`: the same prompts and seed through several backends, compared token by token and
+step by step, gated by the DESIGN.md parity targets (fp32: token-identical; fp16/bf16: >= 95 %
+of tokens; quantized: reported only)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DgportError
+from .manifest import BACKEND_FORMAT, read_manifest
+
+DEFAULT_PROMPTS = ("Why is the sky blue?", "Write a haiku about the sea.", "List three prime numbers.")
+
+
+def parse_backends(text: str) -> list[tuple[str, Path | None]]:
+    out = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        name, _, arg = item.partition("=")
+        if name not in ("cpu", "cuda", "mlx", "torch"):
+            raise DgportError(f"--backends: unknown backend {name!r}; use cpu, cuda, mlx or torch=CHECKPOINT")
+        if name == "torch" and not arg:
+            raise DgportError("--backends: torch needs the source checkpoint, as torch=PATH")
+        out.append((name, Path(arg) if arg else None))
+    if len(out) < 2:
+        raise DgportError("--backends: name at least two backends to compare, e.g. cpu,mlx")
+    return out
+
+
+@dataclass
+class Run:
+    backend: str
+    tokens: list[list[int]] = field(default_factory=list)  # per prompt
+    entropies: list[dict] = field(default_factory=list)  # per prompt: (canvas, step) -> entropy row
+
+
+@dataclass
+class CheckReport:
+    runs: list[Run]
+    min_agreement: float
+    agreement: dict[str, float]  # backend -> fraction of tokens equal to the first backend's
+    max_entropy_diff: dict[str, float]
+    ok: bool = True
+    failure: str = ""
+
+    def as_dict(self) -> dict:
+        return {"reference": self.runs[0].backend, "agreement": self.agreement,
+                "max_entropy_diff": self.max_entropy_diff, "required_agreement": self.min_agreement, "ok": self.ok}
+
+    def print(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"dgport check (reference: {self.runs[0].backend})")
+        for col in ("backend", "token agreement", "max per-step entropy diff"):
+            table.add_column(col)
+        for run in self.runs[1:]:
+            table.add_row(run.backend, f"{100 * self.agreement[run.backend]:.2f} %",
+                          f"{self.max_entropy_diff[run.backend]:.3g}")
+        Console().print(table)
+        Console().print(("[green]OK" if self.ok else "[red]FAIL") +
+                        f" (required agreement {100 * self.min_agreement:.0f} %)")
+
+
+def _required_agreement(export_dir, backends) -> float:
+    manifest = read_manifest(export_dir).manifest
+    worst = 1.0
+    for name, _ in backends:
+        if name == "torch":
+            continue
+        entry = manifest["formats"].get(BACKEND_FORMAT[name], {})
+        if entry.get("quantization"):
+            return 0.0  # quantized exports are reported, not gated
+        if entry.get("dtype", "fp32") != "fp32":
+            worst = min(worst, 0.95)
+    return worst
+
+
+def run_check(export_dir, backends, prompts=None, raw=False, seed=0, max_new_tokens=None, overrides=None):
+    from . import load
+
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    runs = []
+    for name, ckpt in backends:
+        gen = load(ckpt, backend="torch") if name == "torch" else load(export_dir, backend=name)
+        run = Run(name if name != "torch" else f"torch={ckpt}")
+        for prompt in prompts:
+            steps = {}
+            res = gen.generate(prompt, seed=seed, raw=raw, max_new_tokens=max_new_tokens,
+                               on_step=lambda e, s=steps: s.__setitem__((e.canvas_index, e.step), e.entropy.copy()),
+                               **overrides)
+            run.tokens.append(res.token_ids[0])
+            run.entropies.append(steps)
+        runs.append(run)
+    ref = runs[0]
+    agreement, ent = {}, {}
+    for run in runs[1:]:
+        same = total = 0
+        diff = 0.0
+        for a, b, ea, eb in zip(ref.tokens, run.tokens, ref.entropies, run.entropies):
+            n = max(len(a), len(b))
+            same += sum(1 for x, y in zip(a, b) if x == y)
+            total += n
+            for key in ea.keys() & eb.keys():
+                diff = max(diff, float(abs(ea[key] - eb[key]).max()))
+        agreement[run.backend] = same / total if total else 1.0
+        ent[run.backend] = diff
+    need = _required_agreement(export_dir, backends)
+    report = CheckReport(runs, need, agreement, ent)
+    worst = min(agreement, key=agreement.get)
+    if agreement[worst] < need:
+        report.ok = False
+        report.failure = (f"backend {worst} agrees with {ref.backend} on {100 * agreement[worst]:.2f} % of tokens; "
+                          f"the parity target is {100 * need:.0f} %")
+    return report
