@@ -1,0 +1,519 @@
+"""Build dgport's two ONNX graphs (encoder, denoise_step) directly from a checkpoint's config and
+weights with `onnx.helper`, the way onnxruntime-genai's model builder does: no tracing, one node per
+operation of the reference math (spec §3-§5, §10), standard ONNX ops only (opset 21).
+
+Weights go through a `WeightStore`: each checkpoint tensor is transformed once (linear layers
+transposed to [in, out], q/k/v and gate/up fused), written once into one external-data file
+(`weights.bin`) and referenced by name from both graphs, so encoder and decoder share one copy on
+disk and (through `SessionOptions.add_initializer`) one copy in memory.
+
+Dtypes: `md` is the model dtype (fp32, fp16 or bf16): weights, activations, K/V and sc_embeds. RMSNorm,
+softmaxes, the router, logits and the sampler run in fp32 as in the reference. ONNX Runtime's CPU
+execution provider has no bf16 kernels, so a bf16 export also gets "fp32-compute" graphs for the CPU
+EP: the same math in fp32 with bf16 rounding at the reference's explicit casts and bf16 K/V and
+sc_embeds at the graph boundary; their weights are graph inputs the backend binds to fp32 copies it
+makes once at load (the file still holds the bf16 weights once).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from dgport.config import TextConfig
+
+OPSET = 21
+FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+ONNX_DTYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+NP_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+WEIGHTS_FILE = "weights.bin"
+ALIGN = 64
+DEC = "model.decoder."
+
+
+def np_dtype(dtype: str):
+    if dtype == "bf16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({"fp32": np.float32, "fp16": np.float16}[dtype])
+
+
+def rope_inv_freq_f32(cfg: TextConfig, layer: int) -> np.ndarray:
+    """The reference's inverse frequencies in float32, computed in float32 in its order of operations
+    (`1 / base ** (arange(0, 2r, 2) / d)`); TextConfig.rope_inv_freq gives the same values in float64,
+    which round differently in the last bit and shift RoPE phases by ~1e-5 at a few hundred positions."""
+    d = cfg.head_dims[layer]
+    if cfg.is_sliding(layer):
+        base, rot = cfg.sliding_rope_theta, d // 2
+    else:
+        base, rot = cfg.full_rope_theta, int(cfg.full_partial_rotary_factor * d // 2)
+    exps = np.arange(0, 2 * rot, 2).astype(np.float32) / np.float32(d)
+    inv = (np.float32(1.0) / np.power(np.float32(base), exps)).astype(np.float32)
+    return np.concatenate([inv, np.zeros(d // 2 - rot, np.float32)])
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+class WeightStore:
+    """Writes each transformed weight once into `weights.bin` and hands out external-data
+    TensorProtos referencing it. `index` records name -> (offset, nbytes, dtype, shape)."""
+
+    def __init__(self, ckpt, out_dir: Path, dtype: str):
+        self.ckpt, self.dtype, self.np_dtype = ckpt, dtype, np_dtype(dtype)
+        self.path = Path(out_dir) / WEIGHTS_FILE
+        self.f = open(self.path, "wb")
+        self.offset = 0
+        self.index: dict[str, dict] = {}
+
+    def close(self):
+        self.f.close()
+
+    def raw(self, hf_name: str) -> np.ndarray:
+        return self.ckpt.tensor(hf_name)
+
+    def get(self, name: str, make, dtype: str | None = None) -> str:
+        """Store the array `make()` (cast to the model dtype, or to `dtype` = 'fp32') under `name`."""
+        if name not in self.index:
+            arr = np.asarray(make())
+            target = np.dtype(np.float32) if dtype == "fp32" else self.np_dtype
+            if arr.dtype != target:
+                arr = arr.astype(np.float32).astype(target) if arr.dtype != np.float32 else arr.astype(target)
+            arr = np.ascontiguousarray(arr)
+            pad = (-self.offset) % ALIGN
+            if pad:
+                self.f.write(b"\0" * pad)
+                self.offset += pad
+            self.f.write(arr.tobytes())
+            self.index[name] = {"offset": self.offset, "nbytes": arr.nbytes, "dtype": "fp32" if dtype == "fp32"
+                                else self.dtype, "shape": list(arr.shape)}
+            self.offset += arr.nbytes
+        return name
+
+    def proto(self, name: str) -> TensorProto:
+        meta = self.index[name]
+        t = TensorProto()
+        t.name = name
+        t.data_type = ONNX_DTYPE[meta["dtype"]]
+        t.dims.extend(meta["shape"])
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", WEIGHTS_FILE), ("offset", str(meta["offset"])), ("length", str(meta["nbytes"]))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        return t
+
+
+# ----------------------------------------------------------------------------------- builder
+
+
+@dataclass
+class Builder:
+    name: str
+    store: WeightStore
+    md: int  # ONNX dtype of the model (weights, activations, K/V)
+    emulate: bool = False  # fp32 compute with md rounding (CPU EP for bf16 exports)
+    nodes: list = field(default_factory=list)
+    inits: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
+    _n: int = 0
+    _consts: dict = field(default_factory=dict)
+
+    @property
+    def cdt(self) -> int:
+        """Compute dtype of model-dtype tensors inside the graph."""
+        return FLOAT if self.emulate else self.md
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(self, op_type: str, *ins, n_out: int = 1, name: str | None = None, domain: str | None = None, **attrs):
+        base = name or self.fresh(op_type.lower())
+        outs = [base] if n_out == 1 else [f"{base}_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(ins), outs, name=f"n_{base}", domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype: int) -> str:
+        arr = np.asarray(value, dtype=np.float32 if dtype in (FLOAT, TensorProto.BFLOAT16) else
+                         {INT64: np.int64, TensorProto.FLOAT16: np.float16}[dtype])
+        key = (arr.tobytes(), arr.shape, dtype)
+        if key not in self._consts:
+            name = self.fresh("const")
+            if dtype == TensorProto.BFLOAT16:
+                t = helper.make_tensor(name, dtype, arr.shape, arr.reshape(-1).tolist())
+            else:
+                t = numpy_helper.from_array(arr, name)
+            self.inits.append(t)
+            self._consts[key] = name
+        return self._consts[key]
+
+    def cconst(self, value) -> str:
+        """A constant in the compute dtype holding `value` rounded to the model dtype."""
+        v = np.float32(value)
+        if self.md == TensorProto.BFLOAT16:
+            import ml_dtypes
+
+            v = np.float32(np.asarray(v).astype(ml_dtypes.bfloat16))
+        elif self.md == TensorProto.FLOAT16:
+            v = np.float32(np.float16(v))
+        return self.const(v, self.cdt)
+
+    def weight(self, name: str, make, dtype: str | None = None) -> str:
+        """A checkpoint-derived weight: an initializer with external data, or (emulate mode) a graph
+        input of dtype fp32 that the backend binds."""
+        self.store.get(name, make, dtype)
+        if name not in self.weights:
+            self.weights.append(name)
+            meta = self.store.index[name]
+            if self.emulate:
+                self.inputs.append(helper.make_tensor_value_info(name, FLOAT, meta["shape"]))
+            else:
+                self.inits.append(self.store.proto(name))
+        return name
+
+    def cast(self, x: str, to: int) -> str:
+        return self.op("Cast", x, to=to)
+
+    def to_md(self, x32: str) -> str:
+        """Round an fp32 tensor to the model dtype (the reference's `.to(dtype)`)."""
+        if self.md == FLOAT:
+            return x32
+        if self.emulate:
+            return self.cast(self.cast(x32, self.md), FLOAT)
+        return self.cast(x32, self.md)
+
+    def input(self, name: str, dtype: int, shape) -> str:
+        if self.emulate and dtype == self.md and self.md != FLOAT:
+            self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+            return self.cast(name, FLOAT)
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    def output(self, name: str, x: str, dtype: int, shape) -> None:
+        if self.emulate and dtype == self.md and self.md != FLOAT:
+            x = self.cast(x, self.md)
+        self.nodes.append(helper.make_node("Identity", [x], [name], name=f"n_out_{name}"))
+        self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
+
+    def model(self):
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dgport")
+        m.ir_version = 10
+        return m
+
+
+# ----------------------------------------------------------------------------------- model math
+
+
+class Model:
+    """The DiffusionGemma text stack on a Builder. `mode` is 'encoder' or 'decoder'."""
+
+    def __init__(self, b: Builder, cfg: TextConfig, mode: str):
+        self.b, self.cfg, self.mode = b, cfg, mode
+        self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
+        self.neg_half = b.const(np.float32(-0.5), FLOAT)
+        self.ax_last = b.const(np.array([-1], np.int64), INT64)
+
+    # weights ---------------------------------------------------------------------------
+    def lin(self, key: str, parts) -> str:
+        """A fused linear weight [in, sum(out)] from HF [out, in] tensors."""
+        st = self.b.store
+        return self.b.weight(key, lambda: np.concatenate([np.asarray(st.raw(p)).T for p in parts], axis=1))
+
+    def vec32(self, hf_name: str) -> str:
+        return self.b.weight(hf_name, lambda: np.asarray(self.b.store.raw(hf_name)).astype(np.float32), "fp32")
+
+    def vec(self, hf_name: str) -> str:
+        return self.b.weight(hf_name, lambda: self.b.store.raw(hf_name))
+
+    # pieces ----------------------------------------------------------------------------
+    def rms(self, x: str, w: str | None = None) -> str:
+        b = self.b
+        xf = x if b.cdt == FLOAT else b.cast(x, FLOAT)
+        ms = b.op("ReduceMean", b.op("Mul", xf, xf), self.ax_last, keepdims=1)
+        y = b.op("Mul", xf, b.op("Pow", b.op("Add", ms, self.eps), self.neg_half))
+        if w is not None:
+            y = b.op("Mul", y, w)
+        return b.to_md(y)
+
+    def mm(self, x: str, w: str) -> str:
+        return self.b.op("MatMul", x, w)
+
+    def gelu(self, x: str) -> str:
+        return self.b.op("Gelu", x, approximate="tanh")
+
+    def rope_tables(self, positions: str) -> dict:
+        """cos/sin [B, T, 1, d] per layer type, computed in fp32 and cast to the model dtype."""
+        b, cfg = self.b, self.cfg
+        pos = b.op("Unsqueeze", b.cast(positions, FLOAT), self.ax_last)  # [B,T,1]
+        tables = {}
+        for i in range(cfg.num_layers):
+            inv = rope_inv_freq_f32(cfg, i)
+            key = inv.tobytes()
+            if key in tables:
+                continue
+            freqs = b.op("Mul", pos, b.const(inv, FLOAT))  # [B,T,d/2]
+            emb = b.op("Concat", freqs, freqs, axis=-1)
+            one = b.const(np.array([2], np.int64), INT64)
+            cos = b.op("Unsqueeze", b.to_md(b.op("Cos", emb)), one)
+            sin = b.op("Unsqueeze", b.to_md(b.op("Sin", emb)), one)
+            tables[key] = (cos, sin)
+        return {i: tables[rope_inv_freq_f32(cfg, i).tobytes()] for i in range(cfg.num_layers)}
+
+    def rope(self, x: str, cos: str, sin: str, d: int) -> str:
+        b = self.b
+        x1, x2 = b.op("Split", x, b.const(np.array([d // 2, d // 2], np.int64), INT64), axis=-1, n_out=2)
+        rot = b.op("Concat", b.op("Neg", x2), x1, axis=-1)
+        return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rot, sin))
+
+    def embed(self, ids: str) -> str:
+        b = self.b
+        e = b.weight("embed_tokens", lambda: b.store.raw(f"{DEC}embed_tokens.weight"))
+        return b.op("Mul", b.op("Gather", e, ids, axis=0), b.cconst(math.sqrt(self.cfg.hidden_size)))
+
+    # layer -----------------------------------------------------------------------------
+    def layer(self, i: int, h: str, rope, past_k: str, past_v: str, qpos: str | None, kv_only: bool = False):
+        """One layer. Returns (h, k_all, v_all) where k_all/v_all = [past ; new] ([B, kv, S, d])."""
+        b, cfg = self.b, self.cfg
+        p = f"{DEC}layers.{i}."
+        d, nkv, nh, H = cfg.head_dims[i], cfg.kv_heads[i], cfg.num_heads, cfg.hidden_size
+        sliding = cfg.is_sliding(i)
+        x = self.rms(h, self.vec32(p + "input_layernorm.weight"))
+        if kv_only:
+            parts = [p + "self_attn.k_proj.weight"] + ([p + "self_attn.v_proj.weight"] if sliding else [])
+            sizes = [nkv * d] * len(parts)
+            w = self.lin(f"layers.{i}.attn.kv" if sliding else f"layers.{i}.attn.k", parts)
+        else:
+            parts = [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight"] + (
+                [p + "self_attn.v_proj.weight"] if sliding else [])
+            sizes = [nh * d] + [nkv * d] * (len(parts) - 1)
+            w = self.lin(f"layers.{i}.attn.qkv" if sliding else f"layers.{i}.attn.qk", parts)
+        proj = self.mm(x, w)
+        outs = b.op("Split", proj, b.const(np.array(sizes, np.int64), INT64), axis=-1, n_out=len(sizes)) \
+            if len(sizes) > 1 else [proj]
+        if not kv_only:
+            q, outs = outs[0], outs[1:]
+        k = b.op("Reshape", outs[0], b.const(np.array([0, 0, nkv, d], np.int64), INT64))
+        v = b.op("Reshape", outs[1], b.const(np.array([0, 0, nkv, d], np.int64), INT64)) if sliding else k
+        cos, sin = rope[i]
+        perm = [0, 2, 1, 3]
+        k = b.op("Transpose", self.rope(self.rms(k, self.vec32(p + "self_attn.k_norm.weight")), cos, sin, d),
+                 perm=perm)
+        v = b.op("Transpose", self.rms(v), perm=perm)
+        k_all = b.op("Concat", past_k, k, axis=2)
+        v_all = b.op("Concat", past_v, v, axis=2)
+        if kv_only:
+            return None, k_all, v_all
+        q = b.op("Reshape", q, b.const(np.array([0, 0, nh, d], np.int64), INT64))
+        q = b.op("Transpose", self.rope(self.rms(q, self.vec32(p + "self_attn.q_norm.weight")), cos, sin, d),
+                 perm=perm)  # [B, nh, T, d]
+        g = nh // nkv
+        q5 = b.op("Reshape", q, b.const(np.array([0, nkv, g, -1, d], np.int64), INT64))
+        one = b.const(np.array([2], np.int64), INT64)
+        kT = b.op("Unsqueeze", b.op("Transpose", k_all, perm=[0, 1, 3, 2]), one)  # [B,kv,1,d,S]
+        scores = b.op("MatMul", q5, kT)  # [B,kv,g,T,S], scaling 1.0
+        sf = scores if b.cdt == FLOAT else b.cast(scores, FLOAT)
+        if self.mode == "encoder":
+            sf = b.op("Where", self.masks[sliding], sf, b.const(np.float32(-np.inf), FLOAT))
+        probs = b.to_md(b.op("Softmax", sf, axis=-1))
+        o = b.op("MatMul", probs, b.op("Unsqueeze", v_all, one))  # [B,kv,g,T,d]
+        o = b.op("Reshape", o, b.const(np.array([0, nh, -1, d], np.int64), INT64))
+        o = b.op("Reshape", b.op("Transpose", o, perm=perm), b.const(np.array([0, 0, nh * d], np.int64), INT64))
+        a = self.mm(o, self.lin(f"layers.{i}.attn.o", [p + "self_attn.o_proj.weight"]))
+        h = b.op("Add", h, self.rms(a, self.vec32(p + "post_attention_layernorm.weight")))
+        h = self.ffn(i, h)
+        scalar = f"{DEC}layers.{i}.layer_scalar" if self.mode == "decoder" else \
+            f"model.encoder.language_model.layers.{i}.layer_scalar"
+        return b.op("Mul", h, self.vec(scalar)), k_all, v_all
+
+    def ffn(self, i: int, r: str) -> str:
+        b, cfg = self.b, self.cfg
+        p = f"{DEC}layers.{i}."
+        I, M, E, K, H = cfg.intermediate_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts, \
+            cfg.hidden_size
+        # dense MLP
+        x = self.rms(r, self.vec32(p + "pre_feedforward_layernorm.weight"))
+        gu = self.mm(x, self.lin(f"layers.{i}.mlp.gate_up", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]))
+        gate, up = b.op("Split", gu, b.const(np.array([I, I], np.int64), INT64), axis=-1, n_out=2)
+        m = self.mm(b.op("Mul", self.gelu(gate), up), self.lin(f"layers.{i}.mlp.down", [p + "mlp.down_proj.weight"]))
+        h1 = self.rms(m, self.vec32(p + "post_feedforward_layernorm_1.weight"))
+        # router on the raw residual
+        s = b.op("Mul", self.rms(r), self.vec(p + "router.scale"))
+        if b.emulate:  # torch multiplies by the python float, then rounds
+            s = b.to_md(b.op("Mul", s, b.const(np.float32(H ** -0.5), FLOAT)))
+        else:
+            s = b.op("Mul", s, b.cconst(H ** -0.5))
+        logits = self.mm(s, self.lin(f"layers.{i}.router", [p + "router.proj.weight"]))
+        probs = b.op("Softmax", logits if b.cdt == FLOAT else b.cast(logits, FLOAT), axis=-1)  # [B,T,E]
+        topw, topi = b.op("TopK", probs, b.const(np.array([K], np.int64), INT64), axis=-1, largest=1, sorted=1,
+                          n_out=2)
+        topw = b.op("Div", topw, b.op("ReduceSum", topw, self.ax_last, keepdims=1))
+        topw = b.op("Mul", topw, b.op("Gather", self.vec32(p + "router.per_expert_scale"), topi, axis=0))
+        dense_w = b.op("ScatterElements", b.op("Mul", probs, b.const(np.float32(0), FLOAT)), topi, topw, axis=-1)
+        # experts: dense all-experts formulation, exact zero weight for unrouted experts
+        y = self.rms(r, self.vec32(p + "pre_feedforward_layernorm_2.weight"))  # [B,T,H]
+        y2 = b.op("Unsqueeze", b.op("Reshape", y, b.const(np.array([-1, H], np.int64), INT64)),
+                  b.const(np.array([0], np.int64), INT64))  # [1,N,H]
+        st = b.store
+        wgu = b.weight(f"layers.{i}.experts.gate_up",
+                       lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)))
+        wd = b.weight(f"layers.{i}.experts.down",
+                      lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.down_proj")), 1, 2)))
+        egu = b.op("MatMul", y2, wgu)  # [E,N,2M]
+        eg, eu = b.op("Split", egu, b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
+        eo = b.op("MatMul", b.op("Mul", self.gelu(eg), eu), wd)  # [E,N,H]
+        wt = b.op("Unsqueeze", b.op("Transpose", b.op("Reshape", dense_w, b.const(np.array([-1, E], np.int64), INT64)),
+                                    perm=[1, 0]), self.ax_last)  # [E,N,1]
+        eo = b.to_md(b.op("Mul", eo if b.cdt == FLOAT else b.cast(eo, FLOAT), wt))
+        eo32 = eo if b.cdt == FLOAT else b.cast(eo, FLOAT)
+        moe = b.to_md(b.op("ReduceSum", eo32, b.const(np.array([0], np.int64), INT64), keepdims=0))  # [N,H]
+        moe = b.op("Reshape", moe, b.op("Shape", r))
+        h2 = self.rms(moe, self.vec32(p + "post_feedforward_layernorm_2.weight"))
+        ff = self.rms(b.op("Add", h1, h2), self.vec32(p + "post_feedforward_layernorm.weight"))
+        return b.op("Add", r, ff)
+
+    # masks (encoder) -------------------------------------------------------------------
+    def build_masks(self, qpos: str, past_len: str, past_len_sliding: str):
+        """Causal masks [B,1,1,T,S] over [past ; new] from absolute positions: full k <= q,
+        sliding q - window < k <= q. Past keys sit at positions start - L .. start - 1."""
+        b = self.b
+        start = b.op("Slice", qpos, b.const(np.array([0], np.int64), INT64), b.const(np.array([1], np.int64), INT64),
+                     b.const(np.array([1], np.int64), INT64))  # [B,1]
+        zero, one = b.const(np.int64(0), INT64), b.const(np.int64(1), INT64)
+        q = b.op("Unsqueeze", qpos, b.const(np.array([1, 2, 4], np.int64), INT64))  # [B,1,1,T,1]
+        masks = {}
+        for sliding, L in ((False, past_len), (True, past_len_sliding)):
+            rng = b.op("Range", zero, L, one)  # [L]
+            kpast = b.op("Add", b.op("Sub", start, L), rng)  # [B,L]
+            kpos = b.op("Concat", kpast, qpos, axis=1)  # [B,S]
+            k = b.op("Unsqueeze", kpos, b.const(np.array([1, 2, 3], np.int64), INT64))  # [B,1,1,1,S]
+            m = b.op("LessOrEqual", k, q)
+            if sliding:
+                lo = b.op("Sub", q, b.const(np.int64(self.cfg.sliding_window), INT64))
+                m = b.op("And", m, b.op("Greater", k, lo))
+            masks[sliding] = m
+        self.masks = masks
+
+
+def _layers(cfg: TextConfig, progress, what: str):
+    if progress is None:
+        return range(cfg.num_layers)
+    return progress.track(range(cfg.num_layers), f"onnx: {what}", total=cfg.num_layers)
+
+
+def kv_dims(cfg: TextConfig, i: int, past: str):
+    return ["batch", cfg.kv_heads[i], past, cfg.head_dims[i]]
+
+
+def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None):
+    b = Builder("dgport_encoder", store, md, emulate)
+    m = Model(b, cfg, "encoder")
+    ids = b.input("input_ids", INT64, ["batch", "seq"])
+    pos = b.input("position_ids", INT64, ["batch", "seq"])
+    pasts = []
+    for i in range(cfg.num_layers):
+        past = "past_seq_s" if cfg.is_sliding(i) else "past_seq_f"
+        pasts.append((b.input(f"past_key_{i}", md, kv_dims(cfg, i, past)),
+                      b.input(f"past_value_{i}", md, kv_dims(cfg, i, past))))
+    full = [i for i in range(cfg.num_layers) if not cfg.is_sliding(i)]
+    slid = [i for i in range(cfg.num_layers) if cfg.is_sliding(i)]
+    two = b.const(np.array([2], np.int64), INT64)
+
+    def plen(i):
+        return b.op("Squeeze", b.op("Slice", b.op("Shape", pasts[i][0]), two, b.const(np.array([3], np.int64), INT64)),
+                    b.const(np.array([0], np.int64), INT64))
+
+    lf = plen(full[0]) if full else b.const(np.int64(0), INT64)
+    ls = plen(slid[0]) if slid else b.const(np.int64(0), INT64)
+    m.build_masks(pos, lf, ls)
+    rope = m.rope_tables(pos)
+    h = m.embed(ids)
+    keep = b.const(np.array([-(cfg.sliding_cache_len)], np.int64), INT64)
+    big = b.const(np.array([2 ** 62], np.int64), INT64)
+    for i in _layers(cfg, progress, "encoder layers"):
+        last = i == cfg.num_layers - 1
+        h, k_all, v_all = m.layer(i, h, rope, *pasts[i], pos, kv_only=last)
+        if cfg.is_sliding(i):  # keep the last sliding_window - 1 positions, as DynamicSlidingWindowLayer
+            k_all = b.op("Slice", k_all, keep, big, two)
+            v_all = b.op("Slice", v_all, keep, big, two)
+        out = "present_seq_s" if cfg.is_sliding(i) else "present_seq_f"
+        b.output(f"present_key_{i}", k_all, md, kv_dims(cfg, i, out))
+        b.output(f"present_value_{i}", v_all, md, kv_dims(cfg, i, out))
+    return b
+
+
+def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
+                  progress=None):
+    b = Builder("dgport_denoise_step", store, md, emulate)
+    m = Model(b, cfg, "decoder")
+    H, V = cfg.hidden_size, cfg.vocab_size
+    ids = b.input("canvas_ids", INT64, ["batch", "canvas"])
+    pos = b.input("position_ids", INT64, ["batch", "canvas"])
+    sc = b.input("sc_embeds", md, ["batch", "canvas", H])
+    temp = b.input("temperature", FLOAT, [])
+    unif = b.input("uniforms", FLOAT, ["batch", "canvas"])
+    pasts = []
+    for i in range(cfg.num_layers):
+        past = "past_seq_s" if cfg.is_sliding(i) else "past_seq_f"
+        pasts.append((b.input(f"past_key_{i}", md, kv_dims(cfg, i, past)),
+                      b.input(f"past_value_{i}", md, kv_dims(cfg, i, past))))
+    rope = m.rope_tables(pos)
+    # input embedding with self-conditioning: rms(E[ids]*s + SC_MLP(RMSNorm_w(sc_embeds)))
+    e = m.embed(ids)
+    p = f"{DEC}self_conditioning."
+    z = m.rms(sc, m.vec32(p + "pre_norm.weight"))
+    gu = m.mm(z, m.lin("self_conditioning.gate_up", [p + "gate_proj.weight", p + "up_proj.weight"]))
+    I = cfg.intermediate_size
+    g, u = b.op("Split", gu, b.const(np.array([I, I], np.int64), INT64), axis=-1, n_out=2)
+    scm = m.mm(b.op("Mul", m.gelu(g), u), m.lin("self_conditioning.down", [p + "down_proj.weight"]))
+    h = m.rms(b.op("Add", e, scm))
+    for i in _layers(cfg, progress, "denoise layers"):
+        h, _, _ = m.layer(i, h, rope, *pasts[i], None)
+    h = m.rms(h, m.vec32(f"{DEC}norm.weight"))
+    E = "embed_tokens"
+    flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
+    lg = b.op("Gemm", flat, E, transB=1)  # tied lm_head, one copy of the table
+    lg = lg if b.cdt == FLOAT else b.cast(lg, FLOAT)
+    cap = b.const(np.float32(cfg.final_logit_softcapping), FLOAT)
+    lg = b.op("Mul", b.op("Tanh", b.op("Div", lg, cap)), cap)
+    shape = b.op("Concat", b.op("Shape", ids), b.const(np.array([V], np.int64), INT64), axis=0)
+    logits = b.op("Reshape", lg, shape)  # [B,C,V] fp32
+    proc = b.op("Div", logits, temp)
+    argmax = b.op("ArgMax", proc, axis=-1, keepdims=0, select_last_index=0)
+    probs = b.op("Softmax", proc, axis=-1)
+    logp = b.op("LogSoftmax", proc, axis=-1)
+    entropy = b.op("Neg", b.op("ReduceSum", b.op("Mul", probs, logp), m.ax_last, keepdims=0))
+    cdf = b.op("CumSum", probs, b.const(np.int64(-1), INT64))
+    below = b.op("Cast", b.op("LessOrEqual", cdf, b.op("Unsqueeze", unif, m.ax_last)), to=INT64)
+    sampled = b.op("Min", b.op("ReduceSum", below, m.ax_last, keepdims=0), b.const(np.int64(V - 1), INT64))
+    # next step's self-conditioning input: (softmax_fp32(md(proc)) -> md) @ E * md(sqrt(H))
+    if md == FLOAT:
+        p_sc = probs
+    else:
+        pm = b.to_md(proc)
+        p_sc = b.to_md(b.op("Softmax", pm if b.cdt == FLOAT else b.cast(pm, FLOAT), axis=-1))
+    soft = b.op("Mul", b.op("MatMul", p_sc, E), b.cconst(math.sqrt(H)))
+    b.output("argmax_ids", argmax, INT64, ["batch", "canvas"])
+    b.output("entropy", entropy, FLOAT, ["batch", "canvas"])
+    b.output("sampled_ids", sampled, INT64, ["batch", "canvas"])
+    b.output("next_sc_embeds", soft, md, ["batch", "canvas", H])
+    if with_logits:
+        b.output("logits", logits, FLOAT, ["batch", "canvas", V])
+    return b
+
+
+def io_spec(b: Builder) -> dict:
+    """Graph inputs/outputs (weights excluded) for the manifest."""
+    def one(vi):
+        t = vi.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": vi.name, "dtype": TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims}
+
+    return {"inputs": [one(v) for v in b.inputs if v.name not in b.weights],
+            "outputs": [one(v) for v in b.outputs]}

@@ -1,0 +1,233 @@
+"""ONNX Runtime backend (CPU and CUDA execution providers) behind dgport's Backend protocol.
+
+Imports only numpy and onnxruntime (never torch or transformers).
+
+- Weights: `weights.bin` is memory-mapped once; one OrtValue per tensor is made once (zero-copy on
+  CPU, one host-to-device copy on CUDA) and handed to both sessions with
+  `SessionOptions.add_initializer`, which uses a supplied OrtValue in place when it already lives on
+  the planned device, so encoder and denoiser share one copy. Prepacking is disabled so no
+  session keeps a private repacked copy.
+- KV cache: per layer an OrtValue on the backend's device. The encoder graph takes the cache and
+  returns the updated one (sliding layers trimmed to the last `sliding_window - 1` positions, as
+  transformers' DynamicSlidingWindowLayer); the backend swaps OrtValues, nothing is copied to the host.
+- Denoise: IO binding; argmax/entropy/sampled ([B, C]) come back to the host, `next_sc_embeds`
+  stays on the device and is bound as the next step's `sc_embeds`; `logits` (parity exports only)
+  stays on the device unless `last_logits` is read.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from dgport.backend import StepOutput
+from dgport.config import TextConfig
+from dgport.errors import BackendUnavailable, DgportError, ExportError
+
+BF16 = 16  # onnx.TensorProto.BFLOAT16 (onnx itself is not a runtime dependency)
+ONNX_TYPE = {"fp32": 1, "fp16": 10, "bf16": BF16}
+NP_TYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}  # bf16 travels as raw uint16 bits
+
+CUDA_FIX = ("install the CUDA build of ONNX Runtime: pip uninstall -y onnxruntime && pip install 'dgport[cuda]' "
+            "(onnxruntime-gpu; both packages provide the same module, never install both)")
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailable(
+            "ONNX Runtime is not installed: pip install 'dgport[cpu]' (or 'dgport[cuda]' for NVIDIA GPUs)") from e
+    return ort
+
+
+class OnnxBackend:
+    def __init__(self, export, device: str = "cpu", threads: int | None = None, **session_options):
+        if device not in ("cpu", "cuda"):
+            raise DgportError(f"device {device!r}: the ONNX backend runs on 'cpu' or 'cuda'")
+        ort = _ort()
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(f"--backend cuda: this onnxruntime has no CUDAExecutionProvider; {CUDA_FIX}")
+        if "onnx" not in export.formats:
+            raise ExportError(f"{export.path}: has no onnx weights; export with `dgport export SRC OUT --format onnx`")
+        self.export = export
+        self.entry = entry = export.format("onnx")
+        self.config: TextConfig = export.config
+        self.device = device
+        self.dtype = entry["dtype"]
+        self._ort = ort
+        self._dev = ("cuda", 0) if device == "cuda" else ("cpu", 0)
+        graphs = entry["graphs"]
+        self.fp32_compute = device == "cpu" and "cpu_graphs" in entry
+        if self.fp32_compute:
+            graphs = entry["cpu_graphs"]
+        self._weights = self._load_weights(graphs)
+        so_kw = dict(session_options)
+        if threads is None:
+            threads = int(os.environ.get("DGPORT_ORT_THREADS", "0"))
+        self._sessions = {}
+        for key in ("encoder", "denoise_step"):
+            self._sessions[key] = self._session(graphs[key], threads, so_kw)
+        self._enc_out = [o["name"] for o in graphs["encoder"]["outputs"]]
+        self._den_out = [o["name"] for o in graphs["denoise_step"]["outputs"]]
+        self.with_logits = "logits" in self._den_out
+        self._zero_sc = None
+        self._logits = None
+        self.reset()
+
+    # ---------------------------------------------------------------- setup
+    def _load_weights(self, graphs) -> dict:
+        ort = self._ort
+        meta = self.entry["weights"]
+        path = self.export.file(meta["file"])
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        self._mm = mm
+        needed = sorted({w for g in graphs.values() for w in g["weights"]})
+        values = {}
+        for name in needed:
+            t = meta["tensors"][name]
+            raw = mm[t["offset"]:t["offset"] + t["nbytes"]]
+            arr = raw.view(NP_TYPE[t["dtype"]]).reshape(t["shape"])
+            if self.fp32_compute and t["dtype"] == "bf16":  # CPU EP: fp32 copy made once
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+                values[name] = ort.OrtValue.ortvalue_from_numpy(arr)
+            elif self.device == "cpu":
+                values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, ONNX_TYPE[t["dtype"]]) \
+                    if t["dtype"] == "bf16" else ort.OrtValue.ortvalue_from_numpy(arr)
+            else:
+                v = ort.OrtValue.ortvalue_from_shape_and_type(t["shape"], ONNX_TYPE[t["dtype"]], *self._dev)
+                v.update_inplace(np.ascontiguousarray(arr))
+                values[name] = v
+        return values
+
+    def _session(self, g: dict, threads: int, extra: dict):
+        ort = self._ort
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        for k, v in extra.items():
+            so.add_session_config_entry(str(k), str(v))
+        if not self.fp32_compute:
+            for name in g["weights"]:
+                so.add_initializer(name, self._weights[name])
+        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"] \
+            if self.device == "cuda" else ["CPUExecutionProvider"]
+        path = self.export.file(g["file"])
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            if self.device == "cuda":
+                raise BackendUnavailable(f"--backend cuda: could not start the CUDA execution provider ({e}); "
+                                         f"check the GPU driver, or {CUDA_FIX}") from e
+            raise ExportError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]}); "
+                              "export again with this dgport") from e
+        if self.device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+            raise BackendUnavailable(f"--backend cuda: no usable GPU for the CUDA execution provider; {CUDA_FIX}")
+        return sess
+
+    def _empty(self, shape) -> "object":
+        """A zero-filled OrtValue in the KV/sc dtype (CPU memory; ORT copies it where needed)."""
+        ort = self._ort
+        t = self.dtype
+        arr = np.zeros(shape, NP_TYPE[t])
+        v = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, ONNX_TYPE[t]) if t == "bf16" else \
+            ort.OrtValue.ortvalue_from_numpy(arr)
+        if self.device == "cuda" and arr.size:
+            dv = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), ONNX_TYPE[t], *self._dev)
+            dv.update_inplace(arr)
+            return dv
+        return v
+
+    # ---------------------------------------------------------------- protocol
+    @property
+    def cache_len(self) -> int:
+        return self._cache_len
+
+    def reset(self) -> None:
+        self._kv = None
+        self._batch = None
+        self._cache_len = 0
+        self._sc = None
+        self._logits = None
+
+    def new_canvas(self) -> None:
+        self._sc = None
+
+    def _init_cache(self, B: int) -> None:
+        cfg = self.config
+        self._kv = [[self._empty((B, cfg.kv_heads[i], 0, cfg.head_dims[i])) for _ in range(2)]
+                    for i in range(cfg.num_layers)]
+        self._batch = B
+
+    def encode(self, ids: np.ndarray, positions: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != positions.shape:
+            raise DgportError(f"encode: ids {ids.shape} and positions {positions.shape} must both be [B, T]")
+        if self._kv is None:
+            self._init_cache(ids.shape[0])
+        sess = self._sessions["encoder"]
+        io = sess.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("position_ids", positions)
+        for i, (k, v) in enumerate(self._kv):
+            io.bind_ortvalue_input(f"past_key_{i}", k)
+            io.bind_ortvalue_input(f"past_value_{i}", v)
+        for name in self._enc_out:
+            io.bind_output(name, *self._dev)
+        sess.run_with_iobinding(io)
+        outs = dict(zip(self._enc_out, io.get_outputs()))
+        self._kv = [[outs[f"present_key_{i}"], outs[f"present_value_{i}"]] for i in range(self.config.num_layers)]
+        self._cache_len += ids.shape[1]
+
+    def denoise(self, canvas, positions, temperature, uniforms) -> StepOutput:
+        if self._kv is None:
+            raise DgportError("denoise before encode: encode the prompt first")
+        canvas = np.ascontiguousarray(canvas, dtype=np.int64)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        B, C = canvas.shape
+        sess = self._sessions["denoise_step"]
+        io = sess.io_binding()
+        io.bind_cpu_input("canvas_ids", canvas)
+        io.bind_cpu_input("position_ids", positions)
+        io.bind_cpu_input("temperature", np.asarray(temperature, dtype=np.float32).reshape(()))
+        io.bind_cpu_input("uniforms", np.ascontiguousarray(uniforms, dtype=np.float32))
+        sc = self._sc
+        if sc is None:
+            shape = (B, C, self.config.hidden_size)
+            if self._zero_sc is None or tuple(self._zero_sc.shape()) != shape:
+                self._zero_sc = self._empty(shape)
+            sc = self._zero_sc
+        io.bind_ortvalue_input("sc_embeds", sc)
+        for i, (k, v) in enumerate(self._kv):
+            io.bind_ortvalue_input(f"past_key_{i}", k)
+            io.bind_ortvalue_input(f"past_value_{i}", v)
+        for name in self._den_out:
+            host = name in ("argmax_ids", "entropy", "sampled_ids")
+            io.bind_output(name, *(("cpu", 0) if host else self._dev))
+        sess.run_with_iobinding(io)
+        outs = dict(zip(self._den_out, io.get_outputs()))
+        self._sc = outs["next_sc_embeds"]
+        self._logits = outs.get("logits")
+        return StepOutput(outs["argmax_ids"].numpy(), outs["entropy"].numpy(), outs["sampled_ids"].numpy())
+
+    # ---------------------------------------------------------------- inspection (tests, validation)
+    @property
+    def last_logits(self) -> np.ndarray | None:
+        """The last step's logits [B, C, V] fp32 (parity exports only; copied to the host on request)."""
+        return None if self._logits is None else self._logits.numpy()
+
+    def cache_numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(K, V) of one layer as float32 numpy arrays (copies; for tests)."""
+        return tuple(_to_f32(v.numpy(), self.dtype) for v in self._kv[layer])
+
+    def sc_numpy(self) -> np.ndarray | None:
+        return None if self._sc is None else _to_f32(self._sc.numpy(), self.dtype)
+
+
+def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bf16":
+        return (np.asarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(a, dtype=np.float32)
