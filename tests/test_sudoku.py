@@ -1,0 +1,90 @@
+"""The shipped Sudoku model (models/sudoku): puzzle generator, checker, and a small solve-rate check."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from models.sudoku.puzzles import (
+    count_solutions, eval_seeds_disjoint, generate, is_valid_solution, make_puzzle, normalize, transform,
+)
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "sudoku"
+
+# Measured on the shipped checkpoint with backend torch (see models/sudoku/README.md); the assert
+# leaves a small margin below it.
+EASY_SEED, EASY_N, EASY_MIN, EASY_MAX = 5, 12, 40, 45
+MIN_SOLVED = 10
+
+
+def test_generator_unique_with_requested_givens():
+    for p in generate(seed=7, n=6, min_givens=36, max_givens=45):
+        assert 36 <= p.givens <= 45
+        assert sum(ch != "." for ch in p.puzzle) == p.givens
+        assert count_solutions(p.puzzle, limit=3) == 1
+        assert is_valid_solution(p.puzzle, p.solution)
+    hard_p, hard_s = make_puzzle(random.Random(123), 27)
+    assert sum(ch != "." for ch in hard_p) == 27 and count_solutions(hard_p, 3) == 1
+    assert is_valid_solution(hard_p, hard_s)
+
+
+def test_generator_is_deterministic_and_transform_keeps_uniqueness():
+    a = generate(seed=2, n=3, min_givens=38, max_givens=42)
+    assert a == generate(seed=2, n=3, min_givens=38, max_givens=42)
+    assert a != generate(seed=3, n=3, min_givens=38, max_givens=42)
+    tp, ts = transform(a[0].puzzle, a[0].solution, random.Random(0))
+    assert tp != a[0].puzzle
+    assert sum(ch != "." for ch in tp) == a[0].givens
+    assert count_solutions(tp, 3) == 1 and is_valid_solution(tp, ts)
+    assert eval_seeds_disjoint(0, 100) and not eval_seeds_disjoint(10, 100)
+
+
+def test_checker_rejects_wrong_grids():
+    p = generate(seed=1, n=1, min_givens=40, max_givens=40)[0]
+    sol = p.solution
+    assert is_valid_solution(p.puzzle, sol)
+    # two cells of a row swapped: rows still fine, columns broken
+    bad = list(sol)
+    bad[0], bad[1] = bad[1], bad[0]
+    assert not is_valid_solution(p.puzzle, "".join(bad))
+    # a valid grid that contradicts a given (relabel two digits everywhere)
+    relabeled = sol.translate(str.maketrans("12", "21"))
+    assert is_valid_solution("." * 81, relabeled)
+    assert "1" in p.puzzle or "2" in p.puzzle
+    assert not is_valid_solution(p.puzzle, relabeled)
+    assert not is_valid_solution(p.puzzle, sol[:80])
+    assert not is_valid_solution(p.puzzle, sol[:80] + ".")
+    assert not is_valid_solution(p.puzzle, sol[:80] + "0")
+    assert not is_valid_solution(p.puzzle, "123456789" * 9)
+    assert normalize("53. .7. ...\n6..|195|...") == "53..7....6..195..."
+
+
+@pytest.fixture(scope="module")
+def generator():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import dgport
+
+    return dgport.load(MODEL, backend="torch")
+
+
+def test_shipped_checkpoint_reads_and_is_small():
+    from dgport.exporters.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(MODEL)
+    assert ck.config.canvas_length == 82
+    assert ck.config.num_experts >= 4 and ck.config.top_k_experts == 2
+    assert ck.config.layer_types[-1] == "full_attention" and "sliding_attention" in ck.config.layer_types
+    total = sum(f.stat().st_size for f in MODEL.iterdir() if f.is_file())
+    assert total <= 20 * 1024 * 1024
+
+
+def test_shipped_checkpoint_solves_easy_puzzles(generator):
+    from bench.sudoku import run
+
+    r = run(MODEL, "torch", EASY_N, EASY_SEED, EASY_MIN, EASY_MAX, generator=generator)
+    assert r["solved"] >= MIN_SOLVED, r["by_givens"]
+    # a solved grid is the decoded canvas: 81 digits then <eos>
+    row = next(x for x in r["rows"] if x["solved"])
+    assert row["token_ids"][81] == 1
