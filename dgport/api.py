@@ -100,13 +100,13 @@ def load(path, backend: str = "cpu", **backend_options) -> Generator:
         return Generator(TorchRefBackend(path, **backend_options), ChatTokenizer(path), defaults)
     from .manifest import open_export
 
-    export = open_export(path, backend)
     package = "onnxruntime" if backend in ("cpu", "cuda") else "mlx.core"
     try:
         importlib.import_module(package)
     except ImportError as e:
         raise BackendUnavailable(f"--backend {backend} needs the {package.split('.')[0]} package, which is not "
                                  f"installed: pip install 'dgport[{backend}]'") from e
+    export = open_export(path, backend)
     if backend in ("cpu", "cuda"):
         from .runtimes.onnx import OnnxBackend
 

@@ -29,7 +29,7 @@ class RichProgress(Progress):
 
         self.console = console or Console(stderr=True)
         self._bars = RP(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=self.console, transient=False)
+                        TimeElapsedColumn(), console=self.console, transient=True)
 
     def __enter__(self):
         self._bars.start()

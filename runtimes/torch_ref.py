@@ -40,9 +40,12 @@ class TorchRefBackend:
         self._torch = torch
         self.config: TextConfig = read_checkpoint(checkpoint).config
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        self.model = model if model is not None else DiffusionGemmaForBlockDiffusion.from_pretrained(
-            Path(checkpoint), dtype=torch_dtype
-        ).eval()
+        if model is None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # keep stderr to dgport's own one-line messages
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(Path(checkpoint), dtype=torch_dtype).eval()
+        self.model = model
         self.last_logits = None
         self.reset()
 
