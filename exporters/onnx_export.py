@@ -96,17 +96,33 @@ class _ReadOnlyStore:
 
 
 def rel_err(a, b) -> float:
-    """max |a - b| / max |b| (errors relative to the reference tensor's scale)."""
+    """Relative error of tensor `a` against reference `b`: ||a - b||_2 / ||b||_2 (the export gate).
+
+    Why not max|a - b| / max|b|: on the random-weight fixtures transformers' own fp32 forward is
+    1.5e-5 away from its float64 forward by that elementwise measure (long-context preset, step 2
+    logits), so a 1e-5 gate on it would measure rounding luck; `max_abs_rel_err` reports it anyway."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    if not b.size:
+        return 0.0
+    nb = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a - b))
+
+
+def max_abs_rel_err(a, b) -> float:
+    """max |a - b| / max |b| (elementwise, relative to the reference tensor's scale)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         return float("inf")
     scale = np.abs(b).max() if b.size else 0.0
-    return float(np.abs(a - b).max() / scale) if b.size and scale > 0 else float(np.abs(a - b).max() if b.size else 0.0)
+    return float(np.abs(a - b).max() / scale) if scale > 0 else float(np.abs(a - b).max() if b.size else 0.0)
 
 
 def compare_backends(ort_backend, ref_backend, cfg, seed: int = 0, with_logits: bool = True,
-                     prompt_len: int | None = None) -> dict:
+                     prompt_len: int | None = None, metric=rel_err) -> dict:
     """Drive the ONNX backend and the HF reference (TorchRefBackend) through the same encode calls
     (a prompt past the sliding window, then a committed canvas) and two denoise steps (the second
     one self-conditioned on the first), and return {metric: max relative error}."""
@@ -124,8 +140,8 @@ def compare_backends(ort_backend, ref_backend, cfg, seed: int = 0, with_logits: 
         for i in range(cfg.num_layers):
             k, v = ort_backend.cache_numpy(i)
             layer = ref_backend.cache.layers[i]
-            errs["encoder_kv"] = max(errs["encoder_kv"], rel_err(k, layer.keys.float().numpy()),
-                                     rel_err(v, layer.values.float().numpy()))
+            errs["encoder_kv"] = max(errs["encoder_kv"], metric(k, layer.keys.float().numpy()),
+                                     metric(v, layer.values.float().numpy()))
     ort_backend.new_canvas()
     ref_backend.new_canvas()
     canvas = rng.integers(0, V, size=(1, C))
@@ -135,8 +151,9 @@ def compare_backends(ort_backend, ref_backend, cfg, seed: int = 0, with_logits: 
         a = ort_backend.denoise(canvas, positions, t, u)
         r = ref_backend.denoise(canvas, positions, t, u)
         if with_logits:
-            errs[f"step{step + 1}_logits"] = rel_err(ort_backend.last_logits, ref_backend.last_logits.float().numpy())
-        errs[f"step{step + 1}_entropy"] = rel_err(a.entropy, r.entropy)
+            errs[f"step{step + 1}_logits"] = metric(ort_backend.last_logits, ref_backend.last_logits.float().numpy())
+        # entropies go to ~0 on confident canvases: measure them against their natural scale, log(V)
+        errs[f"step{step + 1}_entropy"] = float(np.abs(a.entropy.astype(np.float64) - r.entropy).max() / np.log(V))
         canvas = np.where(rng.random((1, C)) < 0.5, r.sampled, rng.integers(0, V, size=(1, C)))
     return errs
 
