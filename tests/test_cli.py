@@ -153,3 +153,45 @@ def test_debug_shows_the_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dgport.cli", "--debug", "info", str(tmp_path / "nope")],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_export(tmp_path_factory, checkpoints):
+    out = tmp_path_factory.mktemp("cli") / "tiny-onnx"
+    assert main(["export", str(checkpoints["tiny"]), str(out), "--format", "onnx"]) == 0
+    return out
+
+
+def test_export_info_run_check_on_an_onnx_export(capsys, cli_export, checkpoints):
+    capsys.readouterr()
+    code, out, err = dg(capsys, "info", cli_export, "--verify", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["formats"]["onnx"]["dtype"] == "fp32" and info["model"]["layers"] == 4
+    assert info["total_bytes"] > 0 and info["verified"].startswith("sha256")
+
+    code, out, err = dg(capsys, "run", cli_export, "--backend", "cpu", "--prompt", "Hi", "--seed", "4",
+                        "--max-new-tokens", "32", "--json")
+    assert code == 0, err
+    cpu = json.loads(out)
+    code, out, err = dg(capsys, "run", cli_export, "--backend", "torch", "--checkpoint", checkpoints["tiny"],
+                        "--prompt", "Hi", "--seed", "4", "--max-new-tokens", "32", "--json")
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == cpu["token_ids"]
+
+    code, out, err = dg(capsys, "check", cli_export, "--backends", f"cpu,torch={checkpoints['tiny']}",
+                        "--max-new-tokens", "32", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ok"] and list(report["agreement"].values()) == [1.0]
+
+
+def test_export_refuses_a_non_empty_out_and_leaves_nothing_behind(capsys, tmp_path, checkpoints):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    code, _, err = dg(capsys, "export", checkpoints["tiny"], out)
+    assert code == 1 and "exists and is not empty" in err and "--force" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taken")]
