@@ -1,0 +1,186 @@
+"""MLX exporter: a checkpoint's text weights as MLX safetensors for `runtimes/mlx_model.py`.
+
+Layout (entry["layout"] == "dgport-mlx/1"), under `mlx/` in the export folder:
+  mlx/globals.safetensors      embed_tokens (input embedding = tied lm_head), norm, self_conditioning
+  mlx/layer-{i:03d}.safetensors one file per layer (memory stays at one layer while exporting):
+      layers.{i}.self_attn.{q,k,v,o}_proj.weight (no v_proj on full layers), q_norm, k_norm,
+      layers.{i}.{input,post_attention,pre_feedforward,post_feedforward}_layernorm.weight,
+      layers.{i}.{pre_feedforward_layernorm_2,post_feedforward_layernorm_1,post_feedforward_layernorm_2}.weight,
+      layers.{i}.mlp.{gate,up,down}_proj.weight, layers.{i}.router.{proj.weight,scale,per_expert_scale},
+      layers.{i}.experts.gate_up_proj.weight [E, 2M, H], layers.{i}.experts.down_proj.weight [E, H, M]
+          (stacked for mx.gather_mm / mx.gather_qmm),
+      layers.{i}.layer_scalar (decoder scalar), layers.{i}.encoder_layer_scalar (encoder scalar).
+All tensors are cast to the export dtype. With --quantize 4|8 every projection, the stacked
+experts, the self-conditioning MLP and the embedding table (also the tied lm_head and the
+self-conditioning expectation p @ E) are affine-quantized with mx.quantize (`<name>.weight` packed
+uint32, `<name>.scales`, `<name>.biases`); norms, scalars and the router stay in the export dtype
+(the router decides which experts run: it is 0.01 % of the weights). A tensor whose input width
+is not a multiple of the group size falls back to the largest of 64/32 that divides it, else stays
+unquantized; the entry lists those fallbacks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dgport.errors import BackendUnavailable, ExportError
+
+DEC = "model.decoder."
+ENC_SCALAR = "model.encoder.language_model.layers.{i}.layer_scalar"
+QUANTIZED_SUFFIXES = ("_proj.weight", "embed_tokens.weight", "experts.gate_up_proj.weight",
+                      "experts.down_proj.weight")
+
+
+def _mx():
+    try:
+        import mlx.core as mx
+    except ImportError as e:
+        raise BackendUnavailable("--format mlx needs MLX: pip install mlx (macOS) or 'mlx[cpu]' (Linux)") from e
+    return mx
+
+
+def _quantizable(name: str) -> bool:
+    return name.endswith(QUANTIZED_SUFFIXES) and ".router." not in name
+
+
+def _group_size(in_dims: int, requested: int) -> int | None:
+    for g in (requested, 64, 32):
+        if g <= requested and in_dims % g == 0:
+            return g
+    return None
+
+
+def _convert(tensors: dict, dtype, opts, fallbacks: dict) -> dict:
+    """name -> numpy tensor  =>  name -> mx arrays in the export dtype, quantized when asked."""
+    mx = _mx()
+    out = {}
+    for name, t in tensors.items():
+        a = mx.array(np.asarray(t)).astype(dtype)
+        if opts.quantize and _quantizable(name):
+            g = _group_size(a.shape[-1], opts.group_size)
+            if g != opts.group_size:
+                fallbacks[name] = g
+            if g is not None:
+                base = name[: -len(".weight")]
+                out[f"{base}.weight"], out[f"{base}.scales"], out[f"{base}.biases"] = mx.quantize(
+                    a, group_size=g, bits=opts.quantize)
+                continue
+        out[name] = a
+    return out
+
+
+def layer_tensors(ckpt, i: int) -> dict:
+    """Our names -> checkpoint tensors for layer i."""
+    cfg = ckpt.config
+    p, q = f"{DEC}layers.{i}.", f"layers.{i}."
+    names = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.o_proj.weight",
+             "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+             "input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+             "post_feedforward_layernorm.weight", "pre_feedforward_layernorm_2.weight",
+             "post_feedforward_layernorm_1.weight", "post_feedforward_layernorm_2.weight",
+             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+             "router.proj.weight", "router.scale", "router.per_expert_scale", "layer_scalar"]
+    if cfg.is_sliding(i):
+        names.append("self_attn.v_proj.weight")
+    t = {q + n: ckpt.tensor(p + n) for n in names}
+    t[q + "experts.gate_up_proj.weight"] = ckpt.tensor(p + "experts.gate_up_proj")
+    t[q + "experts.down_proj.weight"] = ckpt.tensor(p + "experts.down_proj")
+    t[q + "encoder_layer_scalar"] = ckpt.tensor(ENC_SCALAR.format(i=i))
+    return t
+
+
+def global_tensors(ckpt) -> dict:
+    names = ["embed_tokens.weight", "norm.weight", "self_conditioning.pre_norm.weight",
+             "self_conditioning.gate_proj.weight", "self_conditioning.up_proj.weight",
+             "self_conditioning.down_proj.weight"]
+    return {n: ckpt.tensor(DEC + n) for n in names}
+
+
+def export(ckpt, out_dir, opts, progress) -> dict:
+    mx = _mx()
+    from dgport.runtimes.mlx import DTYPES, LAYOUT
+
+    out_dir = Path(out_dir)
+    (out_dir / "mlx").mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[opts.dtype]
+    fallbacks: dict = {}
+    files = []
+    meta = {"format": "dgport-mlx", "layout": LAYOUT, "dtype": opts.dtype}
+
+    def save(rel, tensors):
+        arrays = _convert(tensors, dtype, opts, fallbacks)
+        mx.eval(arrays)
+        mx.save_safetensors(str(out_dir / rel), arrays, metadata=meta)
+        files.append(rel)
+
+    with progress.step("writing MLX embedding and self-conditioning weights"):
+        save("mlx/globals.safetensors", global_tensors(ckpt))
+    for i in progress.track(range(ckpt.config.num_layers), "writing MLX layer weights",
+                            total=ckpt.config.num_layers):
+        save(f"mlx/layer-{i:03d}.safetensors", layer_tensors(ckpt, i))
+    for name, g in fallbacks.items():
+        progress.log(f"mlx: {name}: input width not a multiple of {opts.group_size}; "
+                     + (f"quantized with group size {g}" if g else "kept unquantized"))
+    quant = None
+    if opts.quantize:
+        quant = {"bits": opts.quantize, "group_size": opts.group_size, "mode": "affine",
+                 "quantized": "projections, experts, self-conditioning MLP, embedding (tied lm_head)",
+                 "unquantized": "norms, layer scalars, router",
+                 "group_size_fallbacks": fallbacks}
+    return {"files": files, "layout": LAYOUT, "dtype": opts.dtype, "quantization": quant}
+
+
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def validate(ckpt, out_dir, entry, steps_per_canvas: int = 2) -> dict:
+    """Max relative error (max |mlx - hf| / max |hf| per tensor) of the encoder K/V and the step
+    logits against the Hugging Face modules in float32, on fixed inputs: a prompt longer than the
+    sliding window (when the window is small), two denoising steps (the second with
+    self-conditioning), a 256-token (canvas) commit, one more step."""
+    from dgport.runtimes.mlx import MlxBackend
+    from dgport.runtimes.torch_ref import TorchRefBackend
+
+    cfg = ckpt.config
+    ref = TorchRefBackend(ckpt.path, dtype="fp32")
+    mine = MlxBackend(folder=Path(out_dir), entry=entry, config=cfg, keep_logits=True)
+    rng = np.random.default_rng(1234)
+    C, V = cfg.canvas_length, cfg.vocab_size
+    n_prompt = min(cfg.sliding_window + 3, 64)
+    errors = {"encoder_kv": 0.0, "step_logits": 0.0}
+
+    def encode(ids, pos):
+        ref.encode(ids, pos)
+        mine.encode(ids, pos)
+        for i in range(cfg.num_layers):
+            layer = ref.cache.layers[i]
+            for got, want in ((mine.cache[i][0], layer.keys), (mine.cache[i][1], layer.values)):
+                got = np.array(got.astype(_mx().float32))
+                want = want.float().numpy()
+                if got.shape != want.shape:
+                    raise ExportError(f"mlx validation: layer {i} cache shape {got.shape} != reference {want.shape}")
+                errors["encoder_kv"] = max(errors["encoder_kv"], _rel_err(got, want))
+
+    def canvas_steps(start):
+        pos = np.arange(start, start + C, dtype=np.int64)[None]
+        ref.new_canvas()
+        mine.new_canvas()
+        for s in range(steps_per_canvas):
+            canvas = rng.integers(0, V, size=(1, C))
+            u = rng.random((1, C), dtype=np.float32)
+            t = np.float32(0.8 - 0.1 * s)
+            ref.denoise(canvas, pos, t, u)
+            mine.denoise(canvas, pos, t, u)
+            errors["step_logits"] = max(errors["step_logits"],
+                                        _rel_err(mine.last_logits, ref.last_logits.float().numpy()))
+        return pos
+
+    ids = np.concatenate([[cfg.bos_token_id], rng.integers(0, V, size=n_prompt - 1)])[None]
+    encode(ids, np.arange(n_prompt, dtype=np.int64)[None])
+    pos = canvas_steps(n_prompt)
+    encode(rng.integers(0, V, size=(1, C)), pos)
+    canvas_steps(n_prompt + C)
+    return errors
