@@ -325,6 +325,48 @@ def info(export_dir, verify, as_json):
     console.print(table)
 
 
+@cli.command()
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="cpu", show_default=True)
+@click.option("--givens", type=click.IntRange(17, 80), default=40, show_default=True,
+              help="How many cells the puzzle gives.")
+@click.option("--seed", type=click.IntRange(0, 8), default=None,
+              help="Puzzle stream 0-8 (held out from training); default: random.")
+@click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
+              help="An export of the Sudoku model (default: the shipped one, exported on first use).")
+def demo(backend, givens, seed, export_dir):
+    """Solve a fresh Sudoku with the shipped model and watch the canvas fill in."""
+    import random
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from .display import SudokuView, sudoku_grid
+    from .models.sudoku.puzzles import generate, is_valid_solution
+
+    seed = random.randrange(9) if seed is None else seed
+    puzzle = generate(seed, 1, givens, givens)[0]
+    path = export_dir or _default_export(backend)
+    gen = _load(path, backend)
+    console = Console()
+    console.print(f"puzzle (stream {seed}, {givens} givens):")
+    console.print(sudoku_grid(puzzle.puzzle.replace(".", "·"), puzzle.puzzle))
+    view = SudokuView(gen.tokenizer, puzzle.puzzle)
+    started = time.perf_counter()
+    with Live(view, console=console, refresh_per_second=8) as live:
+        def on_step(event):
+            view.update(event)
+            live.refresh()
+            time.sleep(0.15)  # slow enough for a person to watch the cells settle
+        result = gen.generate(puzzle.puzzle, seed=puzzle.seed, on_step=on_step)
+    answer = "".join(result.text.split())
+    ok = is_valid_solution(puzzle.puzzle, answer)
+    console.print(("[green]solved" if ok else "[red]not solved") +
+                  f" in {sum(result.steps_per_canvas)} denoising steps, {time.perf_counter() - started:.1f} s "
+                  f"(with viewing delays), {result.tokens_per_forward:.1f} tokens per forward")
+    if not ok:
+        raise DgportError("the model's grid is not a valid solution of this puzzle")
+
+
 def main(argv=None) -> int:
     """Entry point: user errors become one line on stderr and a non-zero exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("DGPORT_DEBUG"))

@@ -10,11 +10,14 @@ from .manifest import BACKEND_FORMAT, MANIFEST
 
 
 def default_checkpoint() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "models" / "sudoku", here.parent / "models" / "sudoku"):
-        if (candidate / "config.json").exists():
-            return candidate
-    raise DgportError("the shipped Sudoku model is missing from this installation; pass an EXPORT folder")
+    """models/sudoku, installed as the package data of dgport.models.sudoku."""
+    from .models import sudoku
+
+    folder = Path(sudoku.__file__).resolve().parent
+    if not (folder / "config.json").exists():
+        raise DgportError(f"{folder}: the shipped Sudoku model is missing from this installation; "
+                          "pass an EXPORT folder")
+    return folder
 
 
 def ensure_default_export(backend: str) -> Path:

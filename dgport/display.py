@@ -70,3 +70,50 @@ class CanvasView:
         for piece, style in self.pieces:
             body.append(piece, style=style)
         return Panel(body, title=self.title, border_style="cyan")
+
+
+def sudoku_grid(cells: str, givens: str = "", styles=None):
+    """A rich Text 9x9 grid of 81 cell characters; givens bold, others styled per cell."""
+    from rich.text import Text
+
+    grid = Text()
+    for r in range(9):
+        if r and r % 3 == 0:
+            grid.append("------+-------+------\n", style="dim")
+        for c in range(9):
+            i = 9 * r + c
+            if c and c % 3 == 0:
+                grid.append("| ", style="dim")
+            ch = cells[i] if i < len(cells) else "."
+            style = "bold" if givens and givens[i] != "." else (styles[i] if styles else "")
+            grid.append(ch + " ", style=style)
+        grid.append("\n")
+    return grid
+
+
+class SudokuView:
+    """The live view of `dgport demo`: the draft canvas as a grid, accepted cells green."""
+
+    def __init__(self, tokenizer, puzzle: str):
+        self.tok = tokenizer
+        self.puzzle = puzzle
+        self.cells = puzzle
+        self.styles = [""] * 81
+        self.title = "denoising"
+
+    def update(self, event) -> None:
+        pieces = [self.tok.decode([int(t)]) for t in event.argmax.tolist()]
+        cells, styles = [], []
+        for piece, ok in zip(pieces, event.accepted.tolist()):
+            if len(cells) == 81:
+                break
+            cells.append(piece if len(piece) == 1 and piece in "123456789" else "·")
+            styles.append("bold green" if ok else "dim")
+        self.cells = "".join(cells).ljust(81, "·")
+        self.styles = styles + ["dim"] * (81 - len(styles))
+        self.title = f"step {event.step + 1}  T={event.temperature:.3f}  accepted {int(event.accepted.sum())}"
+
+    def __rich__(self):
+        from rich.panel import Panel
+
+        return Panel(sudoku_grid(self.cells, self.puzzle, self.styles), title=self.title, expand=False)
