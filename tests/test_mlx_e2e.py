@@ -33,7 +33,7 @@ HAVE_ONNX = importlib.util.find_spec("dgport.exporters.onnx_export") is not None
 @pytest.fixture(scope="module")
 def exports(checkpoints, tmp_path_factory):
     """(preset, kind) -> export folder; kind: 'fp32' (mlx), 'q4' (mlx, 4-bit, group 64), 'both'
-    (--format onnx,mlx, fp32; the driver validates both formats against HF)."""
+    (--format onnx,mlx, fp32; on long-context the driver validates both formats against HF)."""
     root = tmp_path_factory.mktemp("mlx-e2e")
     opts = {"fp32": ExportOptions(formats=("mlx",), validate=False),
             "q4": ExportOptions(formats=("mlx",), quantize=4, group_size=64, validate=False),
@@ -43,7 +43,12 @@ def exports(checkpoints, tmp_path_factory):
         def __missing__(self, key):
             name, kind = key
             out = root / f"{name}-{kind}"
-            export(checkpoints[name], out, opts[kind])
+            o = opts[kind]
+            if kind == "both" and name != "long-context":
+                o = ExportOptions(formats=o.formats, validate=False)
+            summary = export(checkpoints[name], out, o)
+            if o.validate:
+                assert set(summary.validation) == set(o.formats), summary.validation
             self[key] = out
             return out
 
@@ -91,8 +96,9 @@ def test_keep_cache_continues_like_torch(exports, torch_gens):
     assert a.token_ids == b.token_ids
 
 
-@pytest.mark.parametrize("preset", ["tiny", "long-context", "eos"])
-def test_mlx_equals_onnx_cpu_on_one_export(preset, exports, torch_gens):
+@pytest.mark.parametrize("preset", ["long-context", "eos"])
+def test_mlx_equals_onnx_cpu_on_one_export(preset, exports):
+    """Same prompts and seeds as the torch test above, so equal here means all three agree."""
     if not HAVE_ONNX:
         pytest.skip("dgport.exporters.onnx_export / dgport.runtimes.onnx not present: ONNX cross-check not run")
     out = exports[(preset, "both")]
@@ -105,7 +111,6 @@ def test_mlx_equals_onnx_cpu_on_one_export(preset, exports, torch_gens):
             a, b = gen.generate(prompt, seed=seed), ort.generate(prompt, seed=seed)
             assert a.token_ids == b.token_ids, (prompt, seed)
             assert a.steps_per_canvas == b.steps_per_canvas
-            assert a.token_ids == torch_gens[preset].generate(prompt, seed=seed).token_ids
 
 
 # -- 4-bit ---------------------------------------------------------------------------------
