@@ -321,7 +321,8 @@ class Model:
         sf = scores if b.cdt == FLOAT else b.cast(scores, FLOAT)
         if self.mode == "encoder":
             sf = b.op("Where", self.masks[sliding], sf, b.const(np.float32(-np.inf), FLOAT))
-        probs = b.to_md(b.op("Softmax", sf, axis=-1))
+        probs = b.op("Softmax", sf, axis=-1)
+        probs = probs if b.emulate else b.to_md(probs)  # SDPA keeps fp32 probabilities
         o = b.op("MatMul", probs, b.op("Unsqueeze", v_all, one))  # [B,kv,g,T,d]
         o = b.op("Reshape", o, b.const(np.array([0, nh, -1, d], np.int64), INT64))
         o = b.op("Reshape", b.op("Transpose", o, perm=perm), b.const(np.array([0, 0, nh * d], np.int64), INT64))

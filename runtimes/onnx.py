@@ -68,6 +68,9 @@ class OnnxBackend:
         self._sessions = {}
         for key in ("encoder", "denoise_step"):
             self._sessions[key] = self._session(graphs[key], threads, so_kw)
+        # fp32-compute graphs (bf16 exports on the CPU EP) take their weights as inputs: bind them once
+        self._bound_weights = {k: [(w, self._weights[w]) for w in graphs[k]["weights"]] if self.fp32_compute else []
+                               for k in ("encoder", "denoise_step")}
         self._enc_out = [o["name"] for o in graphs["encoder"]["outputs"]]
         self._den_out = [o["name"] for o in graphs["denoise_step"]["outputs"]]
         self.with_logits = "logits" in self._den_out
@@ -161,6 +164,12 @@ class OnnxBackend:
                     for i in range(cfg.num_layers)]
         self._batch = B
 
+    def _binding(self, key: str):
+        io = self._sessions[key].io_binding()
+        for name, value in self._bound_weights[key]:
+            io.bind_ortvalue_input(name, value)
+        return io
+
     def encode(self, ids: np.ndarray, positions: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
@@ -169,7 +178,7 @@ class OnnxBackend:
         if self._kv is None:
             self._init_cache(ids.shape[0])
         sess = self._sessions["encoder"]
-        io = sess.io_binding()
+        io = self._binding("encoder")
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("position_ids", positions)
         for i, (k, v) in enumerate(self._kv):
@@ -189,7 +198,7 @@ class OnnxBackend:
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         B, C = canvas.shape
         sess = self._sessions["denoise_step"]
-        io = sess.io_binding()
+        io = self._binding("denoise_step")
         io.bind_cpu_input("canvas_ids", canvas)
         io.bind_cpu_input("position_ids", positions)
         io.bind_cpu_input("temperature", np.asarray(temperature, dtype=np.float32).reshape(()))
@@ -221,13 +230,23 @@ class OnnxBackend:
 
     def cache_numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(K, V) of one layer as float32 numpy arrays (copies; for tests)."""
-        return tuple(_to_f32(v.numpy(), self.dtype) for v in self._kv[layer])
+        return tuple(_host_f32(v, self.dtype) for v in self._kv[layer])
 
     def sc_numpy(self) -> np.ndarray | None:
-        return None if self._sc is None else _to_f32(self._sc.numpy(), self.dtype)
+        return None if self._sc is None else _host_f32(self._sc, self.dtype)
 
 
-def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bf16":
-        return (np.asarray(a).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(a, dtype=np.float32)
+def _host_f32(v, dtype: str) -> np.ndarray:
+    """An OrtValue as float32 numpy (copy). numpy has no bf16: CPU bf16 values are read as raw bits."""
+    if dtype != "bf16":
+        return np.asarray(v.numpy(), dtype=np.float32)
+    if v.device_name().lower() != "cpu":
+        raise DgportError("reading bf16 device tensors back to the host is only supported on the CPU backend")
+    import ctypes
+
+    shape = v.shape()
+    n = int(np.prod(shape))
+    if n == 0:
+        return np.zeros(shape, np.float32)
+    bits = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(v.data_ptr())).copy().reshape(shape)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
