@@ -137,15 +137,19 @@ def _rel_err(a, b) -> float:
 
 
 def validate(ckpt, out_dir, entry, steps_per_canvas: int = 2) -> dict:
-    """Max relative error (max |mlx - hf| / max |hf| per tensor) of the encoder K/V and the step
-    logits against the Hugging Face modules in float32, on fixed inputs: a prompt longer than the
+    """Max relative error (elementwise: max |mlx - hf| / max |hf| per tensor, stricter than a
+    norm-wise measure) of the encoder K/V and the step logits against the Hugging Face modules,
+    on fixed inputs: a prompt longer than the
     sliding window (when the window is small), two denoising steps (the second with
     self-conditioning), a 256-token (canvas) commit, one more step."""
     from dgport.runtimes.mlx import MlxBackend
     from dgport.runtimes.torch_ref import TorchRefBackend
 
     cfg = ckpt.config
-    ref = TorchRefBackend(ckpt.path, dtype="fp32")
+    # unquantized: against HF in the export's dtype (same inputs, same precision); quantized:
+    # against HF in float32 (what quantization costs)
+    ref_dtype = "fp32" if entry.get("quantization") else entry["dtype"]
+    ref = TorchRefBackend(ckpt.path, dtype=ref_dtype)
     mine = MlxBackend(folder=Path(out_dir), entry=entry, config=cfg, keep_logits=True)
     rng = np.random.default_rng(1234)
     C, V = cfg.canvas_length, cfg.vocab_size
