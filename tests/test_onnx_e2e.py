@@ -156,3 +156,38 @@ def test_cuda_without_onnxruntime_gpu(copied_export):
     with pytest.raises(dgport.errors.BackendUnavailable, match=r"pip install 'dgport\[cuda\]'") as e:
         dgport.load(copied_export, backend="cuda")
     assert "uninstall" in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- real 26B-A4B geometry
+
+def _mem_available_gb() -> float:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+@pytest.mark.skipif(_mem_available_gb() < 18, reason="the real-geometry slice needs ~17 GB peak (3.1 GB bf16 "
+                    "checkpoint, its export, fp32 CPU copies and the transformers model for validation)")
+def test_real_geometry_slice_exports_validates_and_runs(tmp_path_factory):
+    """Real 26B-A4B layer geometry (models.fixtures LARGE_PRESETS['real-slice']): one sliding and one
+    full layer, bf16 weights, reduced vocabulary/canvas. The driver validates it against transformers
+    (bf16 gate 2e-2) before the folder appears."""
+    from models.fixtures import build_fixture
+
+    root = tmp_path_factory.mktemp("real")
+    ckpt = build_fixture("real-slice", root / "ckpt")
+    summary = export(ckpt, root / "onnx", ExportOptions(dtype="bf16"))
+    assert max(summary.validation["onnx"].values()) <= 2e-2, summary.validation
+    gen = dgport.load(root / "onnx", backend="cpu", threads=THREADS)
+    cfg = gen.config
+    assert (cfg.hidden_size, cfg.num_heads, cfg.head_dims, cfg.kv_heads, cfg.num_experts, cfg.top_k_experts,
+            cfg.moe_intermediate_size, cfg.intermediate_size) == (2816, 16, (256, 512), (8, 2), 128, 8, 704, 2112)
+    res = gen.generate([2, 105, 300, 301, 106], seed=0)
+    assert len(res.token_ids[0]) == cfg.canvas_length and res.steps_per_canvas
+    gen.backend.reset()
+    del gen
+    shutil.rmtree(root, ignore_errors=True)
