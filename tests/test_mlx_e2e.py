@@ -3,14 +3,13 @@ reference and as ONNX Runtime (CPU) on the same `--format onnx,mlx` export; a 4-
 and stays close to fp32; bad inputs fail with one-line DgportErrors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core")
+import mlx.core as mx  # noqa: E402  (the dev extra installs mlx[cpu]; a missing mlx must fail, not skip)
 
 import dgport  # noqa: E402
 from conftest import ALL_PRESETS  # noqa: E402
@@ -26,8 +25,6 @@ PROMPTS = {
     "eos": [[2, 140, 141, 142], [2, 200, 201]],
 }
 SEEDS = (0, 1)
-HAVE_ONNX = importlib.util.find_spec("dgport.exporters.onnx_export") is not None and \
-    importlib.util.find_spec("dgport.runtimes.onnx") is not None
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +93,9 @@ def test_keep_cache_continues_like_torch(exports, torch_gens):
     assert a.token_ids == b.token_ids
 
 
-@pytest.mark.parametrize("preset", ["long-context", "eos"])
+@pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_mlx_equals_onnx_cpu_on_one_export(preset, exports):
     """Same prompts and seeds as the torch test above, so equal here means all three agree."""
-    if not HAVE_ONNX:
-        pytest.skip("dgport.exporters.onnx_export / dgport.runtimes.onnx not present: ONNX cross-check not run")
     out = exports[(preset, "both")]
     manifest = json.loads((out / MANIFEST).read_text())
     assert set(manifest["formats"]) == {"onnx", "mlx"}

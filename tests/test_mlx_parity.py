@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core")
+import mlx.core as mx  # noqa: E402  (the dev extra installs mlx[cpu]; a missing mlx must fail, not skip)
 
 from conftest import ALL_PRESETS  # noqa: E402
 from dgport.exporters import mlx_export  # noqa: E402
