@@ -40,6 +40,7 @@ def run(path, backend="torch", puzzles=100, seed=0, min_givens=36, max_givens=45
     by_givens = defaultdict(lambda: [0, 0])
     rows = []
     tokens = passes = 0
+    blanks = right = 0
     t0 = time.time()
     for p in items:
         res = gen.generate(p.puzzle, seed=p.seed, **overrides)
@@ -48,6 +49,10 @@ def run(path, backend="torch", puzzles=100, seed=0, min_givens=36, max_givens=45
         by_givens[p.givens][0] += ok
         by_givens[p.givens][1] += 1
         n_passes = sum(res.steps_per_canvas)
+        for q, a, sol in zip(p.puzzle, answer.ljust(81, "?"), p.solution):
+            if q == ".":
+                blanks += 1
+                right += a == sol
         passes += n_passes
         tokens += res.tokens_per_forward * n_passes
         rows.append({"seed": p.seed, "givens": p.givens, "solved": ok, "passes": n_passes,
@@ -61,6 +66,7 @@ def run(path, backend="torch", puzzles=100, seed=0, min_givens=36, max_givens=45
         "path": str(path), "backend": backend, "seed": seed, "puzzles": len(rows),
         "min_givens": min_givens, "max_givens": max_givens, "overrides": overrides,
         "solved": solved, "solve_rate": solved / len(rows),
+        "blank_cell_accuracy": right / blanks if blanks else 1.0,
         "by_givens": {g: {"solved": s, "total": n, "rate": s / n} for g, (s, n) in sorted(by_givens.items())},
         "tokens_per_forward": tokens / passes if passes else 0.0,
         "passes_per_puzzle": passes / len(rows),
@@ -83,6 +89,7 @@ def report(r) -> str:
         buckets[lo][1] += v["total"]
     lines.append(" by range: " + ", ".join(f"{lo}-{lo + 4}: {s}/{n}" for lo, (s, n) in sorted(buckets.items())))
     lines.append(f"solved {r['solved']}/{r['puzzles']} = {100 * r['solve_rate']:.1f}%   "
+                 f"blank cells right {100 * r['blank_cell_accuracy']:.1f}%   "
                  f"tokens/forward {r['tokens_per_forward']:.2f}   passes/puzzle {r['passes_per_puzzle']:.2f}   "
                  f"puzzles/s {r['puzzles_per_second']:.2f}   (load {r['load_seconds']:.1f}s)")
     return "\n".join(lines)
