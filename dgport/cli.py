@@ -216,7 +216,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     err.print(f"[dim]{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tok/s) | "
               f"{len(result.steps_per_canvas)} canvases, steps {result.steps_per_canvas} | "
               f"{timings['ms_per_step']:.1f} ms/step, {timings['ms_per_encode']:.1f} ms/encode | "
-              f"{result.tokens_per_forward:.2f} tokens/forward | {backend}[/dim]", highlight=False)
+              f"{result.tokens_per_forward:.2f} tokens/forward | {backend}[/dim]", highlight=False, soft_wrap=True)
 
 
 @cli.command()
@@ -352,19 +352,19 @@ def demo(backend, givens, seed, export_dir):
     console.print(sudoku_grid(puzzle.puzzle.replace(".", "·"), puzzle.puzzle))
     view = SudokuView(gen.tokenizer, puzzle.puzzle)
     started = time.perf_counter()
-    with Live(view, console=console, refresh_per_second=8) as live:
+    with Live(view, console=console, refresh_per_second=8, transient=True) as live:
         def on_step(event):
             view.update(event)
             live.refresh()
-            time.sleep(0.15)  # slow enough for a person to watch the cells settle
+            if console.is_terminal:
+                time.sleep(0.15)  # slow enough for a person to watch the cells settle
         result = gen.generate(puzzle.puzzle, seed=puzzle.seed, on_step=on_step)
     answer = "".join(result.text.split())
     ok = is_valid_solution(puzzle.puzzle, answer)
     console.print(("[green]solved" if ok else "[red]not solved") +
                   f" in {sum(result.steps_per_canvas)} denoising steps, {time.perf_counter() - started:.1f} s "
                   f"(with viewing delays), {result.tokens_per_forward:.1f} tokens per forward")
-    if not ok:
-        raise DgportError("the model's grid is not a valid solution of this puzzle")
+    console.print(sudoku_grid(answer[:81].ljust(81, "·"), puzzle.puzzle))
 
 
 def main(argv=None) -> int:

@@ -195,3 +195,11 @@ def test_export_refuses_a_non_empty_out_and_leaves_nothing_behind(capsys, tmp_pa
     assert code == 1 and "exists and is not empty" in err and "--force" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".taken")]
+
+
+def test_demo_solves_a_puzzle_with_the_shipped_model(capsys):
+    code, out, err = dg(capsys, "demo", "--backend", "torch", "--seed", "0", "--givens", "70")
+    assert code == 0, err
+    assert "puzzle (stream 0, 70 givens)" in out
+    assert ("solved in" in out) or ("not solved in" in out)
+    assert out.count("------+-------+------") == 4  # the puzzle grid and the answer grid
