@@ -41,4 +41,17 @@ def hf_models(checkpoints):
     return Lazy()
 
 
+@pytest.fixture(scope="session")
+def torch_gens(checkpoints, hf_models):
+    """name -> dgport Generator on the torch reference backend (the HF model loaded once)."""
+    import dgport
+
+    class Lazy(dict):
+        def __missing__(self, name):
+            self[name] = dgport.load(checkpoints[name], backend="torch", model=hf_models[name])
+            return self[name]
+
+    return Lazy()
+
+
 ALL_PRESETS = list(PRESETS)

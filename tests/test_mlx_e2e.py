@@ -52,15 +52,6 @@ def exports(checkpoints, tmp_path_factory):
     return Lazy()
 
 
-@pytest.fixture(scope="module")
-def torch_gens(checkpoints, hf_models):
-    class Lazy(dict):
-        def __missing__(self, name):
-            self[name] = dgport.load(checkpoints[name], backend="torch", model=hf_models[name])
-            return self[name]
-
-    return Lazy()
-
 
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_generate_token_identical_to_torch(preset, exports, torch_gens):

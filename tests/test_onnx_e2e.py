@@ -23,14 +23,6 @@ PROMPTS = {
 SEEDS = (0, 1)
 
 
-@pytest.fixture(scope="module")
-def torch_gens(checkpoints, hf_models):
-    class Lazy(dict):
-        def __missing__(self, name):
-            self[name] = dgport.load(checkpoints[name], backend="torch", model=hf_models[name])
-            return self[name]
-    return Lazy()
-
 
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_generate_token_identical_to_torch(preset, onnx_exports, torch_gens):

@@ -32,8 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+from models.fixtures import BASE_GENERATION, FULL, SLIDING
 from models.sudoku.puzzles import TRAIN_SEED_BASE, make_puzzle, transform
-SLIDING, FULL = "sliding_attention", "full_attention"
+
 
 # ---------------------------------------------------------------- vocabulary and tokenizer
 SPECIAL = {
@@ -119,18 +120,7 @@ ARCH = dict(
     sliding_window=256, num_experts=4, top_k_experts=2, moe_intermediate_size=128,
 )
 
-GENERATION = {
-    "max_new_tokens": CANVAS,
-    "max_denoising_steps": 32,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "t_min": 0.4,
-    "t_max": 0.8,
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-    "eos_token_id": [1, 106, 50],
-    "pad_token_id": 0,
-    "bos_token_id": 2,
-}
+GENERATION = {**BASE_GENERATION, "max_new_tokens": CANVAS, "max_denoising_steps": 32}
 
 
 def hf_config(arch=ARCH):
