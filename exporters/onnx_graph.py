@@ -412,18 +412,23 @@ def kv_dims(cfg: TextConfig, i: int, past: str):
     return ["batch", cfg.kv_heads[i], past, cfg.head_dims[i]]
 
 
-def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None):
-    b = Builder("dgport_encoder", store, md, emulate)
-    m = Model(b, cfg, "encoder")
-    ids = b.input("input_ids", INT64, ["batch", "seq"])
-    pos = b.input("position_ids", INT64, ["batch", "seq"])
+def cache_inputs(b, cfg: TextConfig, md: int) -> list:
+    """The per-layer past_key_{i} / past_value_{i} inputs both graphs read."""
     pasts = []
     for i in range(cfg.num_layers):
         past = "past_seq_s" if cfg.is_sliding(i) else "past_seq_f"
         pasts.append((b.input(f"past_key_{i}", md, kv_dims(cfg, i, past)),
                       b.input(f"past_value_{i}", md, kv_dims(cfg, i, past))))
-    full = [i for i in range(cfg.num_layers) if not cfg.is_sliding(i)]
-    slid = [i for i in range(cfg.num_layers) if cfg.is_sliding(i)]
+    return pasts
+
+
+def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None):
+    b = Builder("dgport_encoder", store, md, emulate)
+    m = Model(b, cfg, "encoder")
+    ids = b.input("input_ids", INT64, ["batch", "seq"])
+    pos = b.input("position_ids", INT64, ["batch", "seq"])
+    pasts = cache_inputs(b, cfg, md)
+    full, slid = cfg.full_layers, cfg.sliding_layers
     two = b.const(np.array([2], np.int64), INT64)
 
     def plen(i):
@@ -459,11 +464,7 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
     sc = b.input("sc_embeds", md, ["batch", "canvas", H])
     temp = b.input("temperature", FLOAT, [])
     unif = b.input("uniforms", FLOAT, ["batch", "canvas"])
-    pasts = []
-    for i in range(cfg.num_layers):
-        past = "past_seq_s" if cfg.is_sliding(i) else "past_seq_f"
-        pasts.append((b.input(f"past_key_{i}", md, kv_dims(cfg, i, past)),
-                      b.input(f"past_value_{i}", md, kv_dims(cfg, i, past))))
+    pasts = cache_inputs(b, cfg, md)
     rope = m.rope_tables(pos)
     # input embedding with self-conditioning: rms(E[ids]*s + SC_MLP(RMSNorm_w(sc_embeds)))
     e = m.embed(ids)

@@ -132,15 +132,20 @@ def _tokenizer(vocab_size: int):
     return tok
 
 
-def write_tokenizer(out_dir: Path, vocab_size: int, chat_template: str = CHAT_TEMPLATE) -> None:
-    """tokenizer.json (byte-level, Gemma's special ids) and tokenizer_config.json with the chat template."""
-    _tokenizer(vocab_size).save(str(out_dir / "tokenizer.json"))
+def save_tokenizer(out_dir: Path, tokenizer, chat_template: str, model_max_length: int) -> None:
+    """tokenizer.json and a tokenizer_config.json with Gemma's named special tokens and the chat template."""
+    tokenizer.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
         "chat_template": chat_template,
-        "model_max_length": 1_000_000,
+        "model_max_length": model_max_length,
     }, indent=2))
+
+
+def write_tokenizer(out_dir: Path, vocab_size: int, chat_template: str = CHAT_TEMPLATE) -> None:
+    """The byte-level fixture tokenizer (Gemma's special ids) with the chat template."""
+    save_tokenizer(out_dir, _tokenizer(vocab_size), chat_template, 1_000_000)
 
 
 def hf_config(p: Preset):

@@ -17,14 +17,7 @@ from dgport.errors import DgportError, ExportError  # noqa: E402
 from dgport.exporters.export import ExportOptions, export  # noqa: E402
 from dgport.manifest import MANIFEST, read_manifest  # noqa: E402
 from dgport.runtimes.mlx import MlxBackend  # noqa: E402
-
-PROMPTS = {
-    "tiny": [[2, 105, 300, 301, 302, 106, 107]],
-    "confident": [[2, 120, 121, 122, 123]],
-    "long-context": [[2] + list(range(130, 157))],  # 28 tokens: > sliding window (8), several canvases
-    "eos": [[2, 140, 141, 142], [2, 200, 201]],
-}
-SEEDS = (0, 1)
+from backend_checks import PROMPTS, SEEDS, assert_generates_like_torch, assert_keep_cache_like_torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,32 +49,12 @@ def exports(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_generate_token_identical_to_torch(preset, exports, torch_gens):
     gen = dgport.load(exports[(preset, "fp32")], backend="mlx")
-    finished = []
-    for prompt in PROMPTS[preset]:
-        for seed in SEEDS:
-            a = gen.generate(prompt, seed=seed)
-            b = torch_gens[preset].generate(prompt, seed=seed)
-            assert a.token_ids == b.token_ids, (prompt, seed)
-            assert a.steps_per_canvas == b.steps_per_canvas
-            assert a.finished == b.finished
-            finished.append(a.finished)
-            if preset in ("tiny", "long-context"):
-                assert len(a.steps_per_canvas) >= 3  # several canvases
-    if preset == "eos":  # EOS inside a canvas: stopped early, PAD after it
-        assert any(finished)
-    if preset == "confident":  # adaptive stopping fired
-        assert min(a.steps_per_canvas) < gen.defaults.max_denoising_steps
+    assert_generates_like_torch(gen, torch_gens[preset], preset)
 
 
 def test_keep_cache_continues_like_torch(exports, torch_gens):
     gen = dgport.load(exports[("long-context", "fp32")], backend="mlx")
-    tg = torch_gens["long-context"]
-    for g in (gen, tg):
-        g.generate([2, 130, 131], seed=5, max_new_tokens=16)
-    a = gen.generate([140, 141], seed=6, keep_cache=True)
-    b = tg.generate([140, 141], seed=6, keep_cache=True)
-    assert gen.backend.cache_len == tg.backend.cache_len
-    assert a.token_ids == b.token_ids
+    assert_keep_cache_like_torch(gen, torch_gens["long-context"])
 
 
 @pytest.mark.parametrize("preset", ALL_PRESETS)

@@ -12,45 +12,19 @@ import dgport
 from conftest import ALL_PRESETS
 from dgport.errors import DgportError, ExportError
 from dgport.exporters.export import ExportOptions, export
+from backend_checks import PROMPTS, assert_generates_like_torch, assert_keep_cache_like_torch
 from onnx_support import THREADS, onnx_exports  # noqa: F401
-
-PROMPTS = {
-    "tiny": [[2, 105, 300, 301, 302, 106, 107]],
-    "confident": [[2, 120, 121, 122, 123]],
-    "long-context": [[2] + list(range(130, 157))],  # 28 tokens: > sliding window (8) and across canvases
-    "eos": [[2, 140, 141, 142], [2, 200, 201]],
-}
-SEEDS = (0, 1)
-
 
 
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_generate_token_identical_to_torch(preset, onnx_exports, torch_gens):
     ort_gen = dgport.load(onnx_exports[(preset, "fp32")], backend="cpu", threads=THREADS)
-    finished = []
-    for prompt in PROMPTS[preset]:
-        for seed in SEEDS:
-            a = ort_gen.generate(prompt, seed=seed)
-            b = torch_gens[preset].generate(prompt, seed=seed)
-            assert a.token_ids == b.token_ids, (prompt, seed)
-            assert a.steps_per_canvas == b.steps_per_canvas
-            finished.append(b.finished)
-            if preset in ("tiny", "long-context"):
-                assert len(a.steps_per_canvas) >= 3  # several canvases
-    if preset == "eos":  # EOS inside a canvas: generation stopped early with PAD after it
-        assert any(finished)
-    if preset == "confident":  # adaptive stopping fired
-        assert min(a.steps_per_canvas) < ort_gen.defaults.max_denoising_steps
+    assert_generates_like_torch(ort_gen, torch_gens[preset], preset)
 
 
 def test_keep_cache_continues_like_torch(onnx_exports, torch_gens):
-    ort_gen = dgport.load(onnx_exports[("long-context", "fp32")], backend="cpu", threads=THREADS)
-    tg = torch_gens["long-context"]
-    for g in (ort_gen, tg):
-        g.generate([2, 130, 131], seed=5, max_new_tokens=16)
-    a = ort_gen.generate([140, 141], seed=6, keep_cache=True)
-    b = tg.generate([140, 141], seed=6, keep_cache=True)
-    assert a.token_ids == b.token_ids and ort_gen.backend.cache_len == tg.backend.cache_len
+    gen = dgport.load(onnx_exports[("long-context", "fp32")], backend="cpu", threads=THREADS)
+    assert_keep_cache_like_torch(gen, torch_gens["long-context"])
 
 
 def test_bf16_export_runs_and_agrees_with_fp32(onnx_exports, checkpoints, tmp_path_factory):

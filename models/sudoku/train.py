@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from models.fixtures import BASE_GENERATION, FULL, SLIDING
+from models.fixtures import BASE_GENERATION, FULL, SLIDING, save_tokenizer
 from models.sudoku.puzzles import TRAIN_SEED_BASE, make_puzzle, transform
 
 
@@ -97,13 +97,7 @@ def build_tokenizer():
 
 
 def write_tokenizer(out: Path) -> None:
-    build_tokenizer().save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 4096,
-    }, indent=2))
+    save_tokenizer(out, build_tokenizer(), CHAT_TEMPLATE, 4096)
 
 
 def render_prompt(puzzle: str) -> str:
