@@ -221,6 +221,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=float, default=5.0, help="minutes")
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--given-weight", type=float, default=1.0,
+                    help="loss weight of cells given in the puzzle (blanks and <eos> weigh 1)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--speed-test", type=int, default=0, help="run N steps, print timings, exit")
     args = ap.parse_args(argv)
@@ -283,6 +285,7 @@ def main(argv=None):
         batch = stream(B)
         t_data = time.time() - t0
         puzzles = torch.tensor([[digit_id[ch] for ch in p] for p, _ in batch])
+        given = puzzles != digit_id["."]  # [B, 81]
         target = torch.cat([torch.tensor([[digit_id[ch] for ch in s] for _, s in batch]), eos], dim=1)  # [B, C]
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -309,7 +312,10 @@ def main(argv=None):
                 sc = model(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=dec_pos).logits
         logits = model(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=dec_pos,
                        self_conditioning_logits=sc).logits
-        loss = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
+        per_cell = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1), reduction="none").view(n, C)
+        weight = torch.ones(n, C)
+        weight[:, :81][given.repeat_interleave(R, dim=0)] = args.given_weight
+        loss = (per_cell * weight).sum() / weight.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
