@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dgport.config import GenerationDefaults, TextConfig
-from dgport.errors import CheckpointError, DgportError
+from dgport.errors import CheckpointError
 
 from .safetensors_np import SafetensorsFile
 

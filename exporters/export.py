@@ -19,19 +19,10 @@ from dgport.manifest import MANIFEST, write_manifest
 from dgport.progress import Progress
 
 from .checkpoint import read_checkpoint
+from .validation import validate_export
 
 FORMAT_MODULES = {"onnx": "dgport.exporters.onnx_export", "mlx": "dgport.exporters.mlx_export"}
 DTYPES = ("fp32", "fp16", "bf16")
-
-
-def tolerance(fmt: str, dtype: str, quantize) -> float | None:
-    """Max relative error an export may show against the source model (DESIGN.md parity
-    targets); None: quantized exports are reported, not gated."""
-    if quantize:
-        return None
-    if dtype == "fp32":
-        return 1e-5 if fmt == "onnx" else 1e-4
-    return 2e-2
 
 
 @dataclass
@@ -41,6 +32,8 @@ class ExportOptions:
     quantize: int | None = None
     group_size: int = 64
     with_logits: bool = False
+    encoder_moe: str = "sparse"  # ONNX experts per graph: "sparse" (per-expert loop) or "dense" (all experts)
+    denoise_moe: str = "dense"
     force: bool = False
     validate: bool = True
 
@@ -69,6 +62,9 @@ def check_options(opts: ExportOptions) -> None:
             raise DgportError(f"--quantize {opts.quantize}: choose 4 or 8 (bits)")
         if "mlx" not in opts.formats:
             raise DgportError("--quantize applies to the mlx format; add --format mlx")
+    for flag, value in (("--encoder-moe", opts.encoder_moe), ("--denoise-moe", opts.denoise_moe)):
+        if value not in ("sparse", "dense"):
+            raise DgportError(f"{flag} {value!r}: choose sparse or dense")
     if opts.group_size not in (32, 64, 128):
         raise DgportError(f"--group-size {opts.group_size}: choose 32, 64 or 128")
 
@@ -107,14 +103,10 @@ def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> E
         if opts.validate and importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
             for fmt, mod in modules.items():
                 with progress.step(f"validating {fmt} against the source model"):
-                    errors = mod.validate(ckpt, tmp, formats[fmt])
-                validation[fmt] = errors
-                limit = tolerance(fmt, opts.dtype, opts.quantize)
-                worst = max(errors.values())
-                if limit is not None and not worst <= limit:
-                    raise ExportError(
-                        f"{fmt} export failed validation: max relative error {worst:.3g} > {limit:g} "
-                        f"({errors}); this is a dgport bug, please report it with the checkpoint's config.json")
+                    candidate = mod.validation_backend(ckpt, tmp, formats[fmt])
+                    validation[fmt] = validate_export(candidate, ckpt, fmt, opts.dtype, opts.quantize,
+                                                      mod.VALIDATION_METRIC)
+                    del candidate
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

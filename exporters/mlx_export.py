@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dgport.errors import BackendUnavailable, ExportError
+from dgport.errors import BackendUnavailable
+
+from .validation import max_abs_rel_err
 
 DEC = "model.decoder."
 ENC_SCALAR = "model.encoder.language_model.layers.{i}.layer_scalar"
@@ -131,60 +133,11 @@ def export(ckpt, out_dir, opts, progress) -> dict:
     return {"files": files, "layout": LAYOUT, "dtype": opts.dtype, "quantization": quant}
 
 
-def _rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+VALIDATION_METRIC = max_abs_rel_err  # elementwise, stricter than the norm-wise ONNX measure
 
 
-def validate(ckpt, out_dir, entry, steps_per_canvas: int = 2) -> dict:
-    """Max relative error (elementwise: max |mlx - hf| / max |hf| per tensor, stricter than a
-    norm-wise measure) of the encoder K/V and the step logits against the Hugging Face modules,
-    on fixed inputs: a prompt longer than the
-    sliding window (when the window is small), two denoising steps (the second with
-    self-conditioning), a 256-token (canvas) commit, one more step."""
+def validation_backend(ckpt, out_dir, entry):
+    """The export opened on MLX, keeping logits, for the driver's comparison with the source model."""
     from dgport.runtimes.mlx import MlxBackend
-    from dgport.runtimes.torch_ref import TorchRefBackend
 
-    cfg = ckpt.config
-    # unquantized: against HF in the export's dtype (same inputs, same precision); quantized:
-    # against HF in float32 (what quantization costs)
-    ref_dtype = "fp32" if entry.get("quantization") else entry["dtype"]
-    ref = TorchRefBackend(ckpt.path, dtype=ref_dtype)
-    mine = MlxBackend(folder=Path(out_dir), entry=entry, config=cfg, keep_logits=True)
-    rng = np.random.default_rng(1234)
-    C, V = cfg.canvas_length, cfg.vocab_size
-    n_prompt = min(cfg.sliding_window + 3, 64)
-    errors = {"encoder_kv": 0.0, "step_logits": 0.0}
-
-    def encode(ids, pos):
-        ref.encode(ids, pos)
-        mine.encode(ids, pos)
-        for i in range(cfg.num_layers):
-            layer = ref.cache.layers[i]
-            for got, want in ((mine.cache[i][0], layer.keys), (mine.cache[i][1], layer.values)):
-                got = np.array(got.astype(_mx().float32))
-                want = want.float().numpy()
-                if got.shape != want.shape:
-                    raise ExportError(f"mlx validation: layer {i} cache shape {got.shape} != reference {want.shape}")
-                errors["encoder_kv"] = max(errors["encoder_kv"], _rel_err(got, want))
-
-    def canvas_steps(start):
-        pos = np.arange(start, start + C, dtype=np.int64)[None]
-        ref.new_canvas()
-        mine.new_canvas()
-        for s in range(steps_per_canvas):
-            canvas = rng.integers(0, V, size=(1, C))
-            u = rng.random((1, C), dtype=np.float32)
-            t = np.float32(0.8 - 0.1 * s)
-            ref.denoise(canvas, pos, t, u)
-            mine.denoise(canvas, pos, t, u)
-            errors["step_logits"] = max(errors["step_logits"],
-                                        _rel_err(mine.last_logits, ref.last_logits.float().numpy()))
-        return pos
-
-    ids = np.concatenate([[cfg.bos_token_id], rng.integers(0, V, size=n_prompt - 1)])[None]
-    encode(ids, np.arange(n_prompt, dtype=np.int64)[None])
-    pos = canvas_steps(n_prompt)
-    encode(rng.integers(0, V, size=(1, C)), pos)
-    canvas_steps(n_prompt + C)
-    return errors
+    return MlxBackend(folder=Path(out_dir), entry=entry, config=ckpt.config, keep_logits=True)

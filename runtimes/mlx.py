@@ -102,6 +102,10 @@ class MlxBackend:
     def new_canvas(self) -> None:
         self._sc = None
 
+    def cache_numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(K, V) of one layer as float32 numpy arrays (copies; for tests and validation)."""
+        return tuple(np.array(t.astype(mx.float32)) for t in self.cache[layer])
+
     def denoise(self, canvas, positions, temperature, uniforms) -> StepOutput:
         canvas = np.asarray(canvas, dtype=np.int64)
         B, C = canvas.shape

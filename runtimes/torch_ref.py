@@ -39,15 +39,22 @@ class TorchRefBackend:
 
         self._torch = torch
         self.config: TextConfig = read_checkpoint(checkpoint).config
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[dtype]
         if model is None:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # keep stderr to dgport's own one-line messages
             model = DiffusionGemmaForBlockDiffusion.from_pretrained(Path(checkpoint), dtype=torch_dtype).eval()
+        if dtype == "fp64":  # validation's precise reference; grouped_mm has no float64 kernel
+            model.config._experts_implementation = "eager"
         self.model = model
-        self.last_logits = None
+        self._logits = None
         self.reset()
+
+    @property
+    def last_logits(self) -> np.ndarray | None:
+        """The last step's logits [B, C, V] as float32 numpy (converted on request)."""
+        return None if self._logits is None else self._logits.float().numpy()
 
     @property
     def cache_len(self) -> int:
@@ -81,6 +88,11 @@ class TorchRefBackend:
     def new_canvas(self) -> None:
         self._sc_logits = None
 
+    def cache_numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(K, V) of one layer as float32 numpy arrays (copies; for tests and validation)."""
+        kv = self.cache.layers[layer]
+        return kv.keys.float().numpy().copy(), kv.values.float().numpy().copy()
+
     def denoise(self, canvas, positions, temperature, uniforms) -> StepOutput:
         torch = self._torch
         with torch.no_grad():
@@ -90,7 +102,7 @@ class TorchRefBackend:
                 self_conditioning_logits=self._sc_logits,
                 decoder_position_ids=torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)),
             ).logits
-            self.last_logits = logits
+            self._logits = logits
             proc = logits / torch.tensor(np.float32(temperature))
             probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
             B, C, V = probs.shape

@@ -15,6 +15,7 @@ from conftest import ALL_PRESETS  # noqa: E402
 from dgport.exporters import mlx_export  # noqa: E402
 from dgport.exporters.checkpoint import read_checkpoint  # noqa: E402
 from dgport.exporters.export import ExportOptions, export  # noqa: E402
+from dgport.exporters.validation import compare, max_abs_rel_err  # noqa: E402
 from dgport.manifest import open_export  # noqa: E402
 from dgport.runtimes.mlx import MlxBackend  # noqa: E402
 from dgport.runtimes.mlx_model import rope_inv_freq  # noqa: E402
@@ -24,9 +25,8 @@ GATE = 1e-4  # DESIGN.md: fp32 MLX vs HF, max relative error
 
 
 def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max() / np.abs(b).max())
+    assert np.shape(a) == np.shape(b), (np.shape(a), np.shape(b))
+    return max_abs_rel_err(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +48,6 @@ def mlx_exports(checkpoints, tmp_path_factory):
     return lazy
 
 
-def kv_numpy(backend, i):
-    return [np.array(t.astype(mx.float32)) for t in backend.cache[i]]
-
-
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_encoder_kv_and_step_logits_match_hf(preset, mlx_exports, checkpoints, hf_models):
     mine = MlxBackend(open_export(mlx_exports[preset], "mlx"), keep_logits=True)
@@ -70,11 +66,11 @@ def test_encoder_kv_and_step_logits_match_hf(preset, mlx_exports, checkpoints, h
         pos += T
         assert mine.cache_len == ref.cache_len == pos
         for i in range(cfg.num_layers):
-            k, v = kv_numpy(mine, i)
-            layer = ref.cache.layers[i]
+            k, v = mine.cache_numpy(i)
+            rk, rv = ref.cache_numpy(i)
             expected_len = min(pos, cfg.sliding_cache_len) if cfg.is_sliding(i) else pos
             assert k.shape == (1, cfg.kv_heads[i], expected_len, cfg.head_dims[i])
-            errs["encoder_kv"] = max(errs["encoder_kv"], rel_err(k, layer.keys.numpy()), rel_err(v, layer.values.numpy()))
+            errs["encoder_kv"] = max(errs["encoder_kv"], rel_err(k, rk), rel_err(v, rv))
         # three denoising steps: the 2nd and 3rd are self-conditioned on the previous one
         mine.new_canvas()
         ref.new_canvas()
@@ -84,7 +80,7 @@ def test_encoder_kv_and_step_logits_match_hf(preset, mlx_exports, checkpoints, h
             u = rng.random((1, C), dtype=np.float32)
             a = mine.denoise(canvas, cpos, np.float32(t), u)
             r = ref.denoise(canvas, cpos, np.float32(t), u)
-            errs["step_logits"] = max(errs["step_logits"], rel_err(mine.last_logits, ref.last_logits.numpy()))
+            errs["step_logits"] = max(errs["step_logits"], rel_err(mine.last_logits, ref.last_logits))
             np.testing.assert_array_equal(a.argmax, r.argmax)
             np.testing.assert_array_equal(a.sampled, r.sampled)
             np.testing.assert_allclose(a.entropy, r.entropy, rtol=1e-4, atol=1e-5)
@@ -98,7 +94,7 @@ def test_driver_validation_gates_the_export(mlx_exports):
     mlx_exports["tiny"]
     validation = mlx_exports.summaries["tiny"].validation["mlx"]
     print(f"\ndriver validation (tiny, fp32): {validation}")
-    assert set(validation) == {"encoder_kv", "step_logits"}
+    assert set(validation) == {"encoder_kv", "step_logits", "step_entropy"}
     assert max(validation.values()) <= GATE
 
 
@@ -113,7 +109,9 @@ def test_validation_detects_a_wrong_layer_scalar(mlx_exports, checkpoints, tmp_p
     w = dict(mx.load(str(f)))
     w["layers.0.encoder_layer_scalar"] = w["layers.0.layer_scalar"]
     mx.save_safetensors(str(f), w)
-    errors = mlx_export.validate(read_checkpoint(checkpoints["tiny"]), out, entry)
+    ckpt = read_checkpoint(checkpoints["tiny"])
+    errors = compare(mlx_export.validation_backend(ckpt, out, entry), TorchRefBackend(ckpt.path), ckpt.config,
+                     metric=mlx_export.VALIDATION_METRIC)
     assert errors["encoder_kv"] > 1e-3, errors
 
 

@@ -1,0 +1,68 @@
+"""The export driver's validation gate (exporters/validation.py): fp32 tolerance, the half-precision
+target, and its fallback relative to transformers' own half-precision error."""
+from __future__ import annotations
+
+import pytest
+
+from dgport.errors import ExportError
+from dgport.exporters import onnx_export, validation
+from dgport.exporters.checkpoint import read_checkpoint
+from dgport.exporters.export import ExportOptions, export
+from dgport.exporters.validation import rel_err, validate_export
+from dgport.manifest import read_manifest
+from dgport.runtimes.onnx import OnnxBackend
+from onnx_support import THREADS
+
+
+class ScaledCache:
+    """A backend whose K/V read back `scale` times too large: a wrong export, as the gate sees it."""
+
+    def __init__(self, backend, scale):
+        self._b, self._scale = backend, scale
+
+    def __getattr__(self, name):
+        return getattr(self._b, name)
+
+    def cache_numpy(self, layer):
+        return tuple(x * self._scale for x in self._b.cache_numpy(layer))
+
+
+@pytest.fixture(scope="module")
+def eos_bf16(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "eos-bf16"
+    summary = export(checkpoints["eos"], out, ExportOptions(dtype="bf16"))
+    return out, summary
+
+
+def test_failed_validation_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    real = onnx_export.validation_backend
+    monkeypatch.setattr(onnx_export, "validation_backend", lambda *a: ScaledCache(real(*a), 1.001))
+    with pytest.raises(ExportError, match=r"onnx export failed validation: max relative error 0\.001 > 1e-05"):
+        export(checkpoints["tiny"], tmp_path / "o", ExportOptions())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_half_precision_fallback_is_relative_to_transformers_own_bf16(eos_bf16, checkpoints, monkeypatch):
+    """Forced onto the fallback (target 0): the bf16 graphs must be no further from transformers fp32
+    than 2x transformers' own bf16 run, metric by metric; a cache 30 % off must fail it."""
+    out, _ = eos_bf16
+    ckpt = read_checkpoint(checkpoints["eos"])
+    monkeypatch.setattr(validation, "HALF_TOLERANCE", 0.0)
+    backend = OnnxBackend(read_manifest(out), device="cpu", threads=THREADS)
+    report = validate_export(backend, ckpt, "onnx", "bf16", None, rel_err)
+    print(f"\neos bf16 fallback report: {report}")
+    for key in ("encoder_kv", "step_entropy"):
+        ours, reference = report[f"{key}_vs_fp32"], report[f"reference_{key}_vs_fp32"]
+        assert 0 < ours <= validation.BASELINE_FACTOR * reference, (key, ours, reference)
+    with pytest.raises(ExportError, match=r"further from fp32 than 2x transformers' own bf16 on \['encoder_kv'\]"):
+        validate_export(ScaledCache(backend, 1.3), ckpt, "onnx", "bf16", None, rel_err)
+
+
+def test_bf16_export_validated_by_the_driver(eos_bf16):
+    """The driver gated it (the 2e-2 target, or the fallback above) and reported what it measured."""
+    _, summary = eos_bf16
+    report = summary.validation["onnx"]
+    print(f"\neos bf16 driver validation: {report}")
+    assert {"encoder_kv", "step_entropy"} <= set(report)
+    if max(report["encoder_kv"], report["step_entropy"]) > 2e-2:
+        assert report["encoder_kv_vs_fp32"] <= validation.BASELINE_FACTOR * report["reference_encoder_kv_vs_fp32"]
