@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .errors import DgportError
 
@@ -104,9 +103,14 @@ def cli(ctx, debug):
 @click.option("--quantize", type=int, default=None, help="MLX weight quantization: 4 or 8 bits.")
 @click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size.")
 @click.option("--with-logits", is_flag=True, help="ONNX: also output the fp32 logits (parity/debug exports).")
+@click.option("--encoder-moe", default="sparse", show_default=True,
+              help="ONNX encoder experts: sparse (each expert on its routed tokens; long prompts) or dense.")
+@click.option("--denoise-moe", default="dense", show_default=True,
+              help="ONNX denoise-step experts: dense (all experts; GPUs) or sparse (faster on CPUs).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source model.")
-def export(src, out, formats, dtype, quantize, group_size, with_logits, force, no_validate):
+def export(src, out, formats, dtype, quantize, group_size, with_logits, encoder_moe, denoise_moe, force,
+           no_validate):
     """Export a Hugging Face DiffusionGemma checkpoint SRC to the folder OUT."""
     from rich.console import Console
     from rich.table import Table
@@ -115,7 +119,7 @@ def export(src, out, formats, dtype, quantize, group_size, with_logits, force, n
     from .progress import RichProgress
 
     opts = ExportOptions(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size,
-                         with_logits=with_logits, force=force, validate=not no_validate)
+                         with_logits=with_logits, encoder_moe=encoder_moe, denoise_moe=denoise_moe, force=force, validate=not no_validate)
     console = Console(stderr=True)
     with RichProgress(console) as progress:
         summary = run_export(src, out, opts, progress)

@@ -214,8 +214,8 @@ class Builder:
 class Model:
     """The DiffusionGemma text stack on a Builder. `mode` is 'encoder' or 'decoder'."""
 
-    def __init__(self, b: Builder, cfg: TextConfig, mode: str):
-        self.b, self.cfg, self.mode = b, cfg, mode
+    def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False):
+        self.b, self.cfg, self.mode, self.sparse_moe = b, cfg, mode, sparse_moe
         self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
         self.neg_half = b.const(np.float32(-0.5), FLOAT)
         self.ax_last = b.const(np.array([-1], np.int64), INT64)
@@ -282,7 +282,7 @@ class Model:
         """One layer. Returns (h, k_all, v_all) where k_all/v_all = [past ; new] ([B, kv, S, d])."""
         b, cfg = self.b, self.cfg
         p = f"{DEC}layers.{i}."
-        d, nkv, nh, H = cfg.head_dims[i], cfg.kv_heads[i], cfg.num_heads, cfg.hidden_size
+        d, nkv, nh = cfg.head_dims[i], cfg.kv_heads[i], cfg.num_heads
         sliding = cfg.is_sliding(i)
         x = self.rms(h, self.vec32(p + "input_layernorm.weight"))
         if kv_only:
@@ -356,28 +356,76 @@ class Model:
                           n_out=2)
         topw = b.op("Div", topw, b.op("ReduceSum", topw, self.ax_last, keepdims=1))
         topw = b.op("Mul", topw, b.op("Gather", self.vec32(p + "router.per_expert_scale"), topi, axis=0))
-        dense_w = b.op("ScatterElements", b.op("Mul", probs, b.const(np.float32(0), FLOAT)), topi, topw, axis=-1)
-        # experts: dense all-experts formulation, exact zero weight for unrouted experts
         y = self.rms(r, self.vec32(p + "pre_feedforward_layernorm_2.weight"))  # [B,T,H]
-        y2 = b.op("Unsqueeze", b.op("Reshape", y, b.const(np.array([-1, H], np.int64), INT64)),
-                  b.const(np.array([0], np.int64), INT64))  # [1,N,H]
+        y2 = b.op("Reshape", y, b.const(np.array([-1, H], np.int64), INT64))  # [N,H]
         st = b.store
         wgu = b.weight(f"layers.{i}.experts.gate_up",
                        lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)))
         wd = b.weight(f"layers.{i}.experts.down",
                       lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.down_proj")), 1, 2)))
-        egu = b.op("MatMul", y2, wgu)  # [E,N,2M]
+        if self.sparse_moe:
+            moe = self.sparse_experts(y2, topi, topw, wgu, wd)
+        else:
+            moe = self.dense_experts(y2, probs, topi, topw, wgu, wd)
+        moe = b.op("Reshape", moe, b.op("Shape", r))
+        h2 = self.rms(moe, self.vec32(p + "post_feedforward_layernorm_2.weight"))
+        ff = self.rms(b.op("Add", h1, h2), self.vec32(p + "post_feedforward_layernorm.weight"))
+        return b.op("Add", r, ff)
+
+    def dense_experts(self, y2: str, probs: str, topi: str, topw: str, wgu: str, wd: str) -> str:
+        """Every expert on every token, exact zero weight for unrouted ones: for canvas-sized batches
+        (most experts are hit anyway) one batched MatMul per projection reads each expert once."""
+        b, cfg = self.b, self.cfg
+        M, E = cfg.moe_intermediate_size, cfg.num_experts
+        dense_w = b.op("ScatterElements", b.op("Mul", probs, b.const(np.float32(0), FLOAT)), topi, topw, axis=-1)
+        y3 = b.op("Unsqueeze", y2, b.const(np.array([0], np.int64), INT64))  # [1,N,H]
+        egu = b.op("MatMul", y3, wgu)  # [E,N,2M]
         eg, eu = b.op("Split", egu, b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
         eo = b.op("MatMul", b.op("Mul", self.gelu(eg), eu), wd)  # [E,N,H]
         wt = b.op("Unsqueeze", b.op("Transpose", b.op("Reshape", dense_w, b.const(np.array([-1, E], np.int64), INT64)),
                                     perm=[1, 0]), self.ax_last)  # [E,N,1]
         eo = b.to_md(b.op("Mul", eo if b.cdt == FLOAT else b.cast(eo, FLOAT), wt))
         eo32 = eo if b.cdt == FLOAT else b.cast(eo, FLOAT)
-        moe = b.to_md(b.op("ReduceSum", eo32, b.const(np.array([0], np.int64), INT64), keepdims=0))  # [N,H]
-        moe = b.op("Reshape", moe, b.op("Shape", r))
-        h2 = self.rms(moe, self.vec32(p + "post_feedforward_layernorm_2.weight"))
-        ff = self.rms(b.op("Add", h1, h2), self.vec32(p + "post_feedforward_layernorm.weight"))
-        return b.op("Add", r, ff)
+        return b.to_md(b.op("ReduceSum", eo32, b.const(np.array([0], np.int64), INT64), keepdims=0))  # [N,H]
+
+    def sparse_experts(self, y2: str, topi: str, topw: str, wgu: str, wd: str) -> str:
+        """The reference's own loop: for each expert, gather the tokens routed to it, run it, scale
+        by the routing weight, round to the model dtype and add into the result in expert order
+        (`index_add_`). An ONNX Loop over experts with ScatterND(add): FLOPs ~ top_k/num_experts of
+        the dense form, which matters for long prompts."""
+        b, cfg = self.b, self.cfg
+        M, E, K = cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
+        flat = b.const(np.array([-1, K], np.int64), INT64)
+        topi, topw = b.op("Reshape", topi, flat), b.op("Reshape", topw, flat)  # [N,K]
+        acc0 = b.op("ConstantOfShape", b.op("Shape", y2), value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
+        first = len(b.nodes)
+        e, cond, acc = b.fresh("expert"), b.fresh("cond"), b.fresh("acc")
+        hit = b.op("Equal", topi, e)  # [N,K]
+        routed = b.op("Greater", b.op("ReduceSum", b.cast(hit, INT64), self.ax_last, keepdims=0),
+                      b.const(np.int64(0), INT64))  # [N]
+        rows = b.op("Squeeze", b.op("NonZero", routed), b.const(np.array([0], np.int64), INT64))  # [n]
+        w_e = b.op("ReduceSum", b.op("Where", hit, topw, b.const(np.float32(0), FLOAT)), self.ax_last, keepdims=0)
+        x = b.op("Gather", y2, rows, axis=0)  # [n,H]
+        g, u = b.op("Split", b.op("MatMul", x, b.op("Gather", wgu, e, axis=0)),
+                    b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
+        o = b.op("MatMul", b.op("Mul", self.gelu(g), u), b.op("Gather", wd, e, axis=0))  # [n,H]
+        scaled = self.round32(b.op("Mul", o if b.cdt == FLOAT else b.cast(o, FLOAT),
+                                   b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0), self.ax_last)))
+        acc_out = self.round32(b.op("ScatterND", acc, b.op("Unsqueeze", rows, self.ax_last), scaled, reduction="add"))
+        cond_out = b.op("Identity", cond)
+        body = helper.make_graph(
+            b.nodes[first:], b.fresh("expert_body"),
+            [helper.make_tensor_value_info(e, INT64, []), helper.make_tensor_value_info(cond, BOOL, []),
+             helper.make_tensor_value_info(acc, FLOAT, None)],
+            [helper.make_tensor_value_info(cond_out, BOOL, []), helper.make_tensor_value_info(acc_out, FLOAT, None)])
+        del b.nodes[first:]
+        out = b.op("Loop", b.const(np.int64(E), INT64), "", acc0, body=body)  # [N,H] fp32, md-rounded
+        return out if b.cdt == FLOAT else b.cast(out, b.md)
+
+    def round32(self, x32: str) -> str:
+        """Round an fp32 tensor to the model dtype and keep it in fp32 (accumulators)."""
+        b = self.b
+        return x32 if b.md == FLOAT else b.cast(b.cast(x32, b.md), FLOAT)
 
     # masks (encoder) -------------------------------------------------------------------
     def build_masks(self, qpos: str, past_len: str, past_len_sliding: str):
@@ -422,9 +470,10 @@ def cache_inputs(b, cfg: TextConfig, md: int) -> list:
     return pasts
 
 
-def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None):
+def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None,
+                  sparse_moe: bool = True):
     b = Builder("dgport_encoder", store, md, emulate)
-    m = Model(b, cfg, "encoder")
+    m = Model(b, cfg, "encoder", sparse_moe)
     ids = b.input("input_ids", INT64, ["batch", "seq"])
     pos = b.input("position_ids", INT64, ["batch", "seq"])
     pasts = cache_inputs(b, cfg, md)
@@ -455,9 +504,9 @@ def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = 
 
 
 def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
-                  progress=None):
+                  progress=None, sparse_moe: bool = False):
     b = Builder("dgport_denoise_step", store, md, emulate)
-    m = Model(b, cfg, "decoder")
+    m = Model(b, cfg, "decoder", sparse_moe)
     H, V = cfg.hidden_size, cfg.vocab_size
     ids = b.input("canvas_ids", INT64, ["batch", "canvas"])
     pos = b.input("position_ids", INT64, ["batch", "canvas"])

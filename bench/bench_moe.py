@@ -1,0 +1,116 @@
+"""ONNX experts: sparse (a Loop over experts, each on its routed tokens) vs dense (every expert on
+every token), for both graphs, side by side on one checkpoint, one machine, one run.
+
+    python -m bench.bench_moe                          # MoE-heavy fixture, CPU EP
+    python -m bench.bench_moe --device cuda --dtype bf16
+    python -m bench.bench_moe --checkpoint PATH --lengths 256,2048
+
+Reports ms per encode call for prompts of each length and ms per denoise step over one canvas
+(medians of --runs after a warm-up), the dense/sparse ratios, and the largest K/V and entropy
+differences between the two forms (they compute the same function; only summation order differs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# a fixture whose feed-forward cost is mostly experts, in the real model's 16:1 experts-to-top-k ratio
+MOE_PRESET = dict(vocab_size=2048, hidden_size=256, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, global_head_dim=64, num_experts=32, top_k_experts=2,
+                  moe_intermediate_size=256, sliding_window=128, canvas_length=64, router_std=2.0,
+                  qk_norm_scale=0.25)
+
+
+def time_encode(export_dir: Path, device: str, lengths, runs: int, threads: int):
+    import dgport
+    from dgport.runtimes.onnx import OnnxBackend
+
+    backend = OnnxBackend(dgport.manifest.open_export(export_dir, device), device=device, threads=threads)
+    V = backend.config.vocab_size
+    rng = np.random.default_rng(0)
+    out = {}
+    for T in lengths:
+        ids = rng.integers(0, V, size=(1, T))
+        pos = np.arange(T)[None]
+        times = []
+        for r in range(runs + 1):
+            backend.reset()
+            t = time.perf_counter()
+            backend.encode(ids, pos)
+            backend.cache_numpy(0)  # waits for the device
+            if r:
+                times.append(time.perf_counter() - t)
+        out[T] = {"ms": 1e3 * statistics.median(times),
+                  "kv": [backend.cache_numpy(i) for i in range(backend.config.num_layers)]}
+    # one denoise step over a canvas, after the longest prompt
+    C = backend.config.canvas_length
+    canvas, cpos = rng.integers(0, V, size=(1, C)), np.arange(T, T + C)[None]
+    u = rng.random((1, C), dtype=np.float32)
+    times = []
+    for r in range(runs + 1):
+        backend.new_canvas()
+        t = time.perf_counter()
+        step = backend.denoise(canvas, cpos, np.float32(0.8), u)
+        if r:
+            times.append(time.perf_counter() - t)
+    out["step"] = {"ms": 1e3 * statistics.median(times), "entropy": step.entropy}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="HF DiffusionGemma folder (default: the MoE-heavy fixture)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--lengths", default="16,256,1024", help="prompt lengths for the encode timings")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    from dgport.exporters.export import ExportOptions, export
+
+    lengths = [int(x) for x in args.lengths.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = args.checkpoint
+        if ckpt is None:
+            from models.fixtures import build_fixture
+
+            ckpt = build_fixture("tiny", tmp / "ckpt", **MOE_PRESET)
+        results = {}
+        for moe in ("dense", "sparse"):
+            out = tmp / moe
+            export(ckpt, out, ExportOptions(dtype=args.dtype, encoder_moe=moe, denoise_moe=moe, validate=False))
+            results[moe] = time_encode(out, args.device, lengths, args.runs, args.threads)
+    rows = []
+    for T in lengths:
+        d, s = results["dense"][T], results["sparse"][T]
+        diff = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
+                   for kd, ks in zip(d["kv"], s["kv"]) for a, b in zip(kd, ks))
+        rows.append({"prompt_tokens": T, "dense_ms": d["ms"], "sparse_ms": s["ms"],
+                     "dense_over_sparse": d["ms"] / s["ms"], "kv_max_rel_diff": diff})
+    print(f"device {args.device}, dtype {args.dtype}, checkpoint {args.checkpoint or 'MoE fixture ' + str(MOE_PRESET)}")
+    print("| prompt tokens | dense ms / encode | sparse ms / encode | dense/sparse | K/V max rel diff |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['prompt_tokens']} | {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | {r['dense_over_sparse']:.2f}x "
+              f"| {r['kv_max_rel_diff']:.1e} |")
+    d, s = results["dense"]["step"], results["sparse"]["step"]
+    step = {"canvas_tokens": len(d["entropy"][0]), "dense_ms": d["ms"], "sparse_ms": s["ms"],
+            "dense_over_sparse": d["ms"] / s["ms"],
+            "entropy_max_abs_diff": float(np.abs(d["entropy"] - s["entropy"]).max())}
+    print(f"\n| denoise step, canvas {step['canvas_tokens']} | dense {step['dense_ms']:.1f} ms | sparse "
+          f"{step['sparse_ms']:.1f} ms | dense/sparse {step['dense_over_sparse']:.2f}x | entropy max abs diff "
+          f"{step['entropy_max_abs_diff']:.1e} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"encode": rows, "denoise_step": step}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
