@@ -391,7 +391,7 @@ class Model:
     def sparse_experts(self, y2: str, topi: str, topw: str, wgu: str, wd: str) -> str:
         """The reference's own loop: for each expert, gather the tokens routed to it, run it, scale
         by the routing weight, round to the model dtype and add into the result in expert order
-        (`index_add_`). An ONNX Loop over experts with ScatterND(add): FLOPs ~ top_k/num_experts of
+        (`index_add_`). An ONNX Loop over experts with Gather/ScatterND: FLOPs ~ top_k/num_experts of
         the dense form, which matters for long prompts."""
         b, cfg = self.b, self.cfg
         M, E, K = cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
@@ -411,7 +411,10 @@ class Model:
         o = b.op("MatMul", b.op("Mul", self.gelu(g), u), b.op("Gather", wd, e, axis=0))  # [n,H]
         scaled = self.round32(b.op("Mul", o if b.cdt == FLOAT else b.cast(o, FLOAT),
                                    b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0), self.ax_last)))
-        acc_out = self.round32(b.op("ScatterND", acc, b.op("Unsqueeze", rows, self.ax_last), scaled, reduction="add"))
+        # a token appears once per expert, so the rows are unique: read-add-write with a plain ScatterND
+        # (ScatterND's reduction="add" lacks kernels on some execution providers)
+        added = self.round32(b.op("Add", b.op("Gather", acc, rows, axis=0), scaled))
+        acc_out = b.op("ScatterND", acc, b.op("Unsqueeze", rows, self.ax_last), added)
         cond_out = b.op("Identity", cond)
         body = helper.make_graph(
             b.nodes[first:], b.fresh("expert_body"),
