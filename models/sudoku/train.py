@@ -232,8 +232,13 @@ def main(argv=None):
     from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     out = Path(args.out)
+    # a resumed run continues the data and noise streams where the last one stopped instead of
+    # replaying them: every stream is seeded with seed + the steps already trained
+    state_file = out / "train_state.json"
+    before = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {}
+    done, done_minutes = before.get("total_steps", 0), before.get("total_minutes", 0.0)
+    torch.manual_seed(args.seed + done)
     if args.resume:
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(out, dtype=torch.float32)
     else:
@@ -267,8 +272,8 @@ def main(argv=None):
         m = args.min_lr_frac
         return args.lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    stream = PuzzleStream(args.seed)
-    coin = random.Random(args.seed + 7)  # self-conditioning coin flips
+    stream = PuzzleStream(args.seed + done)
+    coin = random.Random(args.seed + done + 7)  # self-conditioning coin flips
     B, R = args.batch, args.draws
     eos = torch.full((B, 1), EOS_ID)
     t_start = time.time()
@@ -276,6 +281,12 @@ def main(argv=None):
     step = 0
     ema = None
     budget = args.minutes * 60
+    def state(step):
+        minutes = (time.time() - t_start) / 60
+        return {"step": step, "minutes": minutes, "ema_loss": ema, "total_steps": done + step,
+                "total_minutes": done_minutes + minutes}
+
+    print(f"resuming after {done} steps" if done else "fresh streams", flush=True)
     print(f"prompt {prompt_len} tokens, canvas {C}, params {sum(p.numel() for p in params):,}", flush=True)
     while True:
         elapsed = time.time() - t_start
@@ -333,13 +344,13 @@ def main(argv=None):
                   f"step_s {time.time() - t0:.2f} data_s {t_data:.2f} sc {sc is not None}", flush=True)
         if time.time() - last_save > args.save_every * 60:
             model.eval()
-            save(model, out, {"step": step, "minutes": (time.time() - t_start) / 60, "ema_loss": ema})
+            save(model, out, state(step))
             model.train()
             last_save = time.time()
             print(f"saved {out} at step {step}", flush=True)
     if not args.speed_test:
         model.eval()
-        save(model, out, {"step": step, "minutes": (time.time() - t_start) / 60, "ema_loss": ema})
+        save(model, out, state(step))
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, saved {out}", flush=True)
 
 
