@@ -119,7 +119,8 @@ def export(src, out, formats, dtype, quantize, group_size, with_logits, encoder_
     from .progress import RichProgress
 
     opts = ExportOptions(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size,
-                         with_logits=with_logits, encoder_moe=encoder_moe, denoise_moe=denoise_moe, force=force, validate=not no_validate)
+                         with_logits=with_logits, encoder_moe=encoder_moe, denoise_moe=denoise_moe, force=force,
+                         validate=not no_validate)
     console = Console(stderr=True)
     with RichProgress(console) as progress:
         summary = run_export(src, out, opts, progress)
@@ -305,6 +306,8 @@ def info(export_dir, verify, as_json):
                   "canvas": cfg.canvas_length, "sliding_window": cfg.sliding_window,
                   "full_layers": cfg.full_layers},
         "formats": {name: {k: v for k, v in entry.items() if k in ("dtype", "quantization", "with_logits")}
+                    | ({"experts": {g: form.split(":")[0] for g, form in entry["moe"].items()}}
+                       if isinstance(entry.get("moe"), dict) else {})
                     | {"bytes": sum(sizes.get(f, 0) for f in entry["files"])}
                     for name, entry in m["formats"].items()},
         "total_bytes": sum(sizes.values()),
@@ -320,13 +323,17 @@ def info(export_dir, verify, as_json):
     table = Table(title=f"dgport export {export.path}", show_header=False)
     table.add_row("model", ", ".join(f"{k} {v}" for k, v in summary["model"].items()))
     for name, entry in summary["formats"].items():
-        table.add_row(f"format {name}", ", ".join(f"{k} {v}" for k, v in entry.items() if k != "bytes")
+        table.add_row(f"format {name}", ", ".join(f"{k} {_flat(v)}" for k, v in entry.items() if k != "bytes")
                       + f", {_size(entry['bytes'])}")
     table.add_row("total", _size(summary["total_bytes"]))
     table.add_row("source", f"{m['source'].get('path')} ({m['source'].get('fingerprint', '')[:12]})")
     table.add_row("dgport", f"{m['dgport_version']} (format {m['format_version']})")
     table.add_row("verified", "[green]" + summary["verified"])
     console.print(table)
+
+
+def _flat(value) -> str:
+    return " ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
 
 @cli.command()

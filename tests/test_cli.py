@@ -123,6 +123,7 @@ def test_chat_command_runs_two_turns(checkpoints):
     (["check", "{ckpt}", "--backends", "cpu"], "name at least two backends"),
     (["check", "{ckpt}", "--backends", "cpu,torch"], "torch needs the source checkpoint"),
     (["export", "{ckpt}", "{tmp}/out", "--dtype", "fp8"], "--dtype 'fp8'"),
+    (["export", "{ckpt}", "{tmp}/out", "--encoder-moe", "grouped"], "--encoder-moe 'grouped': choose sparse or dense"),
     (["export", "{ckpt}", "{tmp}/out", "--format", "tflite"], "--format 'tflite'"),
     (["export", "{missing}", "{tmp}/out"], "no such folder"),
 ])
@@ -168,6 +169,7 @@ def test_export_info_run_check_on_an_onnx_export(capsys, cli_export, checkpoints
     assert code == 0, err
     info = json.loads(out)
     assert info["formats"]["onnx"]["dtype"] == "fp32" and info["model"]["layers"] == 4
+    assert info["formats"]["onnx"]["experts"] == {"encoder": "sparse", "denoise_step": "dense"}
     assert info["total_bytes"] > 0 and info["verified"].startswith("sha256")
 
     code, out, err = dg(capsys, "run", cli_export, "--backend", "cpu", "--prompt", "Hi", "--seed", "4",
