@@ -12,11 +12,12 @@ from models.sudoku.puzzles import (
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 
-# Very easy puzzles (66-74 givens). Measured on the shipped checkpoint (torch, cpu and mlx give the
-# same tokens): 1/8 solved, 83.3 % of the blank cells right (see models/sudoku/README.md).
-EASY_SEED, EASY_N, EASY_MIN, EASY_MAX = 2, 8, 66, 74
-MIN_SOLVED = 1
-MIN_BLANK_ACCURACY = 0.75
+# Easier puzzles (50-60 givens). Measured on the shipped checkpoint (torch, cpu and mlx give the
+# same tokens): 4/8 solved, 93.9 % of the blank cells right (see models/sudoku/README.md); the
+# previous, shorter-trained checkpoint solved none of these.
+EASY_SEED, EASY_N, EASY_MIN, EASY_MAX = 2, 8, 50, 60
+MIN_SOLVED = 3
+MIN_BLANK_ACCURACY = 0.90
 
 
 def test_generator_unique_with_requested_givens():
