@@ -306,8 +306,7 @@ def info(export_dir, verify, as_json):
                   "canvas": cfg.canvas_length, "sliding_window": cfg.sliding_window,
                   "full_layers": cfg.full_layers},
         "formats": {name: {k: v for k, v in entry.items() if k in ("dtype", "quantization", "with_logits")}
-                    | ({"experts": {g: form.split(":")[0] for g, form in entry["moe"].items()}}
-                       if isinstance(entry.get("moe"), dict) else {})
+                    | ({"experts": entry["moe"]} if isinstance(entry.get("moe"), dict) else {})
                     | {"bytes": sum(sizes.get(f, 0) for f in entry["files"])}
                     for name, entry in m["formats"].items()},
         "total_bytes": sum(sizes.values()),

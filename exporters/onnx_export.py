@@ -18,8 +18,6 @@ from .validation import rel_err
 from .onnx_graph import (ONNX_DTYPE, OPSET, WEIGHTS_FILE, WeightStore, build_denoise, build_encoder, io_spec)
 
 ENCODER, DENOISE = "encoder.onnx", "denoise_step.onnx"
-MOE_FORMS = {"sparse": "sparse: a Loop over experts, each on the tokens routed to it (the reference's loop)",
-             "dense": "dense: every expert on every token, exact zero weight for unrouted experts"}
 CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
 
 
@@ -68,7 +66,9 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         "with_logits": bool(opts.with_logits),
         "opset": OPSET,
         "builder": "dgport onnx_graph: built from config + weights with onnx.helper (no tracing)",
-        "moe": {"encoder": MOE_FORMS[opts.encoder_moe], "denoise_step": MOE_FORMS[opts.denoise_moe]},
+        # experts per graph: "sparse" = a Loop over experts, each on the tokens routed to it (the
+        # reference's loop); "dense" = every expert on every token, zero weight for unrouted ones
+        "moe": {"encoder": opts.encoder_moe, "denoise_step": opts.denoise_moe},
         "kv_layout": "[batch, kv_heads, seq, head_dim]; encoder returns the updated cache per layer "
                      "(past + new; sliding layers trimmed to the last sliding_window - 1 positions)",
         "weights": {"file": WEIGHTS_FILE, "tensors": store.index},

@@ -336,8 +336,7 @@ class Model:
     def ffn(self, i: int, r: str) -> str:
         b, cfg = self.b, self.cfg
         p = f"{DEC}layers.{i}."
-        I, M, E, K, H = cfg.intermediate_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts, \
-            cfg.hidden_size
+        I, K, H = cfg.intermediate_size, cfg.top_k_experts, cfg.hidden_size
         # dense MLP
         x = self.rms(r, self.vec32(p + "pre_feedforward_layernorm.weight"))
         gu = self.mm(x, self.lin(f"layers.{i}.mlp.gate_up", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import numpy as np
 import pytest
 
 import dgport
@@ -29,7 +28,7 @@ def test_swapped_moe_forms_generate_like_torch(checkpoints, torch_gens, tmp_path
     summary = export(checkpoints["long-context"], out,
                      ExportOptions(encoder_moe="dense", denoise_moe="sparse", with_logits=True))
     moe = dgport.manifest.open_export(out, "cpu").format("onnx")["moe"]
-    assert moe["encoder"].startswith("dense") and moe["denoise_step"].startswith("sparse")
+    assert moe == {"encoder": "dense", "denoise_step": "sparse"}
     assert {"encoder_kv", "step_logits"} <= set(summary.validation["onnx"])
     gen = dgport.load(out, backend="cpu", threads=THREADS)
     assert_generates_like_torch(gen, torch_gens["long-context"], "long-context")
