@@ -119,7 +119,10 @@ def test_real_geometry_slice_exports_validates_and_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     ckpt = build_fixture("real-slice", root / "ckpt")
     summary = export(ckpt, root / "onnx", ExportOptions(dtype="bf16"))
-    print(f"\nreal-slice bf16 validation: {summary.validation['onnx']}")
+    validation = summary.validation["onnx"]
+    print(f"\nreal-slice bf16 validation: {validation}")
+    # the DESIGN.md target itself, not only the driver's fallback (measured 0.0168)
+    assert max(validation["encoder_kv"], validation["step_entropy"]) <= 2e-2, validation
     gen = dgport.load(root / "onnx", backend="cpu", threads=THREADS)
     cfg = gen.config
     assert (cfg.hidden_size, cfg.num_heads, cfg.head_dims, cfg.kv_heads, cfg.num_experts, cfg.top_k_experts,
