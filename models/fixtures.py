@@ -110,6 +110,16 @@ LARGE_PRESETS: dict[str, Preset] = {
 }
 
 
+# prompts every backend must turn into the same tokens as the torch reference, per preset, for each seed
+PROMPTS = {
+    "tiny": [[2, 105, 300, 301, 302, 106, 107]],
+    "confident": [[2, 120, 121, 122, 123]],
+    "long-context": [[2] + list(range(130, 157))],  # 28 tokens: > sliding window (8), several canvases
+    "eos": [[2, 140, 141, 142], [2, 200, 201]],
+}
+SEEDS = (0, 1)
+
+
 def _tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel

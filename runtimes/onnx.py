@@ -76,6 +76,7 @@ class OnnxBackend:
         self.with_logits = "logits" in self._den_out
         self._zero_sc = None
         self._logits = None
+        self._bf16_reader = None
         self.reset()
 
     # ---------------------------------------------------------------- setup
@@ -98,9 +99,7 @@ class OnnxBackend:
                 values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, ONNX_TYPE[t["dtype"]]) \
                     if t["dtype"] == "bf16" else ort.OrtValue.ortvalue_from_numpy(arr)
             else:
-                v = ort.OrtValue.ortvalue_from_shape_and_type(t["shape"], ONNX_TYPE[t["dtype"]], *self._dev)
-                v.update_inplace(np.ascontiguousarray(arr))
-                values[name] = v
+                values[name] = device_initializer(ort, arr, ONNX_TYPE[t["dtype"]], self._dev)
         return values
 
     def _session(self, g: dict, threads: int, extra: dict):
@@ -115,8 +114,7 @@ class OnnxBackend:
         if not self.fp32_compute:
             for name in g["weights"]:
                 so.add_initializer(name, self._weights[name])
-        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"] \
-            if self.device == "cuda" else ["CPUExecutionProvider"]
+        providers = self._providers()
         path = self.export.file(g["file"])
         try:
             sess = ort.InferenceSession(str(path), so, providers=providers)
@@ -129,6 +127,12 @@ class OnnxBackend:
         if self.device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
             raise BackendUnavailable(f"--backend cuda: no usable GPU for the CUDA execution provider; {CUDA_FIX}")
         return sess
+
+    def _providers(self) -> list:
+        # TF32 off: the CUDA EP enables it by default, which rounds fp32 MatMul inputs to 10 mantissa
+        # bits and breaks fp32 exports' token identity with the CPU EP (bf16 exports are unaffected)
+        return [("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "0"}), "CPUExecutionProvider"] \
+            if self.device == "cuda" else ["CPUExecutionProvider"]
 
     def _empty(self, shape) -> "object":
         """A zero-filled OrtValue in the KV/sc dtype (CPU memory; ORT copies it where needed)."""
@@ -230,23 +234,57 @@ class OnnxBackend:
 
     def cache_numpy(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(K, V) of one layer as float32 numpy arrays (copies; for tests)."""
-        return tuple(_host_f32(v, self.dtype) for v in self._kv[layer])
+        return tuple(self._host_f32(v) for v in self._kv[layer])
 
     def sc_numpy(self) -> np.ndarray | None:
-        return None if self._sc is None else _host_f32(self._sc, self.dtype)
+        return None if self._sc is None else self._host_f32(self._sc)
+
+    def _host_f32(self, v) -> np.ndarray:
+        """An OrtValue (on any device) as float32 numpy (copy). ORT's `.numpy()` has no bf16, so bf16
+        values go through a one-node Cast session on this backend's execution provider."""
+        if self.dtype != "bf16":
+            return np.asarray(v.numpy(), dtype=np.float32)
+        if 0 in v.shape():
+            return np.zeros(v.shape(), np.float32)
+        if self._bf16_reader is None:
+            self._bf16_reader = _cast_session(self._ort, self._providers())
+        io = self._bf16_reader.io_binding()
+        io.bind_ortvalue_input("x", v)
+        io.bind_output("y", "cpu", 0)
+        self._bf16_reader.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
 
 
-def _host_f32(v, dtype: str) -> np.ndarray:
-    """An OrtValue as float32 numpy (copy). numpy has no bf16: CPU bf16 values are read as raw bits."""
-    if dtype != "bf16":
-        return np.asarray(v.numpy(), dtype=np.float32)
-    if v.device_name().lower() != "cpu":
-        raise DgportError("reading bf16 device tensors back to the host is only supported on the CPU backend")
-    import ctypes
 
-    shape = v.shape()
-    n = int(np.prod(shape))
-    if n == 0:
-        return np.zeros(shape, np.float32)
-    bits = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(v.data_ptr())).copy().reshape(shape)
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+def device_initializer(ort, arr: np.ndarray, onnx_type: int, device: tuple):
+    """`arr` copied once to `device`, as an OrtValue that `SessionOptions.add_initializer` accepts.
+
+    add_initializer refuses OrtValues that own their buffer ("must be owned by the user"), and every
+    device tensor made from Python owns its buffer. A DLPack view of that tensor does not own it (it
+    only holds a reference), so sessions use the same device memory in place, one copy for both."""
+    owner = ort.OrtValue.ortvalue_from_shape_and_type(list(arr.shape), onnx_type, *device)
+    owner.update_inplace(np.ascontiguousarray(arr))
+    from onnxruntime.capi import _pybind_state as C
+
+    try:
+        capsule = owner._ortvalue.to_dlpack()
+    except AttributeError as e:
+        raise BackendUnavailable(f"onnxruntime {ort.__version__} has no DLPack support, which sharing GPU weights "
+                                 "between the two sessions needs; pip install -U 'dgport[cuda]'") from e
+    try:
+        return ort.OrtValue(C.OrtValue.from_dlpack(capsule))
+    except TypeError:  # older onnxruntime: from_dlpack(capsule, is_bool_tensor)
+        return ort.OrtValue(C.OrtValue.from_dlpack(capsule, False))
+
+def _cast_session(ort, providers):
+    """A session casting a bf16 tensor of any shape to float32 (built on demand; needs the onnx package,
+    which tests and export validation have)."""
+    try:
+        from onnx import TensorProto, helper
+    except ImportError as e:
+        raise DgportError("reading bf16 tensors back to the host needs the onnx package: pip install onnx") from e
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], "bf16_to_f32",
+                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return ort.InferenceSession(model.SerializeToString(), providers=providers)

@@ -2,13 +2,7 @@
 prompts and seeds, the same tokens, steps and stops; and a kept cache continuing alike."""
 from __future__ import annotations
 
-PROMPTS = {
-    "tiny": [[2, 105, 300, 301, 302, 106, 107]],
-    "confident": [[2, 120, 121, 122, 123]],
-    "long-context": [[2] + list(range(130, 157))],  # 28 tokens: > sliding window (8), several canvases
-    "eos": [[2, 140, 141, 142], [2, 200, 201]],
-}
-SEEDS = (0, 1)
+from models.fixtures import PROMPTS, SEEDS  # noqa: F401 (re-exported to the e2e tests)
 
 
 def assert_generates_like_torch(gen, torch_gen, preset: str) -> None:
