@@ -3,6 +3,7 @@
     python -m bench.bench_onnx                      # fixture 'tiny' (built into a temp folder)
     python -m bench.bench_onnx --preset long-context --threads 2
     python -m bench.bench_onnx --checkpoint PATH    # any HF DiffusionGemma checkpoint
+    python -m bench.bench_onnx --device cuda --dtype bf16 --preset real-slice   # both sides on the GPU
 
 Each side runs in its own subprocess (so peak RSS is its own): generated tokens/s, ms per denoise
 step, ms per encode, steps per canvas, tokens per forward, peak memory; then the ratios.
@@ -33,8 +34,9 @@ def _peak_rss_mb() -> float:
 
 
 class Timer:
-    def __init__(self):
+    def __init__(self, sync=None):
         self.encode, self.denoise = [], []
+        self.sync = sync or (lambda: None)  # waits for the device, so a call's time includes its kernels
 
     def wrap(self, obj, name, bucket):
         fn = getattr(obj, name)
@@ -42,6 +44,7 @@ class Timer:
         def timed(*a, **k):
             t = time.perf_counter()
             out = fn(*a, **k)
+            self.sync()
             bucket.append(time.perf_counter() - t)
             return out
         setattr(obj, name, timed)
@@ -58,10 +61,10 @@ def _stats(timer, wall, tokens, steps, tpf, label, runs):
     }
 
 
-def side_ort(export_dir, threads, runs, max_new):
+def side_ort(export_dir, threads, runs, max_new, device):
     import dgport
 
-    gen = dgport.load(export_dir, backend="cpu", threads=threads)
+    gen = dgport.load(export_dir, backend=device, threads=threads)
     gen.generate(PROMPT, seed=99, max_new_tokens=max_new)  # warm-up
     timer = Timer()
     timer.wrap(gen.backend, "encode", timer.encode)
@@ -75,20 +78,23 @@ def side_ort(export_dir, threads, runs, max_new):
         steps += r.steps_per_canvas
         tpf.append(r.tokens_per_forward)
     wall = time.perf_counter() - t
-    return _stats(timer, wall, tokens, sum(steps) / len(steps), sum(tpf) / len(tpf), "onnxruntime-cpu", runs)
+    return _stats(timer, wall, tokens, sum(steps) / len(steps), sum(tpf) / len(tpf), f"onnxruntime-{device}", runs)
 
 
-def side_hf(ckpt, threads, runs, max_new):
+def side_hf(ckpt, threads, runs, max_new, device, dtype):
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
     torch.set_num_threads(threads)
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt, dtype=torch.float32).eval()
-    ids = torch.tensor([PROMPT])
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # as dgport's CUDA EP sessions
+    ids = torch.tensor([PROMPT], device=device)
     max_new = max_new or model.generation_config.max_new_tokens
     with torch.no_grad():
         model.generate(ids, max_new_tokens=max_new)  # warm-up
-        timer = Timer()
+        timer = Timer(torch.cuda.synchronize if device == "cuda" else None)
         timer.wrap(model.model.encoder, "forward", timer.encode)
         timer.wrap(model, "forward", timer.denoise)
         pad = model.generation_config.pad_token_id or 0
@@ -113,15 +119,17 @@ def main(argv=None):
     ap.add_argument("--checkpoint")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=4)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="both sides run here")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="export and reference dtype")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--side", choices=["ort", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--export", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.side == "ort":
-        print(json.dumps(side_ort(a.export, a.threads, a.runs, a.max_new_tokens)))
+        print(json.dumps(side_ort(a.export, a.threads, a.runs, a.max_new_tokens, a.device)))
         return
     if a.side == "hf":
-        print(json.dumps(side_hf(a.checkpoint, a.threads, a.runs, a.max_new_tokens)))
+        print(json.dumps(side_hf(a.checkpoint, a.threads, a.runs, a.max_new_tokens, a.device, a.dtype)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = a.checkpoint
@@ -132,8 +140,9 @@ def main(argv=None):
         from dgport.exporters.export import ExportOptions, export
 
         exp = Path(tmp) / "onnx"
-        export(ckpt, exp, ExportOptions(dtype="fp32"))
-        common = ["--threads", str(a.threads), "--runs", str(a.runs), "--checkpoint", ckpt] + (
+        export(ckpt, exp, ExportOptions(dtype=a.dtype, validate=False))
+        common = ["--threads", str(a.threads), "--runs", str(a.runs), "--checkpoint", ckpt,
+                  "--device", a.device, "--dtype", a.dtype] + (
             ["--max-new-tokens", str(a.max_new_tokens)] if a.max_new_tokens else [])
         res = {}
         for side in ("ort", "hf"):
@@ -143,8 +152,9 @@ def main(argv=None):
     o, h = res["ort"], res["hf"]
     keys = ["tokens_per_s", "ms_per_denoise_step", "ms_per_encode", "steps_per_canvas", "tokens_per_forward",
             "peak_rss_mb"]
-    print(f"checkpoint: {a.checkpoint or 'fixture ' + a.preset}, threads {a.threads}, runs {a.runs}")
-    print(f"{'metric':24s}{'onnxruntime-cpu':>18s}{'transformers':>16s}{'ort/hf':>10s}")
+    print(f"checkpoint: {a.checkpoint or 'fixture ' + a.preset}, device {a.device}, dtype {a.dtype}, "
+          f"threads {a.threads}, runs {a.runs}")
+    print(f"{'metric':24s}{'onnxruntime-' + a.device:>18s}{'transformers':>16s}{'ort/hf':>10s}")
     for k in keys:
         print(f"{k:24s}{o[k]:18.3f}{h[k]:16.3f}{o[k] / h[k] if h[k] else float('nan'):10.2f}")
     print(json.dumps(res))

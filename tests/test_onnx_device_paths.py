@@ -55,3 +55,19 @@ def test_bf16_cache_reads_back_exactly(onnx_exports):
     assert k.dtype == np.float32 and k.shape == tuple(backend._kv[0][0].shape())
     np.testing.assert_array_equal(k, (raw.astype(np.uint32) << 16).view(np.float32))
     assert backend.sc_numpy().shape[-1] == backend.config.hidden_size
+
+
+def test_cuda_check_harness_runs_with_the_cpu_as_candidate(tmp_path):
+    """bench/cuda_check.py is what a GPU session runs; here its CPU-vs-CPU run must pass every check."""
+    import json
+
+    from bench import cuda_check
+
+    report = tmp_path / "report.json"
+    assert cuda_check.main(["--candidate", "cpu", "--presets", "tiny", "--no-real-slice", "--sudoku-puzzles", "1",
+                            "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["check"] for r in rows] == ["fp32 tokens", "fp32 parity"] * 2 + ["bf16 parity", "bf16 tokens"]
+    assert all(r["ok"] for r in rows)
+    assert all(r["identical_runs"] == "2/2" and r["state_on_device"] for r in rows if r["check"] == "fp32 tokens")
+    assert all(max(r["max_rel_err"].values()) <= 1e-5 for r in rows if r["check"] == "fp32 parity")

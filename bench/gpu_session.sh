@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# What issue #3 asks of a lent GPU machine, in two device calls of under 10 minutes each, logs under $OUT.
+#
+# Here, once:   ../shared/tools/device-wheels.sh onnxruntime-gpu==1.31.1 transformers==5.23.0
+# then make the calls it prints; the last one (and, on the still-warm machine, the next) runs:
+#   bash .dwN/install.sh && bash bench/gpu_session.sh check     # CUDA EP vs CPU EP and transformers
+#   bash bench/gpu_session.sh bench                             # timings for bench/RESULTS.md
+# (The image already has every other dependency: tokenizers, safetensors, jinja2, click, rich, onnx.)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/dgport-gpu}
+mkdir -p "$out"
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DGPORT_CACHE_DIR=/tmp/dgport-cache
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
+  || { cat "$out/install.log"; exit 1; }
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import onnxruntime as o, transformers as t, torch; print('onnxruntime', o.__version__, o.get_available_providers()); print('transformers', t.__version__, 'torch', torch.__version__)"
+} 2>&1 | tee "$out/env.txt"
+python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+  || { echo "onnxruntime-gpu is not the onnxruntime on PYTHONPATH: run .dwN/install.sh first" >&2; exit 1; }
+
+case "${1:-check}" in
+  check)
+    python3 -m bench.cuda_check --json "$out/cuda_check.json" 2>&1 | tee "$out/cuda_check.log"
+    ;;
+  bench)
+    python3 -m bench.bench_moe --device cuda --dtype bf16 --lengths 16,256,1024,4096 --runs 5 \
+      --json "$out/bench_moe.json" 2>&1 | tee "$out/bench_moe.log"
+    python3 -m bench.bench_onnx --device cuda --dtype bf16 --preset real-slice --runs 3 2>&1 | tee "$out/bench_onnx_real_slice.log"
+    python3 -m bench.bench_onnx --device cuda --dtype fp32 --preset tiny --runs 3 2>&1 | tee "$out/bench_onnx_tiny.log"
+    ;;
+  *) echo "usage: bench/gpu_session.sh check|bench" >&2; exit 2 ;;
+esac
