@@ -4,6 +4,7 @@ every token), for both graphs, side by side on one checkpoint, one machine, one 
     python -m bench.bench_moe                          # MoE-heavy fixture, CPU EP
     python -m bench.bench_moe --device cuda --dtype bf16
     python -m bench.bench_moe --checkpoint PATH --lengths 256,2048
+    python -m bench.bench_moe --experts 128 --top-k 8 --canvas 256   # the real model's expert counts
 
 Reports ms per encode call for prompts of each length and ms per denoise step over one canvas
 (medians of --runs after a warm-up), the dense/sparse ratios, and the largest K/V and entropy
@@ -71,18 +72,23 @@ def main(argv=None):
     ap.add_argument("--lengths", default="16,256,1024", help="prompt lengths for the encode timings")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--experts", type=int, help="fixture: number of experts (default 32)")
+    ap.add_argument("--top-k", type=int, help="fixture: experts per token (default 2)")
+    ap.add_argument("--canvas", type=int, help="fixture: canvas length (default 64)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     from dgport.exporters.export import ExportOptions, export
 
     lengths = [int(x) for x in args.lengths.split(",")]
+    overrides = {k: v for k, v in (("num_experts", args.experts), ("top_k_experts", args.top_k),
+                                   ("canvas_length", args.canvas)) if v}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = args.checkpoint
         if ckpt is None:
             from models.fixtures import build_fixture
 
-            ckpt = build_fixture("tiny", tmp / "ckpt", **MOE_PRESET)
+            ckpt = build_fixture("tiny", tmp / "ckpt", **{**MOE_PRESET, **overrides})
         results = {}
         for moe in ("dense", "sparse"):
             out = tmp / moe
@@ -95,7 +101,8 @@ def main(argv=None):
                    for kd, ks in zip(d["kv"], s["kv"]) for a, b in zip(kd, ks))
         rows.append({"prompt_tokens": T, "dense_ms": d["ms"], "sparse_ms": s["ms"],
                      "dense_over_sparse": d["ms"] / s["ms"], "kv_max_rel_diff": diff})
-    print(f"device {args.device}, dtype {args.dtype}, checkpoint {args.checkpoint or 'MoE fixture ' + str(MOE_PRESET)}")
+    fixture = "MoE fixture " + str({**MOE_PRESET, **overrides}) if not args.checkpoint else args.checkpoint
+    print(f"device {args.device}, dtype {args.dtype}, checkpoint {fixture}")
     print("| prompt tokens | dense ms / encode | sparse ms / encode | dense/sparse | K/V max rel diff |")
     print("|---|---|---|---|---|")
     for r in rows:

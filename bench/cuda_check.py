@@ -3,8 +3,8 @@
     python -m bench.cuda_check --json $OUT/cuda_check.json      # on the GPU machine
     python -m bench.cuda_check --candidate cpu --presets tiny    # the harness itself, on any machine
 
-For every fixture preset, fp32, with each graph's experts in each form (sparse encoder + dense
-denoiser, the default, and the swap):
+For every fixture preset, fp32, with each graph's experts in each form (the default: sparse encoder,
+denoise step sparse on the CPU and dense on the GPU; and the swap):
 - token identity with the CPU EP: the fixture prompts and seeds, and a kept cache continued;
 - graph parity against transformers (fp32, CPU) through the export-validation harness and gate;
 - the cache and the self-conditioning signal stay on the device between calls.
@@ -25,11 +25,12 @@ from pathlib import Path
 
 
 SUDOKU = Path(__file__).resolve().parent.parent / "models" / "sudoku"
-MOE_FORMS = {"sparse-enc/dense-step": ("sparse", "dense"), "dense-enc/sparse-step": ("dense", "sparse")}
+# (encoder, denoise step) experts: the default (the CPU runs a sparse denoise step, GPUs a dense one), and the swap
+MOE_FORMS = {"default": ("sparse", "auto"), "dense-enc/sparse-step": ("dense", "sparse")}
 MIN_BF16_AGREEMENT = 0.95
 
 
-def _export(ckpt, out, dtype, moe=("sparse", "dense"), with_logits=False):
+def _export(ckpt, out, dtype, moe=("sparse", "auto"), with_logits=False):
     from dgport.exporters.export import ExportOptions, export
 
     export(ckpt, out, ExportOptions(dtype=dtype, encoder_moe=moe[0], denoise_moe=moe[1], with_logits=with_logits,

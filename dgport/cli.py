@@ -105,8 +105,8 @@ def cli(ctx, debug):
 @click.option("--with-logits", is_flag=True, help="ONNX: also output the fp32 logits (parity/debug exports).")
 @click.option("--encoder-moe", default="sparse", show_default=True,
               help="ONNX encoder experts: sparse (each expert on its routed tokens; long prompts) or dense.")
-@click.option("--denoise-moe", default="dense", show_default=True,
-              help="ONNX denoise-step experts: dense (all experts; GPUs) or sparse (faster on CPUs).")
+@click.option("--denoise-moe", default="auto", show_default=True,
+              help="ONNX denoise-step experts: auto (both forms: sparse on CPUs, dense on GPUs), dense or sparse.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source model.")
 def export(src, out, formats, dtype, quantize, group_size, with_logits, encoder_moe, denoise_moe, force,
@@ -332,7 +332,10 @@ def info(export_dir, verify, as_json):
 
 
 def _flat(value) -> str:
-    return " ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+    """{"cpu": {"encoder": "sparse"}} -> "cpu: encoder sparse"."""
+    if not isinstance(value, dict):
+        return str(value)
+    return "; ".join(f"{k}: {_flat(v)}" if isinstance(v, dict) else f"{k} {v}" for k, v in value.items())
 
 
 @cli.command()

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import DgportError
-from .manifest import BACKEND_FORMAT, MANIFEST
+from .manifest import BACKEND_FORMAT, FORMAT_VERSION, MANIFEST
 
 
 def default_checkpoint() -> Path:
@@ -28,7 +28,7 @@ def ensure_default_export(backend: str) -> Path:
     ckpt = read_checkpoint(default_checkpoint())
     fmt = BACKEND_FORMAT[backend]
     cache = Path(os.environ.get("DGPORT_CACHE_DIR", Path.home() / ".cache" / "dgport"))
-    out = cache / "exports" / f"sudoku-{ckpt.fingerprint()[:12]}-{fmt}"
+    out = cache / "exports" / f"sudoku-{ckpt.fingerprint()[:12]}-{fmt}-v{FORMAT_VERSION}"
     if not (out / MANIFEST).exists():
         from .exporters.export import ExportOptions, export
         from .progress import RichProgress

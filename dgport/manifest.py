@@ -13,7 +13,7 @@ from .config import GenerationDefaults, TextConfig
 from .errors import ExportError
 
 MANIFEST = "dgport.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-graph expert form and weights_as_inputs; cpu_graphs whenever the CPU runs other graphs
 BACKEND_FORMAT = {"cpu": "onnx", "cuda": "onnx", "mlx": "mlx"}
 
 

@@ -33,7 +33,7 @@ class ExportOptions:
     group_size: int = 64
     with_logits: bool = False
     encoder_moe: str = "sparse"  # ONNX experts per graph: "sparse" (per-expert loop) or "dense" (all experts)
-    denoise_moe: str = "dense"
+    denoise_moe: str = "auto"  # "auto": both forms, each device runs its faster one (onnx_export.moe_forms)
     force: bool = False
     validate: bool = True
 
@@ -62,9 +62,10 @@ def check_options(opts: ExportOptions) -> None:
             raise DgportError(f"--quantize {opts.quantize}: choose 4 or 8 (bits)")
         if "mlx" not in opts.formats:
             raise DgportError("--quantize applies to the mlx format; add --format mlx")
-    for flag, value in (("--encoder-moe", opts.encoder_moe), ("--denoise-moe", opts.denoise_moe)):
-        if value not in ("sparse", "dense"):
-            raise DgportError(f"{flag} {value!r}: choose sparse or dense")
+    if opts.encoder_moe not in ("sparse", "dense"):
+        raise DgportError(f"--encoder-moe {opts.encoder_moe!r}: choose sparse or dense")
+    if opts.denoise_moe not in ("auto", "sparse", "dense"):
+        raise DgportError(f"--denoise-moe {opts.denoise_moe!r}: choose auto, sparse or dense")
     if opts.group_size not in (32, 64, 128):
         raise DgportError(f"--group-size {opts.group_size}: choose 32, 64 or 128")
 
@@ -102,11 +103,13 @@ def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> E
         validation = {}
         if opts.validate and importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
             for fmt, mod in modules.items():
-                with progress.step(f"validating {fmt} against the source model"):
-                    candidate = mod.validation_backend(ckpt, tmp, formats[fmt])
-                    validation[fmt] = validate_export(candidate, ckpt, fmt, opts.dtype, opts.quantize,
-                                                      mod.VALIDATION_METRIC)
-                    del candidate
+                for label, open_candidate in mod.validation_backends(ckpt, tmp, formats[fmt]):
+                    name = fmt if label is None else f"{fmt} {label}"
+                    with progress.step(f"validating {name} against the source model"):
+                        candidate = open_candidate()
+                        validation[name] = validate_export(candidate, ckpt, fmt, opts.dtype, opts.quantize,
+                                                           mod.VALIDATION_METRIC)
+                        del candidate
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)

@@ -136,8 +136,9 @@ def export(ckpt, out_dir, opts, progress) -> dict:
 VALIDATION_METRIC = max_abs_rel_err  # elementwise, stricter than the norm-wise ONNX measure
 
 
-def validation_backend(ckpt, out_dir, entry):
-    """The export opened on MLX, keeping logits, for the driver's comparison with the source model."""
+def validation_backends(ckpt, out_dir, entry):
+    """The export opened on MLX, keeping logits, for the driver's comparison with the source model:
+    [(label, open)], label None for the format's one graph set."""
     from dgport.runtimes.mlx import MlxBackend
 
-    return MlxBackend(folder=Path(out_dir), entry=entry, config=ckpt.config, keep_logits=True)
+    return [(None, lambda: MlxBackend(folder=Path(out_dir), entry=entry, config=ckpt.config, keep_logits=True))]

@@ -19,6 +19,7 @@ from .onnx_graph import (ONNX_DTYPE, OPSET, WEIGHTS_FILE, WeightStore, build_den
 
 ENCODER, DENOISE = "encoder.onnx", "denoise_step.onnx"
 CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
+SPARSE_DENOISE = "denoise_step.sparse.onnx"
 
 
 def _save(b, path: Path) -> None:
@@ -26,39 +27,60 @@ def _save(b, path: Path) -> None:
     onnx.checker.check_model(str(path))  # resolves weights.bin next to it
 
 
+def moe_forms(opts) -> dict:
+    """Experts per device and graph. "auto" (the denoise step's default) writes both forms and lets
+    each device run its faster one: sparse on CPUs (compute-bound; 3.8x per step at the real 16:1
+    expert ratio, bench/RESULTS.md), dense on GPUs (a 256-token canvas hits nearly every expert,
+    and one batched MatMul beats a Loop of 128 iterations, each with a NonZero, per layer)."""
+    den = {"cuda": "sparse" if opts.denoise_moe == "sparse" else "dense",
+           "cpu": "dense" if opts.denoise_moe == "dense" else "sparse"}
+    return {dev: {"encoder": opts.encoder_moe, "denoise_step": den[dev]} for dev in ("cuda", "cpu")}
+
+
 def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
+    """Writes the graphs GPUs run (`graphs`) and, where the CPU EP needs others (`cpu_graphs`: bf16
+    has no CPU kernels, so fp32-compute twins; the faster expert form), those too, on one weights file."""
     progress = progress or Progress()
     out_dir = Path(out_dir)
     cfg = ckpt.config
     md = ONNX_DTYPE[opts.dtype]
-    sparse = opts.encoder_moe == "sparse"
-    sparse_den = opts.denoise_moe == "sparse"
+    forms = moe_forms(opts)
+    sparse = {dev: {k: v == "sparse" for k, v in f.items()} for dev, f in forms.items()}
     store = WeightStore(ckpt, out_dir, opts.dtype)
-    graphs, files = {}, []
+    built = {}
     try:
         with progress.step(f"onnx: encoder graph + {opts.dtype} weights"):
-            enc = build_encoder(cfg, store, md, progress=progress, sparse_moe=sparse)
+            built["encoder"] = build_encoder(cfg, store, md, progress=progress, sparse_moe=sparse["cuda"]["encoder"])
         with progress.step("onnx: denoise_step graph"):
-            den = build_denoise(cfg, store, md, opts.with_logits, progress=progress, sparse_moe=sparse_den)
+            built["denoise_step"] = build_denoise(cfg, store, md, opts.with_logits, progress=progress,
+                                                  sparse_moe=sparse["cuda"]["denoise_step"])
     finally:
         store.close()
+    files = []
+
+    def write(b, fname, moe, weights_as_inputs=False) -> dict:
+        _save(b, out_dir / fname)
+        files.append(fname)
+        return {"file": fname, "weights": list(b.weights), "moe": moe, "weights_as_inputs": weights_as_inputs,
+                **io_spec(b)}
+
     with progress.step("onnx: writing graphs"):
-        for key, b, fname in (("encoder", enc, ENCODER), ("denoise_step", den, DENOISE)):
-            _save(b, out_dir / fname)
-            graphs[key] = {"file": fname, "weights": list(b.weights), **io_spec(b)}
-            files.append(fname)
-        cpu_graphs = None
-        if opts.dtype == "bf16":  # the CPU EP has no bf16 kernels: fp32-compute variants, same weights file
-            store_ro = _ReadOnlyStore(store)
-            cpu_graphs = {}
-            builds = (("encoder", lambda: build_encoder(cfg, store_ro, md, emulate=True, sparse_moe=sparse), CPU_ENCODER),
-                      ("denoise_step", lambda: build_denoise(cfg, store_ro, md, opts.with_logits, emulate=True,
-                                                             sparse_moe=sparse_den), CPU_DENOISE))
-            for key, build, fname in builds:
-                b = build()
-                _save(b, out_dir / fname)
-                cpu_graphs[key] = {"file": fname, "weights": list(b.weights), **io_spec(b)}
-                files.append(fname)
+        graphs = {key: write(b, fname, forms["cuda"][key])
+                  for key, b, fname in (("encoder", built["encoder"], ENCODER),
+                                        ("denoise_step", built["denoise_step"], DENOISE))}
+        cpu_graphs = dict(graphs)
+        store_ro = _ReadOnlyStore(store)
+        if opts.dtype == "bf16":  # the CPU EP has no bf16 kernels: fp32-compute twins, weights bound as inputs
+            cpu_graphs["encoder"] = write(build_encoder(cfg, store_ro, md, emulate=True,
+                                                        sparse_moe=sparse["cpu"]["encoder"]),
+                                          CPU_ENCODER, forms["cpu"]["encoder"], True)
+            cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits, emulate=True,
+                                                             sparse_moe=sparse["cpu"]["denoise_step"]),
+                                               CPU_DENOISE, forms["cpu"]["denoise_step"], True)
+        elif forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
+            cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
+                                                             sparse_moe=sparse["cpu"]["denoise_step"]),
+                                               SPARSE_DENOISE, forms["cpu"]["denoise_step"])
     files.append(WEIGHTS_FILE)
     entry = {
         "files": files,
@@ -66,16 +88,17 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         "with_logits": bool(opts.with_logits),
         "opset": OPSET,
         "builder": "dgport onnx_graph: built from config + weights with onnx.helper (no tracing)",
-        # experts per graph: "sparse" = a Loop over experts, each on the tokens routed to it (the
-        # reference's loop); "dense" = every expert on every token, zero weight for unrouted ones
-        "moe": {"encoder": opts.encoder_moe, "denoise_step": opts.denoise_moe},
+        # experts per device and graph: "sparse" = a Loop over experts, each on the tokens routed to
+        # it (the reference's loop); "dense" = every expert on every token, zero weight for unrouted ones
+        "moe": forms,
         "kv_layout": "[batch, kv_heads, seq, head_dim]; encoder returns the updated cache per layer "
                      "(past + new; sliding layers trimmed to the last sliding_window - 1 positions)",
         "weights": {"file": WEIGHTS_FILE, "tensors": store.index},
         "graphs": graphs,
     }
-    if cpu_graphs:
+    if cpu_graphs != graphs:
         entry["cpu_graphs"] = cpu_graphs
+    if opts.dtype == "bf16":
         entry["cpu_note"] = ("onnxruntime's CPU EP has no bf16 kernels: on CPU the fp32-compute graphs run with "
                              "fp32 copies of the bf16 weights made once at load (bf16 rounding kept at the "
                              "reference's casts; K/V and sc_embeds stay bf16)")
@@ -102,9 +125,15 @@ class _ReadOnlyStore:
 VALIDATION_METRIC = rel_err  # norm-wise: see exporters/validation.py
 
 
-def validation_backend(ckpt, out_dir, entry):
-    """The export opened on ONNX Runtime's CPU EP, for the driver's comparison with the source model."""
+def validation_backends(ckpt, out_dir, entry):
+    """Every graph set the CPU EP can run, opened there, for the driver's comparison with the source
+    model: the CPU's own, and the GPU graphs when they differ and are not bf16 (no CPU kernels; their
+    fp32-compute twins are the CPU's set). [(label, open)], label None for the CPU's set."""
     from dgport.manifest import read_manifest
     from dgport.runtimes.onnx import OnnxBackend
 
-    return OnnxBackend(read_manifest(out_dir), device="cpu")
+    sets = [(None, None)]
+    if "cpu_graphs" in entry and entry["dtype"] != "bf16":
+        sets.append(("gpu graphs", "graphs"))
+    return [(label, lambda g=graphs: OnnxBackend(read_manifest(out_dir), device="cpu", graph_set=g))
+            for label, graphs in sets]

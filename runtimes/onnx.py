@@ -42,7 +42,10 @@ def _ort():
 
 
 class OnnxBackend:
-    def __init__(self, export, device: str = "cpu", threads: int | None = None, **session_options):
+    def __init__(self, export, device: str = "cpu", threads: int | None = None, graph_set: str | None = None,
+                 **session_options):
+        """`graph_set`: the manifest's graph set to run ("graphs" or "cpu_graphs"); by default the
+        device's own (the CPU EP runs `cpu_graphs` where the export has them)."""
         if device not in ("cpu", "cuda"):
             raise DgportError(f"device {device!r}: the ONNX backend runs on 'cpu' or 'cuda'")
         ort = _ort()
@@ -57,10 +60,11 @@ class OnnxBackend:
         self.dtype = entry["dtype"]
         self._ort = ort
         self._dev = ("cuda", 0) if device == "cuda" else ("cpu", 0)
-        graphs = entry["graphs"]
-        self.fp32_compute = device == "cpu" and "cpu_graphs" in entry
-        if self.fp32_compute:
-            graphs = entry["cpu_graphs"]
+        if graph_set is None:
+            graph_set = "cpu_graphs" if device == "cpu" and "cpu_graphs" in entry else "graphs"
+        self.graphs = graphs = entry[graph_set]
+        # fp32-compute graphs (bf16 exports on the CPU EP) take their weights as inputs, fp32 copies
+        self.fp32_compute = any(g["weights_as_inputs"] for g in graphs.values())
         self._weights = self._load_weights(graphs)
         so_kw = dict(session_options)
         if threads is None:
@@ -68,9 +72,8 @@ class OnnxBackend:
         self._sessions = {}
         for key in ("encoder", "denoise_step"):
             self._sessions[key] = self._session(graphs[key], threads, so_kw)
-        # fp32-compute graphs (bf16 exports on the CPU EP) take their weights as inputs: bind them once
-        self._bound_weights = {k: [(w, self._weights[w]) for w in graphs[k]["weights"]] if self.fp32_compute else []
-                               for k in ("encoder", "denoise_step")}
+        self._bound_weights = {k: [(w, self._weights[w]) for w in g["weights"]] if g["weights_as_inputs"] else []
+                               for k, g in graphs.items()}
         self._enc_out = [o["name"] for o in graphs["encoder"]["outputs"]]
         self._den_out = [o["name"] for o in graphs["denoise_step"]["outputs"]]
         self.with_logits = "logits" in self._den_out
@@ -111,7 +114,7 @@ class OnnxBackend:
         so.add_session_config_entry("session.disable_prepacking", "1")
         for k, v in extra.items():
             so.add_session_config_entry(str(k), str(v))
-        if not self.fp32_compute:
+        if not g["weights_as_inputs"]:
             for name in g["weights"]:
                 so.add_initializer(name, self._weights[name])
         providers = self._providers()

@@ -169,7 +169,8 @@ def test_export_info_run_check_on_an_onnx_export(capsys, cli_export, checkpoints
     assert code == 0, err
     info = json.loads(out)
     assert info["formats"]["onnx"]["dtype"] == "fp32" and info["model"]["layers"] == 4
-    assert info["formats"]["onnx"]["experts"] == {"encoder": "sparse", "denoise_step": "dense"}
+    assert info["formats"]["onnx"]["experts"] == {"cpu": {"encoder": "sparse", "denoise_step": "sparse"},
+                                                  "cuda": {"encoder": "sparse", "denoise_step": "dense"}}
     assert info["total_bytes"] > 0 and info["verified"].startswith("sha256")
 
     code, out, err = dg(capsys, "run", cli_export, "--backend", "cpu", "--prompt", "Hi", "--seed", "4",

@@ -110,7 +110,8 @@ def test_validation_detects_a_wrong_layer_scalar(mlx_exports, checkpoints, tmp_p
     w["layers.0.encoder_layer_scalar"] = w["layers.0.layer_scalar"]
     mx.save_safetensors(str(f), w)
     ckpt = read_checkpoint(checkpoints["tiny"])
-    errors = compare(mlx_export.validation_backend(ckpt, out, entry), TorchRefBackend(ckpt.path), ckpt.config,
+    [(_, open_backend)] = mlx_export.validation_backends(ckpt, out, entry)
+    errors = compare(open_backend(), TorchRefBackend(ckpt.path), ckpt.config,
                      metric=mlx_export.VALIDATION_METRIC)
     assert errors["encoder_kv"] > 1e-3, errors
 

@@ -28,7 +28,7 @@ def test_swapped_moe_forms_generate_like_torch(checkpoints, torch_gens, tmp_path
     summary = export(checkpoints["long-context"], out,
                      ExportOptions(encoder_moe="dense", denoise_moe="sparse", with_logits=True))
     moe = dgport.manifest.open_export(out, "cpu").format("onnx")["moe"]
-    assert moe == {"encoder": "dense", "denoise_step": "sparse"}
+    assert moe == {dev: {"encoder": "dense", "denoise_step": "sparse"} for dev in ("cpu", "cuda")}
     assert {"encoder_kv", "step_logits"} <= set(summary.validation["onnx"])
     gen = dgport.load(out, backend="cpu", threads=THREADS)
     assert_generates_like_torch(gen, torch_gens["long-context"], "long-context")
@@ -51,7 +51,7 @@ def test_out_not_empty_without_force(checkpoints, tmp_path):
 
 
 def test_unknown_dtype_or_moe_form(checkpoints, tmp_path):
-    with pytest.raises(DgportError, match="--denoise-moe 'fast': choose sparse or dense"):
+    with pytest.raises(DgportError, match="--denoise-moe 'fast': choose auto, sparse or dense"):
         export(checkpoints["tiny"], tmp_path / "o", ExportOptions(denoise_moe="fast"))
     with pytest.raises(DgportError, match="--dtype 'int3': choose one of fp32, fp16, bf16"):
         export(checkpoints["tiny"], tmp_path / "o", ExportOptions(dtype="int3"))

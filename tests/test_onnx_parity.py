@@ -18,14 +18,17 @@ from dgport.runtimes.torch_ref import TorchRefBackend
 from onnx_support import THREADS, onnx_exports  # noqa: F401
 
 
+@pytest.mark.parametrize("graph_set", ["cpu_graphs", "graphs"])  # denoise-step experts sparse (CPU) / dense (GPU)
 @pytest.mark.parametrize("preset", ALL_PRESETS)
-def test_fp32_parity_with_hf(preset, onnx_exports, checkpoints, hf_models):
+def test_fp32_parity_with_hf(preset, graph_set, onnx_exports, checkpoints, hf_models):
     out = onnx_exports[(preset, "fp32")]
-    # the export driver validated it (exporters/validation.py: 1e-5 norm-wise, or as close to float64
-    # as transformers' own fp32); the export would have raised otherwise
-    validation = onnx_exports.summary((preset, "fp32")).validation["onnx"]
-    assert {"encoder_kv", "step_logits", "step_entropy"} <= set(validation), validation
-    backend = OnnxBackend(open_export(out, "cpu"), threads=THREADS)
+    # the export driver validated both graph sets (exporters/validation.py: 1e-5 norm-wise, or as
+    # close to float64 as transformers' own fp32); the export would have raised otherwise
+    validation = onnx_exports.summary((preset, "fp32")).validation
+    for name in ("onnx", "onnx gpu graphs"):
+        assert {"encoder_kv", "step_logits", "step_entropy"} <= set(validation[name]), validation
+    backend = OnnxBackend(open_export(out, "cpu"), threads=THREADS, graph_set=graph_set)
+    assert backend.graphs["denoise_step"]["moe"] == ("sparse" if graph_set == "cpu_graphs" else "dense")
     ref = TorchRefBackend(checkpoints[preset], model=hf_models[preset])
     errs = compare(backend, ref, backend.config, seed=7)
     assert set(errs) == {"encoder_kv", "step_logits", "step_entropy"}
@@ -81,11 +84,16 @@ def test_graphs_share_one_weights_file_and_use_standard_ops(onnx_exports):
     out = onnx_exports[("tiny", "fp32")]
     export = open_export(out, "cpu")
     entry = export.format("onnx")
-    assert sorted(entry["files"]) == ["denoise_step.onnx", "encoder.onnx", "weights.bin"]
+    assert sorted(entry["files"]) == ["denoise_step.onnx", "denoise_step.sparse.onnx", "encoder.onnx", "weights.bin"]
+    # the CPU runs the sparse-expert denoise step, GPUs the dense one; both read the same weights
+    assert entry["cpu_graphs"]["encoder"] == entry["graphs"]["encoder"]
+    assert (entry["cpu_graphs"]["denoise_step"]["file"], entry["graphs"]["denoise_step"]["file"]) == \
+        ("denoise_step.sparse.onnx", "denoise_step.onnx")
+    assert set(entry["cpu_graphs"]["denoise_step"]["weights"]) == set(entry["graphs"]["denoise_step"]["weights"])
     locations = set()
     enc_w, den_w = set(entry["graphs"]["encoder"]["weights"]), set(entry["graphs"]["denoise_step"]["weights"])
     assert "embed_tokens" in enc_w & den_w and len(enc_w & den_w) > 10
-    for g in ("encoder.onnx", "denoise_step.onnx"):
+    for g in [f for f in entry["files"] if f.endswith(".onnx")]:
         m = onnx.load(str(out / g), load_external_data=False)
         assert {op.domain for op in m.opset_import} == {""}
         assert all(n.domain in ("", "ai.onnx") for n in m.graph.node)

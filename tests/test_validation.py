@@ -35,8 +35,9 @@ def eos_bf16(checkpoints, tmp_path_factory):
 
 
 def test_failed_validation_leaves_nothing(checkpoints, tmp_path, monkeypatch):
-    real = onnx_export.validation_backend
-    monkeypatch.setattr(onnx_export, "validation_backend", lambda *a: ScaledCache(real(*a), 1.001))
+    real = onnx_export.validation_backends
+    monkeypatch.setattr(onnx_export, "validation_backends",
+                        lambda *a: [(label, lambda o=o: ScaledCache(o(), 1.001)) for label, o in real(*a)])
     with pytest.raises(ExportError, match=r"onnx export failed validation: max relative error 0\.001 > 1e-05"):
         export(checkpoints["tiny"], tmp_path / "o", ExportOptions())
     assert list(tmp_path.iterdir()) == []
