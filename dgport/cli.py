@@ -100,7 +100,8 @@ def cli(ctx, debug):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "formats", default="onnx", show_default=True, help="onnx, mlx or onnx,mlx.")
 @click.option("--dtype", default="fp32", show_default=True, help="fp32, fp16 or bf16.")
-@click.option("--quantize", type=int, default=None, help="MLX weight quantization: 4 or 8 bits.")
+@click.option("--quantize", default=None, callback=lambda ctx, param, v: _bits(v),
+              help="MLX weight quantization: int4 or int8 (or 4, 8).")
 @click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size.")
 @click.option("--with-logits", is_flag=True, help="ONNX: also output the fp32 logits (parity/debug exports).")
 @click.option("--encoder-moe", default="sparse", show_default=True,
@@ -134,8 +135,10 @@ def export(src, out, formats, dtype, quantize, group_size, with_logits, encoder_
     if summary.validation:
         for fmt, errs in summary.validation.items():
             console.print(f"validation {fmt}: " + ", ".join(f"{k} max rel err {v:.2e}" for k, v in errs.items()))
+    elif no_validate:
+        console.print("validation: skipped (--no-validate)")
     else:
-        console.print("validation: skipped (needs torch and transformers: pip install 'dgport[export]')")
+        console.print("validation: skipped (needs torch and transformers: pip install 'dgport\\[export]')")
 
 
 def _size(n: int) -> str:
@@ -329,6 +332,15 @@ def info(export_dir, verify, as_json):
     table.add_row("dgport", f"{m['dgport_version']} (format {m['format_version']})")
     table.add_row("verified", "[green]" + summary["verified"])
     console.print(table)
+
+
+def _bits(value: str | None) -> int | None:
+    if value is None:
+        return None
+    text = value.lower().removeprefix("int")
+    if not text.isdigit():
+        raise click.BadParameter(f"{value!r}: choose int4 or int8", param_hint="--quantize")
+    return int(text)  # export checks the width
 
 
 def _flat(value) -> str:

@@ -59,7 +59,7 @@ def check_options(opts: ExportOptions) -> None:
         raise DgportError(f"--dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
     if opts.quantize is not None:
         if opts.quantize not in (4, 8):
-            raise DgportError(f"--quantize {opts.quantize}: choose 4 or 8 (bits)")
+            raise DgportError(f"--quantize {opts.quantize}: choose int4 or int8 (4 or 8 bits)")
         if "mlx" not in opts.formats:
             raise DgportError("--quantize applies to the mlx format; add --format mlx")
     if opts.encoder_moe not in ("sparse", "dense"):

@@ -125,6 +125,10 @@ def test_chat_command_runs_two_turns(checkpoints):
     (["export", "{ckpt}", "{tmp}/out", "--dtype", "fp8"], "--dtype 'fp8'"),
     (["export", "{ckpt}", "{tmp}/out", "--encoder-moe", "grouped"], "--encoder-moe 'grouped': choose sparse or dense"),
     (["export", "{ckpt}", "{tmp}/out", "--format", "tflite"], "--format 'tflite'"),
+    (["export", "{ckpt}", "{tmp}/out", "--format", "mlx", "--quantize", "int3"], "--quantize 3: choose int4 or int8"),
+    (["export", "{ckpt}", "{tmp}/out", "--format", "mlx", "--quantize", "four"], "'four': choose int4 or int8"),
+    (["export", "{ckpt}", "{tmp}/out", "--quantize", "int4"], "--quantize applies to the mlx format"),
+    (["export", "{ckpt}", "{tmp}/out", "--denoise-moe", "fast"], "--denoise-moe 'fast': choose auto, sparse or dense"),
     (["export", "{missing}", "{tmp}/out"], "no such folder"),
 ])
 def test_user_mistakes_are_one_line_errors(capsys, tmp_path, checkpoints, args, message):
@@ -206,3 +210,18 @@ def test_demo_solves_a_puzzle_with_the_shipped_model(capsys):
     assert "puzzle (stream 0, 70 givens)" in out
     assert ("solved in" in out) or ("not solved in" in out)
     assert out.count("------+-------+------") == 4  # the puzzle grid and the answer grid
+
+
+def test_export_quantize_int4_and_what_validation_says(capsys, checkpoints, tmp_path, monkeypatch):
+    code, _, err = dg(capsys, "export", checkpoints["tiny"], tmp_path / "q4", "--format", "mlx", "--quantize", "int4",
+                      "--no-validate")
+    assert code == 0, err
+    assert "validation: skipped (--no-validate)" in err
+    assert json.loads((tmp_path / "q4" / "dgport.json").read_text())["formats"]["mlx"]["quantization"]["bits"] == 4
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    code, _, err = dg(capsys, "export", checkpoints["tiny"], tmp_path / "o", "--format", "onnx")
+    assert code == 0, err
+    assert "needs torch and transformers: pip install 'dgport[export]'" in " ".join(err.split())
