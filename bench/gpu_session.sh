@@ -30,6 +30,8 @@ case "${1:-check}" in
       --json "$out/bench_moe.json" 2>&1 | tee "$out/bench_moe.log"
     python3 -m bench.bench_onnx --device cuda --dtype bf16 --preset real-slice --runs 3 2>&1 | tee "$out/bench_onnx_real_slice.log"
     python3 -m bench.bench_onnx --device cuda --dtype fp32 --preset tiny --runs 3 2>&1 | tee "$out/bench_onnx_tiny.log"
+    python3 -m bench.bench_prefill --device cuda --dtype bf16 --tokens 16384 --chunks 0,4096,2048,1024,512 2>&1 \
+      | tee "$out/bench_prefill.log"
     ;;
   *) echo "usage: bench/gpu_session.sh check|bench" >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ import numpy as np
 from .backend import Backend
 from .config import GenerationDefaults
 from .errors import BackendUnavailable, DgportError
-from .loop import CanvasEvent, StepEvent, generate_ids
+from .loop import ENCODE_CHUNK, CanvasEvent, StepEvent, generate_ids
 from .tokenizer import ChatTokenizer
 
 BACKENDS = ("cpu", "cuda", "mlx", "torch")
@@ -62,11 +62,12 @@ class Generator:
     def generate(self, prompt, max_new_tokens: int | None = None, seed: int | None = None,
                  rng: np.random.Generator | None = None, raw: bool = False, system: str | None = None,
                  think: bool = False, on_step=None, on_canvas=None, keep_cache: bool = False,
-                 **sampler_overrides) -> GenerationResult:
+                 encode_chunk: int = ENCODE_CHUNK, **sampler_overrides) -> GenerationResult:
         """Generate after `prompt` (string or token ids). `rng` (a numpy Generator) wins over `seed`;
         with neither, the draw is fresh. Sampler settings (max_denoising_steps, entropy_bound, t_min,
         t_max, stability_threshold, confidence_threshold, eos_token_ids, pad_token_id) override the
-        checkpoint's generation defaults. `keep_cache=True` continues after what is already encoded."""
+        checkpoint's generation defaults. `keep_cache=True` continues after what is already encoded.
+        `encode_chunk`: prompt tokens per encode call (bounds the encoder's attention memory)."""
         if max_new_tokens is not None and max_new_tokens <= 0:
             raise DgportError(f"max_new_tokens must be a positive integer (got {max_new_tokens})")
         settings = self.settings(max_new_tokens, **sampler_overrides)
@@ -75,7 +76,8 @@ class Generator:
             rng = np.random.Generator(np.random.PCG64(seed))
         if not keep_cache:
             self.backend.reset()
-        out = generate_ids(self.backend, ids, settings, rng, on_step=on_step, on_canvas=on_canvas)
+        out = generate_ids(self.backend, ids, settings, rng, on_step=on_step, on_canvas=on_canvas,
+                           encode_chunk=encode_chunk)
         return GenerationResult(
             token_ids=[out.token_ids],
             texts=[self.tokenizer.decode([t for t in out.token_ids if t != settings.pad_token_id])],

@@ -20,6 +20,22 @@ from .errors import DgportError
 from .sampler import StableAndConfident, accept_mask, pad_after_eos, temperature
 
 
+# Prompt tokens per encode call. The encoder's attention holds a [heads, T, S] score tensor per
+# layer (plus what the backend's kernels add), so one call for a 32k-token prompt would need tens of
+# GB; chunks bound that at heads * ENCODE_CHUNK * S. Chunked and one-shot encodes compute the same
+# cache: each chunk attends to the cache so far (sliding layers keep sliding_window - 1 positions,
+# all that a chunk's queries can see).
+ENCODE_CHUNK = 1024
+
+
+def encode_chunked(backend: Backend, ids: np.ndarray, positions: np.ndarray, chunk: int = ENCODE_CHUNK) -> None:
+    """backend.encode over [B, T] ids and positions, `chunk` tokens at a time."""
+    if chunk < 1:
+        raise DgportError(f"encode_chunk must be a positive number of tokens (got {chunk})")
+    for s in range(0, ids.shape[-1], chunk):
+        backend.encode(ids[:, s:s + chunk], positions[:, s:s + chunk])
+
+
 @dataclass
 class StepEvent:
     canvas_index: int
@@ -62,9 +78,11 @@ def generate_ids(
     rng: np.random.Generator,
     on_step: Callable[[StepEvent], None] | None = None,
     on_canvas: Callable[[CanvasEvent], None] | None = None,
+    encode_chunk: int = ENCODE_CHUNK,
 ) -> LoopResult:
     """Generate after `prompt_ids` (the uncached tokens; the backend's cache may already hold a
-    prefix, e.g. earlier chat turns). Positions continue from `backend.cache_len`."""
+    prefix, e.g. earlier chat turns). Positions continue from `backend.cache_len`; the prompt is
+    encoded `encode_chunk` tokens at a time."""
     settings.validate()
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
     if prompt.size == 0:
@@ -79,7 +97,7 @@ def generate_ids(
     start = backend.cache_len
     enc_pos = np.arange(start, start + prompt.size, dtype=np.int64)
     for k in range(math.ceil(settings.max_new_tokens / C)):
-        backend.encode(to_encode[None], enc_pos[None])
+        encode_chunked(backend, to_encode[None], enc_pos[None], encode_chunk)
         dec_pos = np.arange(enc_pos[-1] + 1, enc_pos[-1] + 1 + C, dtype=np.int64)[None]
         canvas = rng.integers(0, V, size=(1, C))
         argmax = canvas
