@@ -1,10 +1,12 @@
-"""ONNX experts: sparse (a Loop over experts, each on its routed tokens) vs dense (every expert on
-every token), for both graphs, side by side on one checkpoint, one machine, one run.
+"""Two ONNX export variants of one checkpoint, side by side on one machine in one run: experts
+sparse (a Loop over experts, each on its routed tokens) vs dense (every expert on every token), for
+both graphs; or (`--compare attention`) attention spelled out vs one fused ONNX `Attention` node.
 
     python -m bench.bench_moe                          # MoE-heavy fixture, CPU EP
     python -m bench.bench_moe --device cuda --dtype bf16
     python -m bench.bench_moe --checkpoint PATH --lengths 256,2048
     python -m bench.bench_moe --experts 128 --top-k 8 --canvas 256   # the real model's expert counts
+    python -m bench.bench_moe --compare attention --lengths 256,2048
 
 Reports ms per encode call for prompts of each length and ms per denoise step over one canvas
 (medians of --runs after a warm-up), the dense/sparse ratios, and the largest K/V and entropy
@@ -20,6 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+# the export variants compared, side by side on one checkpoint
+VARIANTS = {
+    "moe": {"dense": dict(encoder_moe="dense", denoise_moe="dense"),
+            "sparse": dict(encoder_moe="sparse", denoise_moe="sparse")},
+    "attention": {"explicit": dict(attention="explicit"), "fused": dict(attention="fused")},
+}
 
 # a fixture whose feed-forward cost is mostly experts, in the real model's 16:1 experts-to-top-k ratio
 MOE_PRESET = dict(vocab_size=2048, hidden_size=256, intermediate_size=256, num_attention_heads=4,
@@ -75,6 +84,8 @@ def main(argv=None):
     ap.add_argument("--experts", type=int, help="fixture: number of experts (default 32)")
     ap.add_argument("--top-k", type=int, help="fixture: experts per token (default 2)")
     ap.add_argument("--canvas", type=int, help="fixture: canvas length (default 64)")
+    ap.add_argument("--compare", default="moe", choices=list(VARIANTS),
+                    help="moe: dense vs sparse experts; attention: explicit vs fused (ONNX Attention)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     from dgport.exporters.export import ExportOptions, export
@@ -90,31 +101,30 @@ def main(argv=None):
 
             ckpt = build_fixture("tiny", tmp / "ckpt", **{**MOE_PRESET, **overrides})
         results = {}
-        for moe in ("dense", "sparse"):
-            out = tmp / moe
-            export(ckpt, out, ExportOptions(dtype=args.dtype, encoder_moe=moe, denoise_moe=moe, validate=False))
-            results[moe] = time_encode(out, args.device, lengths, args.runs, args.threads)
+        for name, options in VARIANTS[args.compare].items():
+            out = tmp / name
+            export(ckpt, out, ExportOptions(dtype=args.dtype, validate=False, **options))
+            results[name] = time_encode(out, args.device, lengths, args.runs, args.threads)
+    A, B = VARIANTS[args.compare]
     rows = []
     for T in lengths:
-        d, s = results["dense"][T], results["sparse"][T]
-        diff = max(float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
-                   for kd, ks in zip(d["kv"], s["kv"]) for a, b in zip(kd, ks))
-        rows.append({"prompt_tokens": T, "dense_ms": d["ms"], "sparse_ms": s["ms"],
-                     "dense_over_sparse": d["ms"] / s["ms"], "kv_max_rel_diff": diff})
+        a, b = results[A][T], results[B][T]
+        diff = max(float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30))
+                   for ka, kb in zip(a["kv"], b["kv"]) for x, y in zip(ka, kb))
+        rows.append({"prompt_tokens": T, f"{A}_ms": a["ms"], f"{B}_ms": b["ms"], f"{A}_over_{B}": a["ms"] / b["ms"],
+                     "kv_max_rel_diff": diff})
     fixture = "MoE fixture " + str({**MOE_PRESET, **overrides}) if not args.checkpoint else args.checkpoint
     print(f"device {args.device}, dtype {args.dtype}, checkpoint {fixture}")
-    print("| prompt tokens | dense ms / encode | sparse ms / encode | dense/sparse | K/V max rel diff |")
+    print(f"| prompt tokens | {A} ms / encode | {B} ms / encode | {A}/{B} | K/V max rel diff |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['prompt_tokens']} | {r['dense_ms']:.1f} | {r['sparse_ms']:.1f} | {r['dense_over_sparse']:.2f}x "
+        print(f"| {r['prompt_tokens']} | {r[f'{A}_ms']:.1f} | {r[f'{B}_ms']:.1f} | {r[f'{A}_over_{B}']:.2f}x "
               f"| {r['kv_max_rel_diff']:.1e} |")
-    d, s = results["dense"]["step"], results["sparse"]["step"]
-    step = {"canvas_tokens": len(d["entropy"][0]), "dense_ms": d["ms"], "sparse_ms": s["ms"],
-            "dense_over_sparse": d["ms"] / s["ms"],
-            "entropy_max_abs_diff": float(np.abs(d["entropy"] - s["entropy"]).max())}
-    print(f"\n| denoise step, canvas {step['canvas_tokens']} | dense {step['dense_ms']:.1f} ms | sparse "
-          f"{step['sparse_ms']:.1f} ms | dense/sparse {step['dense_over_sparse']:.2f}x | entropy max abs diff "
-          f"{step['entropy_max_abs_diff']:.1e} |")
+    a, b = results[A]["step"], results[B]["step"]
+    step = {"canvas_tokens": len(a["entropy"][0]), f"{A}_ms": a["ms"], f"{B}_ms": b["ms"],
+            f"{A}_over_{B}": a["ms"] / b["ms"], "entropy_max_abs_diff": float(np.abs(a["entropy"] - b["entropy"]).max())}
+    print(f"\n| denoise step, canvas {step['canvas_tokens']} | {A} {a['ms']:.1f} ms | {B} {b['ms']:.1f} ms "
+          f"| {A}/{B} {step[f'{A}_over_{B}']:.2f}x | entropy max abs diff {step['entropy_max_abs_diff']:.1e} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"encode": rows, "denoise_step": step}, indent=2))
 

@@ -3,12 +3,12 @@
     python -m bench.cuda_check --json $OUT/cuda_check.json      # on the GPU machine
     python -m bench.cuda_check --candidate cpu --presets tiny    # the harness itself, on any machine
 
-For every fixture preset, fp32, with each graph's experts in each form (the default: sparse encoder,
-denoise step sparse on the CPU and dense on the GPU; and the swap):
+For every fixture preset, fp32, in each export variant (the default: sparse encoder experts, denoise
+step sparse on the CPU and dense on the GPU; the expert forms swapped; fused attention):
 - token identity with the CPU EP: the fixture prompts and seeds, and a kept cache continued;
 - graph parity against transformers (fp32, CPU) through the export-validation harness and gate;
 - the cache and the self-conditioning signal stay on the device between calls.
-Then bf16: each preset and the real 26B-A4B layer geometry validated against transformers' bf16 run
+Then bf16: each preset (default and fused attention) and the real 26B-A4B layer geometry validated against transformers' bf16 run
 (the driver's gate), and the trained Sudoku model's bf16 tokens against its fp32 tokens on the CPU
 EP (>= 95 %, DESIGN.md). Prints a table, writes --json, exits 1 if any gated check fails.
 """
@@ -25,16 +25,17 @@ from pathlib import Path
 
 
 SUDOKU = Path(__file__).resolve().parent.parent / "models" / "sudoku"
-# (encoder, denoise step) experts: the default (the CPU runs a sparse denoise step, GPUs a dense one), and the swap
-MOE_FORMS = {"default": ("sparse", "auto"), "dense-enc/sparse-step": ("dense", "sparse")}
+# export variants: the default (sparse encoder experts; the CPU runs a sparse denoise step, GPUs a
+# dense one), the expert forms swapped, and attention as one fused ONNX Attention node
+VARIANTS = {"default": {}, "dense-enc/sparse-step": dict(encoder_moe="dense", denoise_moe="sparse"),
+            "fused attention": dict(attention="fused")}
 MIN_BF16_AGREEMENT = 0.95
 
 
-def _export(ckpt, out, dtype, moe=("sparse", "auto"), with_logits=False):
+def _export(ckpt, out, dtype, with_logits=False, **options):
     from dgport.exporters.export import ExportOptions, export
 
-    export(ckpt, out, ExportOptions(dtype=dtype, encoder_moe=moe[0], denoise_moe=moe[1], with_logits=with_logits,
-                                    validate=False))
+    export(ckpt, out, ExportOptions(dtype=dtype, with_logits=with_logits, validate=False, **options))
     return out
 
 
@@ -121,12 +122,14 @@ def run(candidate: str, presets, real_slice: bool, sudoku_puzzles: int, log=prin
         tmp = Path(tmp)
         for preset in presets:
             ckpt = build_fixture(preset, tmp / preset)
-            for form, moe in MOE_FORMS.items():
-                exp = _export(ckpt, tmp / f"{preset}-{form.replace('/', '_')}", "fp32", moe, with_logits=True)
+            for form, options in VARIANTS.items():
+                exp = _export(ckpt, tmp / f"{preset}-{form.replace('/', '_').replace(' ', '_')}", "fp32",
+                              with_logits=True, **options)
                 record("fp32 tokens", f"{preset} {form}", lambda: token_identity(exp, preset, candidate))
                 record("fp32 parity", f"{preset} {form}", lambda: parity(exp, ckpt, "fp32", candidate))
-            exp = _export(ckpt, tmp / f"{preset}-bf16", "bf16", with_logits=True)
-            record("bf16 parity", preset, lambda: parity(exp, ckpt, "bf16", candidate))
+            for form, options in (("default", {}), ("fused attention", VARIANTS["fused attention"])):
+                exp = _export(ckpt, tmp / f"{preset}-bf16-{form.replace(' ', '_')}", "bf16", with_logits=True, **options)
+                record("bf16 parity", f"{preset} {form}", lambda: parity(exp, ckpt, "bf16", candidate))
         if real_slice:
             ckpt = build_fixture("real-slice", tmp / "real-slice")
             exp = _export(ckpt, tmp / "real-slice-bf16", "bf16")

@@ -28,6 +28,8 @@ case "${1:-check}" in
   bench)
     python3 -m bench.bench_moe --device cuda --dtype bf16 --lengths 16,256,1024,4096 --runs 5 \
       --json "$out/bench_moe.json" 2>&1 | tee "$out/bench_moe.log"
+    python3 -m bench.bench_moe --compare attention --device cuda --dtype bf16 --lengths 256,1024,4096 --runs 5 \
+      --json "$out/bench_attention.json" 2>&1 | tee "$out/bench_attention.log"
     python3 -m bench.bench_onnx --device cuda --dtype bf16 --preset real-slice --runs 3 2>&1 | tee "$out/bench_onnx_real_slice.log"
     python3 -m bench.bench_onnx --device cuda --dtype fp32 --preset tiny --runs 3 2>&1 | tee "$out/bench_onnx_tiny.log"
     python3 -m bench.bench_prefill --device cuda --dtype bf16 --tokens 16384 --chunks 0,4096,2048,1024,512 2>&1 \

@@ -108,9 +108,11 @@ def cli(ctx, debug):
               help="ONNX encoder experts: sparse (each expert on its routed tokens; long prompts) or dense.")
 @click.option("--denoise-moe", default="auto", show_default=True,
               help="ONNX denoise-step experts: auto (both forms: sparse on CPUs, dense on GPUs), dense or sparse.")
+@click.option("--attention", default="explicit", show_default=True,
+              help="ONNX attention: explicit (MatMul/Softmax/MatMul) or fused (one ONNX Attention node, opset 23).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against the source model.")
-def export(src, out, formats, dtype, quantize, group_size, with_logits, encoder_moe, denoise_moe, force,
+def export(src, out, formats, dtype, quantize, group_size, with_logits, encoder_moe, denoise_moe, attention, force,
            no_validate):
     """Export a Hugging Face DiffusionGemma checkpoint SRC to the folder OUT."""
     from rich.console import Console
@@ -120,7 +122,8 @@ def export(src, out, formats, dtype, quantize, group_size, with_logits, encoder_
     from .progress import RichProgress
 
     opts = ExportOptions(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size,
-                         with_logits=with_logits, encoder_moe=encoder_moe, denoise_moe=denoise_moe, force=force,
+                         with_logits=with_logits, encoder_moe=encoder_moe, denoise_moe=denoise_moe,
+                         attention=attention, force=force,
                          validate=not no_validate)
     console = Console(stderr=True)
     with RichProgress(console) as progress:
@@ -308,7 +311,7 @@ def info(export_dir, verify, as_json):
                   "vocab": cfg.vocab_size, "experts": f"{cfg.num_experts} (top {cfg.top_k_experts})",
                   "canvas": cfg.canvas_length, "sliding_window": cfg.sliding_window,
                   "full_layers": cfg.full_layers},
-        "formats": {name: {k: v for k, v in entry.items() if k in ("dtype", "quantization", "with_logits")}
+        "formats": {name: {k: v for k, v in entry.items() if k in ("dtype", "quantization", "with_logits", "attention")}
                     | ({"experts": entry["moe"]} if isinstance(entry.get("moe"), dict) else {})
                     | {"bytes": sum(sizes.get(f, 0) for f in entry["files"])}
                     for name, entry in m["formats"].items()},

@@ -34,6 +34,7 @@ class ExportOptions:
     with_logits: bool = False
     encoder_moe: str = "sparse"  # ONNX experts per graph: "sparse" (per-expert loop) or "dense" (all experts)
     denoise_moe: str = "auto"  # "auto": both forms, each device runs its faster one (onnx_export.moe_forms)
+    attention: str = "explicit"  # ONNX: "explicit" (MatMul/Softmax/MatMul) or "fused" (ONNX Attention, opset 23)
     force: bool = False
     validate: bool = True
 
@@ -66,6 +67,8 @@ def check_options(opts: ExportOptions) -> None:
         raise DgportError(f"--encoder-moe {opts.encoder_moe!r}: choose sparse or dense")
     if opts.denoise_moe not in ("auto", "sparse", "dense"):
         raise DgportError(f"--denoise-moe {opts.denoise_moe!r}: choose auto, sparse or dense")
+    if opts.attention not in ("explicit", "fused"):
+        raise DgportError(f"--attention {opts.attention!r}: choose explicit or fused")
     if opts.group_size not in (32, 64, 128):
         raise DgportError(f"--group-size {opts.group_size}: choose 32, 64 or 128")
 

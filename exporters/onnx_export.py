@@ -15,7 +15,7 @@ import onnx
 from dgport.progress import Progress
 
 from .validation import rel_err
-from .onnx_graph import (ONNX_DTYPE, OPSET, WEIGHTS_FILE, WeightStore, build_denoise, build_encoder, io_spec)
+from .onnx_graph import (ONNX_DTYPE, WEIGHTS_FILE, WeightStore, build_denoise, build_encoder, io_spec)
 
 ENCODER, DENOISE = "encoder.onnx", "denoise_step.onnx"
 CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
@@ -45,15 +45,17 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     cfg = ckpt.config
     md = ONNX_DTYPE[opts.dtype]
     forms = moe_forms(opts)
+    fused = opts.attention == "fused"
     sparse = {dev: {k: v == "sparse" for k, v in f.items()} for dev, f in forms.items()}
     store = WeightStore(ckpt, out_dir, opts.dtype)
     built = {}
     try:
         with progress.step(f"onnx: encoder graph + {opts.dtype} weights"):
-            built["encoder"] = build_encoder(cfg, store, md, progress=progress, sparse_moe=sparse["cuda"]["encoder"])
+            built["encoder"] = build_encoder(cfg, store, md, progress=progress, sparse_moe=sparse["cuda"]["encoder"],
+                                             fused_attention=fused)
         with progress.step("onnx: denoise_step graph"):
             built["denoise_step"] = build_denoise(cfg, store, md, opts.with_logits, progress=progress,
-                                                  sparse_moe=sparse["cuda"]["denoise_step"])
+                                                  sparse_moe=sparse["cuda"]["denoise_step"], fused_attention=fused)
     finally:
         store.close()
     files = []
@@ -72,21 +74,25 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         store_ro = _ReadOnlyStore(store)
         if opts.dtype == "bf16":  # the CPU EP has no bf16 kernels: fp32-compute twins, weights bound as inputs
             cpu_graphs["encoder"] = write(build_encoder(cfg, store_ro, md, emulate=True,
-                                                        sparse_moe=sparse["cpu"]["encoder"]),
+                                                        sparse_moe=sparse["cpu"]["encoder"], fused_attention=fused),
                                           CPU_ENCODER, forms["cpu"]["encoder"], True)
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits, emulate=True,
-                                                             sparse_moe=sparse["cpu"]["denoise_step"]),
+                                                             sparse_moe=sparse["cpu"]["denoise_step"],
+                                                             fused_attention=fused),
                                                CPU_DENOISE, forms["cpu"]["denoise_step"], True)
         elif forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
-                                                             sparse_moe=sparse["cpu"]["denoise_step"]),
+                                                             sparse_moe=sparse["cpu"]["denoise_step"],
+                                                             fused_attention=fused),
                                                SPARSE_DENOISE, forms["cpu"]["denoise_step"])
     files.append(WEIGHTS_FILE)
     entry = {
         "files": files,
         "dtype": opts.dtype,
         "with_logits": bool(opts.with_logits),
-        "opset": OPSET,
+        "opset": built["encoder"].opset,
+        # "explicit": MatMul/Softmax/MatMul; "fused": one ONNX Attention node per layer (opset 23)
+        "attention": opts.attention,
         "builder": "dgport onnx_graph: built from config + weights with onnx.helper (no tracing)",
         # experts per device and graph: "sparse" = a Loop over experts, each on the tokens routed to
         # it (the reference's loop); "dense" = every expert on every token, zero weight for unrouted ones

@@ -121,6 +121,7 @@ class Builder:
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
     weights: list = field(default_factory=list)
+    opset: int = OPSET
     _n: int = 0
     _consts: dict = field(default_factory=dict)
 
@@ -203,7 +204,7 @@ class Builder:
 
     def model(self):
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="dgport")
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="dgport")
         m.ir_version = 10
         return m
 
@@ -214,8 +215,9 @@ class Builder:
 class Model:
     """The DiffusionGemma text stack on a Builder. `mode` is 'encoder' or 'decoder'."""
 
-    def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False):
+    def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False, fused_attention: bool = False):
         self.b, self.cfg, self.mode, self.sparse_moe = b, cfg, mode, sparse_moe
+        self.fused_attention = fused_attention
         self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
         self.neg_half = b.const(np.float32(-0.5), FLOAT)
         self.ax_last = b.const(np.array([-1], np.int64), INT64)
@@ -313,8 +315,20 @@ class Model:
         q = b.op("Reshape", q, b.const(np.array([0, 0, nh, d], np.int64), INT64))
         q = b.op("Transpose", self.rope(self.rms(q, self.vec32(p + "self_attn.q_norm.weight")), cos, sin, d),
                  perm=perm)  # [B, nh, T, d]
-        g = nh // nkv
-        q5 = b.op("Reshape", q, b.const(np.array([0, nkv, g, -1, d], np.int64), INT64))
+        o = self.fused_attend(q, k_all, v_all, sliding) if self.fused_attention else \
+            self.attend(q, k_all, v_all, sliding, nh, nkv, d)  # [B, nh, T, d]
+        o = b.op("Reshape", b.op("Transpose", o, perm=perm), b.const(np.array([0, 0, nh * d], np.int64), INT64))
+        a = self.mm(o, self.lin(f"layers.{i}.attn.o", [p + "self_attn.o_proj.weight"]))
+        h = b.op("Add", h, self.rms(a, self.vec32(p + "post_attention_layernorm.weight")))
+        h = self.ffn(i, h)
+        scalar = f"{DEC}layers.{i}.layer_scalar" if self.mode == "decoder" else \
+            f"model.encoder.language_model.layers.{i}.layer_scalar"
+        return b.op("Mul", h, self.vec(scalar)), k_all, v_all
+
+    def attend(self, q: str, k_all: str, v_all: str, sliding: bool, nh: int, nkv: int, d: int) -> str:
+        """Grouped-query attention, scaling 1.0, spelled out: scores and softmax in fp32, as SDPA."""
+        b = self.b
+        q5 = b.op("Reshape", q, b.const(np.array([0, nkv, nh // nkv, -1, d], np.int64), INT64))
         one = b.const(np.array([2], np.int64), INT64)
         kT = b.op("Unsqueeze", b.op("Transpose", k_all, perm=[0, 1, 3, 2]), one)  # [B,kv,1,d,S]
         scores = b.op("MatMul", q5, kT)  # [B,kv,g,T,S], scaling 1.0
@@ -324,14 +338,17 @@ class Model:
         probs = b.op("Softmax", sf, axis=-1)
         probs = probs if b.emulate else b.to_md(probs)  # SDPA keeps fp32 probabilities
         o = b.op("MatMul", probs, b.op("Unsqueeze", v_all, one))  # [B,kv,g,T,d]
-        o = b.op("Reshape", o, b.const(np.array([0, nh, -1, d], np.int64), INT64))
-        o = b.op("Reshape", b.op("Transpose", o, perm=perm), b.const(np.array([0, 0, nh * d], np.int64), INT64))
-        a = self.mm(o, self.lin(f"layers.{i}.attn.o", [p + "self_attn.o_proj.weight"]))
-        h = b.op("Add", h, self.rms(a, self.vec32(p + "post_attention_layernorm.weight")))
-        h = self.ffn(i, h)
-        scalar = f"{DEC}layers.{i}.layer_scalar" if self.mode == "decoder" else \
-            f"model.encoder.language_model.layers.{i}.layer_scalar"
-        return b.op("Mul", h, self.vec(scalar)), k_all, v_all
+        return b.op("Reshape", o, b.const(np.array([0, nh, -1, d], np.int64), INT64))
+
+    def fused_attend(self, q: str, k_all: str, v_all: str, sliding: bool) -> str:
+        """The same as one ONNX `Attention` node (opset 23; 4-D inputs give the head counts; the
+        encoder's boolean mask, True = attend). Runtimes choose the kernel (flash / memory-efficient
+        attention on CUDA for half types); the rounding points inside it are the kernel's."""
+        b = self.b
+        ins = [q, k_all, v_all]
+        if self.mode == "encoder":
+            ins.append(b.op("Squeeze", self.masks[sliding], b.const(np.array([2], np.int64), INT64)))  # [B,1,T,S]
+        return b.op("Attention", *ins, scale=1.0)
 
     def ffn(self, i: int, r: str) -> str:
         b, cfg = self.b, self.cfg
@@ -472,10 +489,13 @@ def cache_inputs(b, cfg: TextConfig, md: int) -> list:
     return pasts
 
 
+FUSED_ATTENTION_OPSET = 23  # the first with ONNX `Attention`
+
+
 def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None,
-                  sparse_moe: bool = True):
-    b = Builder("dgport_encoder", store, md, emulate)
-    m = Model(b, cfg, "encoder", sparse_moe)
+                  sparse_moe: bool = True, fused_attention: bool = False):
+    b = Builder("dgport_encoder", store, md, emulate, opset=FUSED_ATTENTION_OPSET if fused_attention else OPSET)
+    m = Model(b, cfg, "encoder", sparse_moe, fused_attention)
     ids = b.input("input_ids", INT64, ["batch", "seq"])
     pos = b.input("position_ids", INT64, ["batch", "seq"])
     pasts = cache_inputs(b, cfg, md)
@@ -506,9 +526,9 @@ def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = 
 
 
 def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
-                  progress=None, sparse_moe: bool = False):
-    b = Builder("dgport_denoise_step", store, md, emulate)
-    m = Model(b, cfg, "decoder", sparse_moe)
+                  progress=None, sparse_moe: bool = False, fused_attention: bool = False):
+    b = Builder("dgport_denoise_step", store, md, emulate, opset=FUSED_ATTENTION_OPSET if fused_attention else OPSET)
+    m = Model(b, cfg, "decoder", sparse_moe, fused_attention)
     H, V = cfg.hidden_size, cfg.vocab_size
     ids = b.input("canvas_ids", INT64, ["batch", "canvas"])
     pos = b.input("position_ids", INT64, ["batch", "canvas"])

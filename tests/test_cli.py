@@ -129,6 +129,7 @@ def test_chat_command_runs_two_turns(checkpoints):
     (["export", "{ckpt}", "{tmp}/out", "--format", "mlx", "--quantize", "four"], "'four': choose int4 or int8"),
     (["export", "{ckpt}", "{tmp}/out", "--quantize", "int4"], "--quantize applies to the mlx format"),
     (["export", "{ckpt}", "{tmp}/out", "--denoise-moe", "fast"], "--denoise-moe 'fast': choose auto, sparse or dense"),
+    (["export", "{ckpt}", "{tmp}/out", "--attention", "flash"], "--attention 'flash': choose explicit or fused"),
     (["export", "{missing}", "{tmp}/out"], "no such folder"),
 ])
 def test_user_mistakes_are_one_line_errors(capsys, tmp_path, checkpoints, args, message):
@@ -175,6 +176,7 @@ def test_export_info_run_check_on_an_onnx_export(capsys, cli_export, checkpoints
     assert info["formats"]["onnx"]["dtype"] == "fp32" and info["model"]["layers"] == 4
     assert info["formats"]["onnx"]["experts"] == {"cpu": {"encoder": "sparse", "denoise_step": "sparse"},
                                                   "cuda": {"encoder": "sparse", "denoise_step": "dense"}}
+    assert info["formats"]["onnx"]["attention"] == "explicit"
     assert info["total_bytes"] > 0 and info["verified"].startswith("sha256")
 
     code, out, err = dg(capsys, "run", cli_export, "--backend", "cpu", "--prompt", "Hi", "--seed", "4",

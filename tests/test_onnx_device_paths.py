@@ -67,7 +67,7 @@ def test_cuda_check_harness_runs_with_the_cpu_as_candidate(tmp_path):
     assert cuda_check.main(["--candidate", "cpu", "--presets", "tiny", "--no-real-slice", "--sudoku-puzzles", "1",
                             "--json", str(report)]) == 0
     rows = json.loads(report.read_text())["rows"]
-    assert [r["check"] for r in rows] == ["fp32 tokens", "fp32 parity"] * 2 + ["bf16 parity", "bf16 tokens"]
+    assert [r["check"] for r in rows] == ["fp32 tokens", "fp32 parity"] * 3 + ["bf16 parity"] * 2 + ["bf16 tokens"]
     assert all(r["ok"] for r in rows)
     assert all(r["identical_runs"] == "2/2" and r["state_on_device"] for r in rows if r["check"] == "fp32 tokens")
     assert all(max(r["max_rel_err"].values()) <= 1e-5 for r in rows if r["check"] == "fp32 parity")

@@ -162,3 +162,15 @@ def test_real_geometry_slice_exports_validates_and_runs(tmp_path_factory):
     gen.backend.reset()
     del gen
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_fused_attention_export_generates_like_torch(checkpoints, torch_gens, tmp_path):
+    """--attention fused: one ONNX Attention node per layer (opset 23); the driver validates it and it
+    generates the reference's tokens (prompt past the sliding window, several canvases)."""
+    out = tmp_path / "fused"
+    summary = export(checkpoints["long-context"], out, ExportOptions(attention="fused", with_logits=True))
+    entry = dgport.manifest.open_export(out, "cpu").format("onnx")
+    assert (entry["attention"], entry["opset"]) == ("fused", 23)
+    assert max(summary.validation["onnx"].values()) <= 1e-5
+    gen = dgport.load(out, backend="cpu", threads=THREADS)
+    assert_generates_like_torch(gen, torch_gens["long-context"], "long-context")
