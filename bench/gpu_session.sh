@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What issue #3 asks of a lent GPU machine, in two device calls of under 10 minutes each, logs under $OUT.
 #
-# Here, once:   ../shared/tools/device-wheels.sh onnxruntime-gpu==1.31.1 transformers==5.23.0
-# then make the calls it prints; the last one (and, on the still-warm machine, the next) runs:
+# Here, once:   bash bench/gpu_wheels.sh   (onnxruntime-gpu 1.31.1 + transformers 5.23.0, in parts
+# that fit a device call beside this tree); then make the calls it prints; the last one (and, on the
+# still-warm machine, the next) runs:
 #   bash .dwN/install.sh && bash bench/gpu_session.sh check     # CUDA EP vs CPU EP and transformers
 #   bash bench/gpu_session.sh bench                             # timings for bench/RESULTS.md
 # (The image already has every other dependency: tokenizers, safetensors, jinja2, click, rich, onnx.)
