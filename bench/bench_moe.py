@@ -38,10 +38,10 @@ MOE_PRESET = dict(vocab_size=2048, hidden_size=256, intermediate_size=256, num_a
 
 
 def time_encode(export_dir: Path, device: str, lengths, runs: int, threads: int):
-    import dgport
+    from dgport.manifest import open_export
     from dgport.runtimes.onnx import OnnxBackend
 
-    backend = OnnxBackend(dgport.manifest.open_export(export_dir, device), device=device, threads=threads)
+    backend = OnnxBackend(open_export(export_dir, device), device=device, threads=threads)
     V = backend.config.vocab_size
     rng = np.random.default_rng(0)
     out = {}

@@ -105,8 +105,8 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     if cpu_graphs != graphs:
         entry["cpu_graphs"] = cpu_graphs
     if opts.dtype == "bf16":
-        entry["cpu_note"] = ("onnxruntime's CPU EP has no bf16 kernels: on CPU the fp32-compute graphs run with "
-                             "fp32 copies of the bf16 weights made once at load (bf16 rounding kept at the "
+        entry["cpu_note"] = ("onnxruntime's CPU EP has no bf16 kernels: on CPU the fp32-compute graphs read the "
+                             "bf16 weights and cast each to fp32 where it is used (bf16 rounding kept at the "
                              "reference's casts; K/V and sc_embeds stay bf16)")
     return entry
 

@@ -11,8 +11,9 @@ Dtypes: `md` is the model dtype (fp32, fp16 or bf16): weights, activations, K/V 
 softmaxes, the router, logits and the sampler run in fp32 as in the reference. ONNX Runtime's CPU
 execution provider has no bf16 kernels, so a bf16 export also gets "fp32-compute" graphs for the CPU
 EP: the same math in fp32 with bf16 rounding at the reference's explicit casts and bf16 K/V and
-sc_embeds at the graph boundary; their weights are graph inputs the backend binds to fp32 copies it
-makes once at load (the file still holds the bf16 weights once).
+sc_embeds at the graph boundary; their weights are graph inputs the backend binds to the memory-mapped
+bf16 weights, cast to fp32 in the graph where each is used (an expert only after it is gathered), so
+the CPU holds the bf16 bytes once rather than an fp32 copy.
 """
 from __future__ import annotations
 
@@ -124,6 +125,7 @@ class Builder:
     opset: int = OPSET
     _n: int = 0
     _consts: dict = field(default_factory=dict)
+    _casts: dict = field(default_factory=dict)  # weight -> its fp32 cast (emulate mode), made once
 
     @property
     def cdt(self) -> int:
@@ -165,18 +167,29 @@ class Builder:
             v = np.float32(np.float16(v))
         return self.const(v, self.cdt)
 
-    def weight(self, name: str, make, dtype: str | None = None) -> str:
+    def weight(self, name: str, make, dtype: str | None = None, cast: bool = True) -> str:
         """A checkpoint-derived weight: an initializer with external data, or (emulate mode) a graph
-        input of dtype fp32 that the backend binds."""
+        input in its stored dtype that the backend binds, cast to fp32 in the graph where it is used,
+        so the CPU holds the bf16 weights once instead of an fp32 copy. `cast=False` returns the
+        stored-dtype tensor for a caller that gathers from it first (embedding rows, one expert) and
+        casts what it gathered with `compute()`."""
         self.store.get(name, make, dtype)
+        meta = self.store.index[name]
         if name not in self.weights:
             self.weights.append(name)
-            meta = self.store.index[name]
             if self.emulate:
-                self.inputs.append(helper.make_tensor_value_info(name, FLOAT, meta["shape"]))
+                self.inputs.append(helper.make_tensor_value_info(name, ONNX_DTYPE[meta["dtype"]], meta["shape"]))
             else:
                 self.inits.append(self.store.proto(name))
-        return name
+        if not (cast and self.emulate) or ONNX_DTYPE[meta["dtype"]] == FLOAT:
+            return name
+        if name not in self._casts:
+            self._casts[name] = self.cast(name, FLOAT)
+        return self._casts[name]
+
+    def compute(self, x: str) -> str:
+        """A model-dtype tensor in the compute dtype (emulate mode: cast to fp32)."""
+        return self.cast(x, FLOAT) if self.emulate and self.md != FLOAT else x
 
     def cast(self, x: str, to: int) -> str:
         return self.op("Cast", x, to=to)
@@ -274,10 +287,15 @@ class Model:
         rot = b.op("Concat", b.op("Neg", x2), x1, axis=-1)
         return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rot, sin))
 
+    def embedding(self, cast: bool = True) -> str:
+        """The token embedding table [V, H] (also the tied lm_head)."""
+        b = self.b
+        return b.weight("embed_tokens", lambda: b.store.raw(f"{DEC}embed_tokens.weight"), cast=cast)
+
     def embed(self, ids: str) -> str:
         b = self.b
-        e = b.weight("embed_tokens", lambda: b.store.raw(f"{DEC}embed_tokens.weight"))
-        return b.op("Mul", b.op("Gather", e, ids, axis=0), b.cconst(math.sqrt(self.cfg.hidden_size)))
+        rows = b.compute(b.op("Gather", self.embedding(cast=False), ids, axis=0))
+        return b.op("Mul", rows, b.cconst(math.sqrt(self.cfg.hidden_size)))
 
     # layer -----------------------------------------------------------------------------
     def layer(self, i: int, h: str, rope, past_k: str, past_v: str, qpos: str | None, kv_only: bool = False):
@@ -375,10 +393,13 @@ class Model:
         y = self.rms(r, self.vec32(p + "pre_feedforward_layernorm_2.weight"))  # [B,T,H]
         y2 = b.op("Reshape", y, b.const(np.array([-1, H], np.int64), INT64))  # [N,H]
         st = b.store
+        # the sparse loop gathers one expert's weights, then casts them (emulate mode)
         wgu = b.weight(f"layers.{i}.experts.gate_up",
-                       lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)))
+                       lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)),
+                       cast=not self.sparse_moe)
         wd = b.weight(f"layers.{i}.experts.down",
-                      lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.down_proj")), 1, 2)))
+                      lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.down_proj")), 1, 2)),
+                      cast=not self.sparse_moe)
         if self.sparse_moe:
             moe = self.sparse_experts(y2, topi, topw, wgu, wd)
         else:
@@ -422,9 +443,9 @@ class Model:
         rows = b.op("Squeeze", b.op("NonZero", routed), b.const(np.array([0], np.int64), INT64))  # [n]
         w_e = b.op("ReduceSum", b.op("Where", hit, topw, b.const(np.float32(0), FLOAT)), self.ax_last, keepdims=0)
         x = b.op("Gather", y2, rows, axis=0)  # [n,H]
-        g, u = b.op("Split", b.op("MatMul", x, b.op("Gather", wgu, e, axis=0)),
+        g, u = b.op("Split", b.op("MatMul", x, b.compute(b.op("Gather", wgu, e, axis=0))),
                     b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
-        o = b.op("MatMul", b.op("Mul", self.gelu(g), u), b.op("Gather", wd, e, axis=0))  # [n,H]
+        o = b.op("MatMul", b.op("Mul", self.gelu(g), u), b.compute(b.op("Gather", wd, e, axis=0)))  # [n,H]
         scaled = self.round32(b.op("Mul", o if b.cdt == FLOAT else b.cast(o, FLOAT),
                                    b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0), self.ax_last)))
         # a token appears once per expert, so the rows are unique: read-add-write with a plain ScatterND
@@ -549,7 +570,7 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
     for i in _layers(cfg, progress, "denoise layers"):
         h, _, _ = m.layer(i, h, rope, *pasts[i], None)
     h = m.rms(h, m.vec32(f"{DEC}norm.weight"))
-    E = "embed_tokens"
+    E = m.embedding()
     flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
     lg = b.op("Gemm", flat, E, transB=1)  # tied lm_head, one copy of the table
     lg = lg if b.cdt == FLOAT else b.cast(lg, FLOAT)

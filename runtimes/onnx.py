@@ -63,8 +63,6 @@ class OnnxBackend:
         if graph_set is None:
             graph_set = "cpu_graphs" if device == "cpu" and "cpu_graphs" in entry else "graphs"
         self.graphs = graphs = entry[graph_set]
-        # fp32-compute graphs (bf16 exports on the CPU EP) take their weights as inputs, fp32 copies
-        self.fp32_compute = any(g["weights_as_inputs"] for g in graphs.values())
         self._weights = self._load_weights(graphs)
         so_kw = dict(session_options)
         if threads is None:
@@ -95,10 +93,7 @@ class OnnxBackend:
             t = meta["tensors"][name]
             raw = mm[t["offset"]:t["offset"] + t["nbytes"]]
             arr = raw.view(NP_TYPE[t["dtype"]]).reshape(t["shape"])
-            if self.fp32_compute and t["dtype"] == "bf16":  # CPU EP: fp32 copy made once
-                arr = (arr.astype(np.uint32) << 16).view(np.float32)
-                values[name] = ort.OrtValue.ortvalue_from_numpy(arr)
-            elif self.device == "cpu":
+            if self.device == "cpu":
                 values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, ONNX_TYPE[t["dtype"]]) \
                     if t["dtype"] == "bf16" else ort.OrtValue.ortvalue_from_numpy(arr)
             else:
