@@ -3,10 +3,11 @@
 Imports only numpy and onnxruntime (never torch or transformers).
 
 - Weights: `weights.bin` is memory-mapped once; one OrtValue per tensor is made once (zero-copy on
-  CPU, one host-to-device copy on CUDA) and handed to both sessions with
-  `SessionOptions.add_initializer`, which uses a supplied OrtValue in place when it already lives on
-  the planned device, so encoder and denoiser share one copy. Prepacking is disabled so no
-  session keeps a private repacked copy.
+  CPU, one host-to-device copy on CUDA, handed over as a DLPack view) and given to both sessions
+  with `SessionOptions.add_initializer`, which uses a supplied OrtValue in place when it already
+  lives on the planned device, so encoder and denoiser share one copy. Prepacking is disabled so no
+  session keeps a private repacked copy. Graphs that take their weights as inputs (bf16 exports'
+  fp32-compute graphs on the CPU) get the same OrtValues bound per call.
 - KV cache: per layer an OrtValue on the backend's device. The encoder graph takes the cache and
   returns the updated one (sliding layers trimmed to the last `sliding_window - 1` positions, as
   transformers' DynamicSlidingWindowLayer); the backend swaps OrtValues, nothing is copied to the host.
@@ -253,7 +254,6 @@ class OnnxBackend:
         return io.get_outputs()[0].numpy()
 
 
-
 def device_initializer(ort, arr: np.ndarray, onnx_type: int, device: tuple):
     """`arr` copied once to `device`, as an OrtValue that `SessionOptions.add_initializer` accepts.
 
@@ -273,6 +273,7 @@ def device_initializer(ort, arr: np.ndarray, onnx_type: int, device: tuple):
         return ort.OrtValue(C.OrtValue.from_dlpack(capsule))
     except TypeError:  # older onnxruntime: from_dlpack(capsule, is_bool_tensor)
         return ort.OrtValue(C.OrtValue.from_dlpack(capsule, False))
+
 
 def _cast_session(ort, providers):
     """A session casting a bf16 tensor of any shape to float32 (built on demand; needs the onnx package,
