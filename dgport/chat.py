@@ -10,14 +10,16 @@ import time
 import numpy as np
 
 from .api import Generator, GenerationResult
+from .loop import ENCODE_CHUNK
 
 SENTINEL = "\x00dgport-answer\x00"
 
 
 class ChatSession:
     def __init__(self, gen: Generator, system: str | None = None, think: bool = False, seed: int | None = None,
-                 max_new_tokens: int | None = None, **sampler_overrides):
+                 max_new_tokens: int | None = None, encode_chunk: int = ENCODE_CHUNK, **sampler_overrides):
         self.gen = gen
+        self.encode_chunk = encode_chunk
         self.think = think
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.max_new_tokens = max_new_tokens
@@ -52,7 +54,7 @@ class ChatSession:
         ids, keep = self.next_turn_ids(user_text)
         started = time.perf_counter()
         result = self.gen.generate(ids, max_new_tokens=self.max_new_tokens, rng=self.rng, keep_cache=keep,
-                                   on_canvas=on_canvas, **self.overrides)
+                                   on_canvas=on_canvas, encode_chunk=self.encode_chunk, **self.overrides)
         elapsed = time.perf_counter() - started
         settings = self.gen.settings(self.max_new_tokens, **self.overrides)
         C = self.gen.config.canvas_length

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import DgportError
+from .loop import ENCODE_CHUNK
 
 BACKEND_CHOICES = ("cpu", "cuda", "mlx", "torch")
 
@@ -42,6 +43,8 @@ def sampler_options(f):
                      help="Previous argmax canvases that must equal the current one to stop early."),
         click.option("--confidence-threshold", type=float, default=None, callback=_positive,
                      help="Mean entropy under which a stable canvas stops early."),
+        click.option("--encode-chunk", type=int, default=ENCODE_CHUNK, show_default=True, callback=_positive,
+                     help="Prompt tokens per encode call (memory of the encoder's attention grows with it)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -205,7 +208,8 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
         live.start()
     try:
         result = gen.generate(text, max_new_tokens=max_new_tokens or 4 * C, seed=seed, raw=raw, system=system,
-                              think=think, on_canvas=on_canvas, on_step=on_step if live else None, **overrides)
+                              think=think, on_canvas=on_canvas, on_step=on_step if live else None,
+                              encode_chunk=sampler["encode_chunk"], **overrides)
     finally:
         if live is not None:
             live.stop()
@@ -245,7 +249,7 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
     gen = _load(export_dir, backend)
     session = ChatSession(gen, system=system, think=think, seed=seed,
                           max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
-                          **{k: sampler[k] for k in SAMPLER_KEYS})
+                          encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
     err = click.get_text_stream("stderr")
     err.write("dgport chat: type a message, an empty line or Ctrl-D to quit.\n")
     while True:
@@ -282,7 +286,7 @@ def check(export_dir, backends, prompts, raw, as_json, seed, max_new_tokens, **s
 
     report = run_check(export_dir, parse_backends(backends), list(prompts) or None, raw=raw,
                        seed=0 if seed is None else seed, max_new_tokens=max_new_tokens,
-                       overrides={k: sampler[k] for k in SAMPLER_KEYS})
+                       overrides={**{k: sampler[k] for k in SAMPLER_KEYS}, "encode_chunk": sampler["encode_chunk"]})
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

@@ -118,6 +118,7 @@ def test_chat_command_runs_two_turns(checkpoints):
     (["run", "{ckpt}", "--backend", "torch", "--prompt", "x", "--max-denoising-steps", "-2"], "must be a positive"),
     (["run", "{ckpt}", "--backend", "torch", "--prompt", "x", "--stability-threshold", "-1"], "must be >= 0"),
     (["run", "{ckpt}", "--backend", "torch", "--prompt", "x", "--entropy-bound", "0"], "must be a positive"),
+    (["run", "{ckpt}", "--backend", "torch", "--prompt", "x", "--encode-chunk", "0"], "must be a positive"),
     (["run", "{ckpt}", "--backend", "torch", "--prompt", "x", "--t-min", "0.9", "--t-max", "0.5"],
      r"t_min \(0.9\) must not be above t_max \(0.5\)"),
     (["check", "{ckpt}", "--backends", "cpu"], "name at least two backends"),
@@ -187,6 +188,13 @@ def test_export_info_run_check_on_an_onnx_export(capsys, cli_export, checkpoints
                         "--prompt", "Hi", "--seed", "4", "--max-new-tokens", "32", "--json")
     assert code == 0, err
     assert json.loads(out)["token_ids"] == cpu["token_ids"]
+    # --encode-chunk reaches the loop: the prompt and each committed 16-token canvas go in 3-token calls
+    code, out, err = dg(capsys, "run", cli_export, "--backend", "cpu", "--prompt", "Hi", "--seed", "4",
+                        "--max-new-tokens", "32", "--encode-chunk", "3", "--json")
+    assert code == 0, err
+    chunked = json.loads(out)
+    committed = len(chunked["steps_per_canvas"]) - 1
+    assert chunked["timings"]["encode_calls"] == -(-len(chunked["prompt_ids"]) // 3) + committed * -(-16 // 3)
 
     code, out, err = dg(capsys, "check", cli_export, "--backends", f"cpu,torch={checkpoints['tiny']}",
                         "--max-new-tokens", "32", "--json")
