@@ -138,8 +138,8 @@ def _mem_available_gb() -> float:
     return 0.0
 
 
-@pytest.mark.skipif(_mem_available_gb() < 18, reason="the real-geometry slice needs ~17 GB peak (3.1 GB bf16 "
-                    "checkpoint, its export, fp32 CPU copies and the transformers model for validation)")
+@pytest.mark.skipif(_mem_available_gb() < 13, reason="the real-geometry slice needs ~11 GB peak (3.1 GB bf16 "
+                    "checkpoint, its export, and the transformers model for validation)")
 def test_real_geometry_slice_exports_validates_and_runs(tmp_path_factory):
     """Real 26B-A4B layer geometry (models.fixtures LARGE_PRESETS['real-slice']): one sliding and one
     full layer, bf16 weights, reduced vocabulary/canvas. The driver validates it against transformers
