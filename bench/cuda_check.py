@@ -8,10 +8,10 @@ step sparse on the CPU and dense on the GPU; the expert forms swapped; fused att
 - token identity with the CPU EP: the fixture prompts and seeds, and a kept cache continued;
 - graph parity against transformers (fp32, CPU) through the export-validation harness and gate;
 - the cache and the self-conditioning signal stay on the device between calls.
-Then bf16: each preset (default and fused attention) and the real 26B-A4B layer geometry validated against transformers' bf16 run
-(the driver's gate), on the GPU that slice's weights held once in device memory, and the trained
-Sudoku model's bf16 tokens against its fp32 tokens on the CPU EP (>= 95 %, DESIGN.md). Prints a
-line per check, writes --json, exits 1 if any gated check fails.
+Then bf16: each preset (default and fused attention) and the real 26B-A4B layer geometry validated
+against transformers' bf16 run (the driver's gate); on the GPU, that slice's weights held once in
+device memory; the trained Sudoku model's bf16 tokens against its fp32 tokens on the CPU EP (>= 95 %,
+DESIGN.md). Prints a line per check, writes --json, exits 1 if any gated check fails.
 """
 from __future__ import annotations
 
