@@ -25,7 +25,8 @@ from bench.bench_moe import MOE_PRESET
 from bench.bench_onnx import _peak_rss_mb
 
 
-def _gpu_used_mb() -> float:
+def gpu_used_mb() -> float:
+    """Device memory in use on GPU 0, as the driver reports it (MB)."""
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.split()[0])
@@ -42,12 +43,12 @@ def side(export_dir: str, device: str, tokens: int, chunk: int, threads: int) ->
     pos = np.arange(tokens)[None]
     encode_chunked(backend, ids[:, :16], pos[:, :16], 16)  # warm-up: sessions initialized
     backend.reset()
-    base = _gpu_used_mb() if device == "cuda" else _peak_rss_mb()
+    base = gpu_used_mb() if device == "cuda" else _peak_rss_mb()
     t = time.perf_counter()
     encode_chunked(backend, ids, pos, chunk or tokens)
     backend.cache_numpy(0)  # waits for the device
     seconds = time.perf_counter() - t
-    peak = _gpu_used_mb() if device == "cuda" else _peak_rss_mb()
+    peak = gpu_used_mb() if device == "cuda" else _peak_rss_mb()
     return {"chunk": chunk or tokens, "seconds": seconds, "added_mb": peak - base}
 
 

@@ -92,19 +92,13 @@ def parity(export_dir, ckpt, dtype: str, candidate: str) -> dict:
 def gpu_weights_once(export_dir: Path) -> dict:
     """Both sessions loaded on the GPU: device memory grows by about one copy of weights.bin (plus
     the CUDA context), not two."""
-    import subprocess
-
+    from bench.bench_prefill import gpu_used_mb
     from dgport.manifest import open_export
     from dgport.runtimes.onnx import OnnxBackend
 
-    def used_mb() -> float:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=True)
-        return float(out.stdout.split()[0])
-
-    before = used_mb()
+    before = gpu_used_mb()
     backend = OnnxBackend(open_export(export_dir, "cuda"), device="cuda")
-    grown = used_mb() - before
+    grown = gpu_used_mb() - before
     weights = (export_dir / "weights.bin").stat().st_size / 2**20
     del backend
     return {"weights_mb": round(weights), "device_memory_grown_mb": round(grown),

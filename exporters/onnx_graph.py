@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dgport.config import TextConfig
 
 OPSET = 21
+FUSED_ATTENTION_OPSET = 23  # the first with ONNX `Attention`
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 ONNX_DTYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 NP_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
@@ -187,6 +188,10 @@ class Builder:
             self._casts[name] = self.cast(name, FLOAT)
         return self._casts[name]
 
+    def f32(self, x: str) -> str:
+        """A compute-dtype tensor in fp32 (a cast only when the graph computes in half precision)."""
+        return x if self.cdt == FLOAT else self.cast(x, FLOAT)
+
     def compute(self, x: str) -> str:
         """A model-dtype tensor in the compute dtype (emulate mode: cast to fp32)."""
         return self.cast(x, FLOAT) if self.emulate and self.md != FLOAT else x
@@ -231,6 +236,8 @@ class Model:
     def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False, fused_attention: bool = False):
         self.b, self.cfg, self.mode, self.sparse_moe = b, cfg, mode, sparse_moe
         self.fused_attention = fused_attention
+        if fused_attention:
+            b.opset = max(b.opset, FUSED_ATTENTION_OPSET)
         self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
         self.neg_half = b.const(np.float32(-0.5), FLOAT)
         self.ax_last = b.const(np.array([-1], np.int64), INT64)
@@ -250,7 +257,7 @@ class Model:
     # pieces ----------------------------------------------------------------------------
     def rms(self, x: str, w: str | None = None) -> str:
         b = self.b
-        xf = x if b.cdt == FLOAT else b.cast(x, FLOAT)
+        xf = b.f32(x)
         ms = b.op("ReduceMean", b.op("Mul", xf, xf), self.ax_last, keepdims=1)
         y = b.op("Mul", xf, b.op("Pow", b.op("Add", ms, self.eps), self.neg_half))
         if w is not None:
@@ -350,7 +357,7 @@ class Model:
         one = b.const(np.array([2], np.int64), INT64)
         kT = b.op("Unsqueeze", b.op("Transpose", k_all, perm=[0, 1, 3, 2]), one)  # [B,kv,1,d,S]
         scores = b.op("MatMul", q5, kT)  # [B,kv,g,T,S], scaling 1.0
-        sf = scores if b.cdt == FLOAT else b.cast(scores, FLOAT)
+        sf = b.f32(scores)
         if self.mode == "encoder":
             sf = b.op("Where", self.masks[sliding], sf, b.const(np.float32(-np.inf), FLOAT))
         probs = b.op("Softmax", sf, axis=-1)
@@ -385,7 +392,7 @@ class Model:
         else:
             s = b.op("Mul", s, b.cconst(H ** -0.5))
         logits = self.mm(s, self.lin(f"layers.{i}.router", [p + "router.proj.weight"]))
-        probs = b.op("Softmax", logits if b.cdt == FLOAT else b.cast(logits, FLOAT), axis=-1)  # [B,T,E]
+        probs = b.op("Softmax", b.f32(logits), axis=-1)  # [B,T,E]
         topw, topi = b.op("TopK", probs, b.const(np.array([K], np.int64), INT64), axis=-1, largest=1, sorted=1,
                           n_out=2)
         topw = b.op("Div", topw, b.op("ReduceSum", topw, self.ax_last, keepdims=1))
@@ -421,8 +428,8 @@ class Model:
         eo = b.op("MatMul", b.op("Mul", self.gelu(eg), eu), wd)  # [E,N,H]
         wt = b.op("Unsqueeze", b.op("Transpose", b.op("Reshape", dense_w, b.const(np.array([-1, E], np.int64), INT64)),
                                     perm=[1, 0]), self.ax_last)  # [E,N,1]
-        eo = b.to_md(b.op("Mul", eo if b.cdt == FLOAT else b.cast(eo, FLOAT), wt))
-        eo32 = eo if b.cdt == FLOAT else b.cast(eo, FLOAT)
+        eo = b.to_md(b.op("Mul", b.f32(eo), wt))
+        eo32 = b.f32(eo)
         return b.to_md(b.op("ReduceSum", eo32, b.const(np.array([0], np.int64), INT64), keepdims=0))  # [N,H]
 
     def sparse_experts(self, y2: str, topi: str, topw: str, wgu: str, wd: str) -> str:
@@ -446,7 +453,7 @@ class Model:
         g, u = b.op("Split", b.op("MatMul", x, b.compute(b.op("Gather", wgu, e, axis=0))),
                     b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
         o = b.op("MatMul", b.op("Mul", self.gelu(g), u), b.compute(b.op("Gather", wd, e, axis=0)))  # [n,H]
-        scaled = self.round32(b.op("Mul", o if b.cdt == FLOAT else b.cast(o, FLOAT),
+        scaled = self.round32(b.op("Mul", b.f32(o),
                                    b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0), self.ax_last)))
         # a token appears once per expert, so the rows are unique: read-add-write with a plain ScatterND
         # (ScatterND's reduction="add" lacks kernels on some execution providers)
@@ -510,12 +517,9 @@ def cache_inputs(b, cfg: TextConfig, md: int) -> list:
     return pasts
 
 
-FUSED_ATTENTION_OPSET = 23  # the first with ONNX `Attention`
-
-
 def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None,
                   sparse_moe: bool = True, fused_attention: bool = False):
-    b = Builder("dgport_encoder", store, md, emulate, opset=FUSED_ATTENTION_OPSET if fused_attention else OPSET)
+    b = Builder("dgport_encoder", store, md, emulate)
     m = Model(b, cfg, "encoder", sparse_moe, fused_attention)
     ids = b.input("input_ids", INT64, ["batch", "seq"])
     pos = b.input("position_ids", INT64, ["batch", "seq"])
@@ -548,7 +552,7 @@ def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = 
 
 def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
                   progress=None, sparse_moe: bool = False, fused_attention: bool = False):
-    b = Builder("dgport_denoise_step", store, md, emulate, opset=FUSED_ATTENTION_OPSET if fused_attention else OPSET)
+    b = Builder("dgport_denoise_step", store, md, emulate)
     m = Model(b, cfg, "decoder", sparse_moe, fused_attention)
     H, V = cfg.hidden_size, cfg.vocab_size
     ids = b.input("canvas_ids", INT64, ["batch", "canvas"])
@@ -573,7 +577,7 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
     E = m.embedding()
     flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
     lg = b.op("Gemm", flat, E, transB=1)  # tied lm_head, one copy of the table
-    lg = lg if b.cdt == FLOAT else b.cast(lg, FLOAT)
+    lg = b.f32(lg)
     cap = b.const(np.float32(cfg.final_logit_softcapping), FLOAT)
     lg = b.op("Mul", b.op("Tanh", b.op("Div", lg, cap)), cap)
     shape = b.op("Concat", b.op("Shape", ids), b.const(np.array([V], np.int64), INT64), axis=0)
@@ -591,7 +595,7 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
         p_sc = probs
     else:
         pm = b.to_md(proc)
-        p_sc = b.to_md(b.op("Softmax", pm if b.cdt == FLOAT else b.cast(pm, FLOAT), axis=-1))
+        p_sc = b.to_md(b.op("Softmax", b.f32(pm), axis=-1))
     soft = b.op("Mul", b.op("MatMul", p_sc, E), b.cconst(math.sqrt(H)))
     b.output("argmax_ids", argmax, INT64, ["batch", "canvas"])
     b.output("entropy", entropy, FLOAT, ["batch", "canvas"])
