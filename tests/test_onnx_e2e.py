@@ -47,6 +47,7 @@ def test_prompt_encoded_in_chunks_equals_one_call(onnx_exports, torch_gens):
 
     from dgport.exporters.validation import rel_err
     from dgport.loop import encode_chunked
+    from dgport.timing import TimedBackend
 
     prompt = [2] + list(range(130, 157))
     ids, pos = np.array([prompt]), np.arange(len(prompt))[None]
@@ -57,8 +58,9 @@ def test_prompt_encoded_in_chunks_equals_one_call(onnx_exports, torch_gens):
         b.encode(ids, pos)
         whole = [b.cache_numpy(i) for i in range(b.config.num_layers)]
         b.reset()
-        encode_chunked(b, ids, pos, chunk=5)
-        assert b.cache_len == len(prompt)
+        timed = TimedBackend(b)
+        encode_chunked(timed, ids, pos, chunk=5)
+        assert len(timed.timings.encode_s) == 6 and b.cache_len == len(prompt)  # ceil(28 / 5) calls
         for i, (k, v) in enumerate(whole):
             ck, cv = b.cache_numpy(i)
             assert ck.shape == k.shape  # sliding layers trimmed alike
