@@ -88,11 +88,16 @@ class Generator:
         )
 
 
-def load(path, backend: str = "cpu", **backend_options) -> Generator:
+def load(path=None, backend: str = "cpu", **backend_options) -> Generator:
     """Open a model. backend 'torch' takes a Hugging Face checkpoint folder; 'cpu', 'cuda' (ONNX
-    Runtime) and 'mlx' take a folder written by `dgport export`."""
+    Runtime) and 'mlx' take a folder written by `dgport export`. Without `path`: the shipped Sudoku
+    model (exported into dgport's cache on first use)."""
     if backend not in BACKENDS:
         raise DgportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if path is None:
+        from .default_model import ensure_default_export
+
+        path = ensure_default_export(backend)
     path = Path(path)
     if backend == "torch":
         from .exporters.checkpoint import read_config
