@@ -169,7 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sudoku-puzzles", type=int, default=8, help="0 skips the Sudoku bf16 agreement")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
-    import onnxruntime as ort
+    from dgport.ort_env import onnxruntime
+
+    ort = onnxruntime()
 
     print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}, candidate {a.candidate}")
     rows = run(a.candidate, [p for p in a.presets.split(",") if p], not a.no_real_slice, a.sudoku_puzzles)

@@ -34,8 +34,10 @@ CUDA_FIX = ("install the CUDA build of ONNX Runtime: pip uninstall -y onnxruntim
 
 
 def _ort():
+    from dgport.ort_env import onnxruntime
+
     try:
-        import onnxruntime as ort
+        ort = onnxruntime()
     except ImportError as e:
         raise BackendUnavailable(
             "ONNX Runtime is not installed: pip install 'dgport[cpu]' (or 'dgport[cuda]' for NVIDIA GPUs)") from e

@@ -9,6 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # hf_reference helper
 
+import dgport.ort_env  # noqa: E402,F401  (ONNX Runtime telemetry off before any test imports onnxruntime)
+
 os.environ.setdefault("DGPORT_CACHE_DIR", str(Path(__file__).parent / ".." / ".pytest_cache" / "dgport"))
 
 from models.fixtures import PRESETS, build_fixture  # noqa: E402
