@@ -341,7 +341,9 @@ class Export:
 
 
 def _stamp_path(path: Path, sha: str) -> Path:
-    cache = Path(os.environ.get("DGPORT_CACHE_DIR", Path.home() / ".cache" / "dgport")) / "verified"
+    from .default_model import cache_dir  # late: default_model imports this module
+
+    cache = cache_dir() / "verified"
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{sha}".encode()).hexdigest()
     return cache / key
