@@ -1,0 +1,139 @@
+"""MODEL -> the folder a backend opens.
+
+MODEL may be a dgport export folder (used as is), a Hugging Face checkpoint folder (exported once
+into dgport's cache, keyed by checkpoint fingerprint, format, dtype and quantization, then reused),
+or a Hugging Face Hub id such as `google/diffusiongemma-26B-A4B-it` (its safetensors, configs and
+tokenizer files fetched with huggingface_hub into the Hugging Face cache, then as a checkpoint
+folder). `HF_HOME` / `HF_HUB_CACHE` choose the Hub cache and `HF_HUB_OFFLINE=1` forbids downloads."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import CheckpointError, DgportError
+from .manifest import BACKEND_FORMAT, FORMAT_VERSION, MANIFEST
+
+# What a DiffusionGemma checkpoint needs from a Hub repo: never pickles, never other large files.
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer.model"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def is_hub_id(text: str) -> bool:
+    """'owner/name' as the Hub spells repo ids (no '..', no leading or trailing '.' or '-')."""
+    return bool(_HUB_ID.match(text)) and ".." not in text and not any(
+        part.endswith((".", "-")) for part in text.split("/"))
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face cache as huggingface_hub documents it, read at call time (its own constants
+    are read once at import): HF_HUB_CACHE, else HF_HOME/hub, else XDG_CACHE_HOME/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def dgport_cache_dir() -> Path:
+    """dgport's own cache (exports of checkpoints): the default model's convention."""
+    from . import default_model
+
+    shared = getattr(default_model, "cache_dir", None)  # the shared helper, where this dgport has it
+    if callable(shared):
+        return Path(shared())
+    return Path(os.environ.get("DGPORT_CACHE_DIR", Path.home() / ".cache" / "dgport"))
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a Hub model repo, downloading what is missing unless offline."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as e:
+        raise DgportError(f"{repo_id}: fetching a model by Hugging Face id needs huggingface_hub: "
+                          "pip install 'dgport[serve]' (or give a local folder)") from e
+    offline = hub_offline()
+    cache = hub_cache_dir()
+    try:
+        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache, local_files_only=offline)
+    except LocalEntryNotFoundError as e:
+        if offline:
+            raise DgportError(f"{repo_id}: not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set; "
+                              "download it once online (unset HF_HUB_OFFLINE), point HF_HOME at a cache that "
+                              "has it, or give a local folder") from e
+        raise DgportError(f"{repo_id}: cannot reach the Hugging Face Hub and the model is not in {cache}; "
+                          "check the connection or give a local folder") from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        raise DgportError(f"{repo_id}: the Hugging Face Hub refused it (HTTP {status}): no such model, or it is "
+                          "gated (accept its licence and `hf auth login`)") from e
+    except (OSError, ValueError) as e:
+        raise DgportError(f"{repo_id}: fetching from the Hugging Face Hub failed ({e.__class__.__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    return Path(path)
+
+
+def resolve_checkpoint(model) -> Path:
+    """A Hugging Face checkpoint folder for MODEL (a folder, or a Hub id fetched into the Hub cache)."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if is_hub_id(text):
+        return hub_snapshot(text)
+    raise CheckpointError(f"{text}: no such folder, and not a Hugging Face Hub id (owner/name)")
+
+
+def cached_export_path(checkpoint, backend: str, dtype: str = "fp32", quantize: int | None = None) -> Path:
+    from .exporters.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(checkpoint)
+    fmt = BACKEND_FORMAT[backend]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", _model_name(Path(checkpoint)))[:60] or "model"
+    quant = f"int{quantize}" if quantize else "none"
+    return dgport_cache_dir() / "exports" / f"{name}-{ckpt.fingerprint()[:12]}-{fmt}-{dtype}-{quant}-v{FORMAT_VERSION}"
+
+
+def _model_name(folder: Path) -> str:
+    """The repo name for a Hub snapshot (.../models--owner--name/snapshots/<commit>), else the folder's."""
+    parts = folder.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].split("--")[-1]
+    return folder.resolve().name
+
+
+def resolve_model(model, backend: str, dtype: str = "fp32", quantize: int | None = None) -> Path:
+    """The folder `dgport.load(..., backend=backend)` opens for MODEL: an export folder as is; a
+    checkpoint (folder or Hub id) exported once into dgport's cache (or as is for backend torch)."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists() and (path / MANIFEST).exists():
+        if backend == "torch":
+            raise DgportError(f"{path}: a dgport export; --backend torch runs a Hugging Face checkpoint folder")
+        return path
+    if path.exists() and not (path / "config.json").exists():
+        raise DgportError(f"{path}: neither a dgport export (no {MANIFEST}) nor a Hugging Face checkpoint "
+                          "(no config.json)")
+    checkpoint = resolve_checkpoint(text)
+    if backend == "torch":
+        return checkpoint
+    out = cached_export_path(checkpoint, backend, dtype, quantize)
+    if not (out / MANIFEST).exists():
+        from .exporters.export import ExportOptions, export
+        from .progress import RichProgress
+
+        fmt = BACKEND_FORMAT[backend]
+        try:
+            with RichProgress() as progress:
+                progress.log(f"first use of {text}: exporting it ({fmt}, {dtype}) to {out}")
+                export(checkpoint, out, ExportOptions(formats=(fmt,), dtype=dtype, quantize=quantize, validate=False,
+                                                      force=True), progress)
+        except ImportError as e:
+            raise DgportError(f"{text}: exporting a checkpoint needs the export tools ({e.name} is missing): "
+                              "pip install 'dgport[export]', or give a folder written by `dgport export`") from e
+    return out
