@@ -64,7 +64,8 @@ def run_hf(ckpt_dir: str, runs: int, max_new_tokens: int | None) -> dict:
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt_dir, dtype=torch.float32).eval()
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt_dir, dtype=torch.float32,
+                                                            use_safetensors=True).eval()
     times = {"encoder": [], "decoder": []}
 
     def timer(name):

@@ -87,7 +87,7 @@ def side_hf(ckpt, threads, runs, max_new, device, dtype):
 
     torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    model = DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(ckpt, dtype=dtype, use_safetensors=True).to(device).eval()
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # as dgport's CUDA EP sessions
     ids = torch.tensor([PROMPT], device=device)

@@ -16,6 +16,8 @@ from .safetensors_np import SafetensorsFile
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 DEC = "model.decoder."
 ENC_SCALAR = "model.encoder.language_model.layers.{i}.layer_scalar"
@@ -111,11 +113,41 @@ def read_config(path: Path) -> tuple[TextConfig, GenerationDefaults, dict]:
     return text, GenerationDefaults.from_hf(gen, text, raw.get("eos_token_id")), raw
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files holding the weights, chosen as transformers' from_pretrained(...,
+    use_safetensors=True) chooses them (model.safetensors, else the shards its index names), so the
+    export and the torch reference read the same tensors. Other *.safetensors names only when neither
+    exists (transformers cannot load those; `transformers_loadable` says so)."""
+    single, index_path = path / SAFETENSORS_SINGLE, path / SAFETENSORS_INDEX
+    if single.is_file():
+        return [single]
+    if not index_path.is_file():
+        return sorted(path.glob("*.safetensors"))
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: no weight_map of tensor name -> shard file; re-save the checkpoint")
+    names = sorted(set(weight_map.values()))
+    bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
+    if bad:
+        raise CheckpointError(f"{index_path}: shard {bad[0]!r} is not a .safetensors file in the checkpoint folder")
+    missing = [n for n in names if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{index_path}: shard {missing[0]} is missing"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; download it again")
+    return [path / n for n in names]
+
+
+def transformers_loadable(path: Path) -> bool:
+    """Whether from_pretrained(path, use_safetensors=True) finds the weights read_checkpoint reads."""
+    return (path / SAFETENSORS_SINGLE).is_file() or (path / SAFETENSORS_INDEX).is_file()
+
+
 def read_checkpoint(path) -> Checkpoint:
     """Open and validate a checkpoint folder. Tensors are memory-mapped, not loaded."""
     path = Path(path)
     text, gen, raw = read_config(path)
-    st = sorted(path.glob("*.safetensors"))
+    st = weight_files(path)
     if not st:
         pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickles:

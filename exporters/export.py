@@ -3,13 +3,23 @@
 The folder is written under a temporary name beside OUT and renamed into place only when every
 format is written, the manifest records every file's size and sha256, and (when torch is
 importable) the graphs have been validated against the source model.
+
+Nothing the user did not have dgport write is ever deleted: OUT may not be, hold or lie inside the
+checkpoint; `--force` replaces only an earlier export; one export at a time writes a given OUT (a
+lock file beside it), and the final rename fails rather than replace a folder that appeared
+meanwhile. Partial folders of exports that were killed are removed by the next export to that OUT.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import json
 import os
+import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +30,11 @@ from dgport.progress import Progress
 
 from .checkpoint import read_checkpoint
 from .validation import validate_export
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; the final rename still refuses an existing OUT
+    fcntl = None
 
 FORMAT_MODULES = {"onnx": "dgport.exporters.onnx_export", "mlx": "dgport.exporters.mlx_export"}
 DTYPES = ("fp32", "fp16", "bf16")
@@ -73,56 +88,227 @@ def check_options(opts: ExportOptions) -> None:
         raise DgportError(f"--group-size {opts.group_size}: choose 32, 64 or 128")
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds a dgport.json that dgport wrote (JSON with its version keys)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest and "dgport_version" in manifest
+
+
+def _same_file(path: Path, st: os.stat_result | None) -> bool:
+    try:
+        return st is not None and os.path.samestat(path.stat(), st)
+    except OSError:
+        return False
+
+
+def _check_paths(src: Path, out: Path) -> None:
+    """Refuse an OUT that is SRC, lies inside it or contains it. Resolved paths (through symlinks)
+    and inode identity (bind mounts, case-insensitive file systems) both count."""
+    s, o = src.resolve(), out.resolve()
+    s_st = s.stat() if s.exists() else None
+    o_st = o.stat() if o.exists() else None
+    if o == s or _same_file(o, s_st):
+        raise ExportError(f"{out}: is the checkpoint folder SRC itself; choose another folder for the export")
+    if s in o.parents or any(_same_file(p, s_st) for p in o.parents):
+        raise ExportError(f"{out}: lies inside the checkpoint folder {src}; choose a folder outside the checkpoint")
+    if o in s.parents or any(_same_file(p, o_st) for p in s.parents):
+        raise ExportError(f"{out}: contains the checkpoint folder {src}; choose a folder outside it")
+
+
+def _prepare_out(out: Path, force: bool) -> bool:
+    """Check OUT may be written; True when it holds an earlier export that --force replaces."""
+    if out.is_symlink():
+        raise ExportError(f"{out}: is a symbolic link; give the real folder path for the export")
+    if not out.exists():
+        return False
+    if not out.is_dir():
         raise ExportError(f"{out}: exists and is a file; choose a folder path for the export")
-    if out.exists() and any(out.iterdir()) and not force:
+    if not any(out.iterdir()):
+        return False
+    if not force:
         raise ExportError(f"{out}: exists and is not empty; choose another folder or pass --force to replace it")
+    if not is_export(out):
+        raise ExportError(f"{out}: is not a dgport export (no {MANIFEST} written by dgport); --force replaces only an "
+                          "earlier export, so choose another folder or empty this one yourself")
+    return True
+
+
+_LOCK_TAG = b"dgport export lock\n"
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path):
+    """Hold an exclusive flock on `.OUT.lock` beside OUT for the whole export; fail at once if
+    another export holds it. The kernel drops the lock when its process dies, however it dies."""
+    if fcntl is None:
+        yield
+        return
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ExportError(f"{path}: cannot create the export's lock file ({e.strerror}); "
+                              "choose a folder you can write") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ExportError(f"{out}: another dgport export is writing this folder now; "
+                              "wait for it to finish or choose another folder") from None
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
+    try:
+        head = os.pread(fd, len(_LOCK_TAG), 0)
+        if head and head != _LOCK_TAG:
+            raise ExportError(f"{path}: exists and was not written by dgport; move it away and export again")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _LOCK_TAG + f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        yield
+    finally:
+        os.unlink(path)  # still holding the lock: an export that opened the old file sees it gone and retries
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there; keep everything
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except (OverflowError, ValueError):
+        return False  # not a possible process id
+    return True
+
+
+def _clean_stale(out: Path, progress: Progress) -> None:
+    """Remove `.OUT.partial-PID` / `.OUT.old-PID` folders left by exports to OUT whose process is
+    gone (killed; SIGKILL runs no cleanup). Only exactly those names; called under OUT's lock. An
+    `.old` one with OUT missing is an interrupted --force replacement: the earlier export goes back."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-([0-9]+)")
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        pid = int(m.group(2))
+        if pid != os.getpid() and _pid_alive(pid):  # our own pid's is stale: we have not made ours yet
+            continue
+        if m.group(1) == "old":
+            if not is_export(p):
+                continue
+            if not out.exists() and not out.is_symlink():
+                p.rename(out)
+                progress.log(f"restored {out} from {p.name}, left by an interrupted --force export")
+                continue
+        shutil.rmtree(p)
+        progress.log(f"removed {p}, left by an export (process {pid}) that did not finish")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt like Ctrl-C, so the export's cleanup runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _move_into_place(tmp: Path, out: Path, replace: bool) -> None:
+    """tmp -> OUT. os.rename fails when OUT is meanwhile a non-empty folder or a file, so a folder
+    that appeared during the export is never replaced; with `replace` the earlier export (checked
+    again now) is moved aside first, and removed only after the new one is in place."""
+    appeared = (f"{out}: was created by someone else during the export; it was left as it is and this "
+                "export's files were removed; choose another folder")
+    if not replace:
+        try:
+            tmp.rename(out)
+        except OSError as e:
+            raise ExportError(appeared) from e
+        return
+    if out.is_symlink() or not is_export(out):
+        raise ExportError(appeared)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old)
 
 
 def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
     progress = progress or Progress()
     check_options(opts)
     out = Path(out)
-    _prepare_out(out, opts.force)
+    _check_paths(Path(src), out)
+    _prepare_out(out, opts.force)  # fail fast; checked again under the lock
     started = time.perf_counter()
     with progress.step("reading checkpoint"):
         ckpt = read_checkpoint(src)
     modules = {fmt: importlib.import_module(FORMAT_MODULES[fmt]) for fmt in opts.formats}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        tok_files = []
-        for f in ckpt.tokenizer_files:
-            shutil.copy2(f, tmp / f.name)
-            tok_files.append(f.name)
-        formats = {fmt: mod.export(ckpt, tmp, opts, progress) for fmt, mod in modules.items()}
-        manifest = write_manifest(
-            tmp, source={"path": str(Path(src).resolve()), "fingerprint": ckpt.fingerprint()},
-            config=ckpt.config, generation=ckpt.generation, tokenizer_files=tok_files, formats=formats,
-        )
-        validation = {}
-        if opts.validate and importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
-            for fmt, mod in modules.items():
-                for label, open_candidate in mod.validation_backends(ckpt, tmp, formats[fmt]):
-                    name = fmt if label is None else f"{fmt} {label}"
-                    with progress.step(f"validating {name} against the source model"):
-                        candidate = open_candidate()
-                        validation[name] = validate_export(candidate, ckpt, fmt, opts.dtype, opts.quantize,
-                                                           mod.VALIDATION_METRIC)
-                        del candidate
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _sigterm_as_interrupt(), _out_lock(out):
+        _clean_stale(out, progress)
+        replace = _prepare_out(out, opts.force)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        if tmp.exists() or tmp.is_symlink():
+            raise ExportError(f"{tmp}: exists and was not written by dgport; move it away and export again")
+        tmp.mkdir()
+        try:
+            manifest, validation = _write(src, ckpt, tmp, modules, opts, progress)
+            _move_into_place(tmp, out, replace)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     files = {rel: meta["size"] for rel, meta in manifest["artifacts"].items()}
     files[MANIFEST] = (out / MANIFEST).stat().st_size
     return ExportSummary(out, files, time.perf_counter() - started, validation)
+
+
+def _write(src, ckpt, tmp: Path, modules: dict, opts: ExportOptions, progress: Progress) -> tuple[dict, dict]:
+    """Every format, the tokenizer files and the manifest into `tmp`; then the validation."""
+    tok_files = []
+    for f in ckpt.tokenizer_files:
+        shutil.copy2(f, tmp / f.name)
+        tok_files.append(f.name)
+    formats = {fmt: mod.export(ckpt, tmp, opts, progress) for fmt, mod in modules.items()}
+    manifest = write_manifest(
+        tmp, source={"path": str(Path(src).resolve()), "fingerprint": ckpt.fingerprint()},
+        config=ckpt.config, generation=ckpt.generation, tokenizer_files=tok_files, formats=formats,
+    )
+    validation = {}
+    if opts.validate and importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
+        for fmt, mod in modules.items():
+            for label, open_candidate in mod.validation_backends(ckpt, tmp, formats[fmt]):
+                name = fmt if label is None else f"{fmt} {label}"
+                with progress.step(f"validating {name} against the source model"):
+                    candidate = open_candidate()
+                    validation[name] = validate_export(candidate, ckpt, fmt, opts.dtype, opts.quantize,
+                                                       mod.VALIDATION_METRIC)
+                    del candidate
+    return manifest, validation

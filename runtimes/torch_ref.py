@@ -35,16 +35,26 @@ class TorchRefBackend:
             raise BackendUnavailable(
                 "backend 'torch' needs torch and transformers: pip install 'dgport[export]'"
             ) from e
-        from dgport.exporters.checkpoint import read_checkpoint  # validates the folder with dgport's messages
+        from dgport.exporters.checkpoint import (  # validates the folder with dgport's messages
+            SAFETENSORS_INDEX, SAFETENSORS_SINGLE, read_checkpoint, transformers_loadable)
+        from dgport.errors import CheckpointError
 
         self._torch = torch
         self.config: TextConfig = read_checkpoint(checkpoint).config
+        if model is None and not transformers_loadable(Path(checkpoint)):
+            raise CheckpointError(
+                f"{checkpoint}: the torch backend loads weights through transformers, which reads only "
+                f"{SAFETENSORS_SINGLE} or the shards named by {SAFETENSORS_INDEX}; rename the weights file "
+                "to model.safetensors (`dgport export` can also skip the comparison with --no-validate)"
+            )
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[dtype]
         if model is None:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # keep stderr to dgport's own one-line messages
-            model = DiffusionGemmaForBlockDiffusion.from_pretrained(Path(checkpoint), dtype=torch_dtype).eval()
+            # use_safetensors: never fall back to a pytorch_model.bin (pickle) lying beside the safetensors
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(Path(checkpoint), dtype=torch_dtype,
+                                                                    use_safetensors=True).eval()
         if dtype == "fp64":  # validation's precise reference; grouped_mm has no float64 kernel
             model.config._experts_implementation = "eager"
         self.model = model

@@ -37,7 +37,8 @@ def hf_models(checkpoints):
 
     class Lazy(dict):
         def __missing__(self, name):
-            self[name] = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoints[name]).eval()
+            self[name] = DiffusionGemmaForBlockDiffusion.from_pretrained(checkpoints[name],
+                                                                         use_safetensors=True).eval()
             return self[name]
 
     return Lazy()

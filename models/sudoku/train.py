@@ -240,7 +240,7 @@ def main(argv=None):
     done, done_minutes = before.get("total_steps", 0), before.get("total_minutes", 0.0)
     torch.manual_seed(args.seed + done)
     if args.resume:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(out, dtype=torch.float32)
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
     else:
         model = build_model(args.seed)
     model.config._attn_implementation = "eager"  # faster than CPU sdpa at these sizes; not saved
