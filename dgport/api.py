@@ -10,7 +10,9 @@ import numpy as np
 from .backend import Backend
 from .config import GenerationDefaults
 from .errors import BackendUnavailable, DgportError
-from .loop import ENCODE_CHUNK, CanvasEvent, StepEvent, generate_ids
+from .loop import (ENCODE_CHUNK, CanvasEvent, StepEvent, check_context, check_encode_chunk,
+                   generate_ids, make_rng)
+from .schema import is_int
 from .tokenizer import ChatTokenizer
 
 BACKENDS = ("cpu", "cuda", "mlx", "torch")
@@ -51,7 +53,10 @@ class Generator:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
             return self.tokenizer.encode(self.tokenizer.render(messages, enable_thinking=think))
-        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+        arr = np.asarray(prompt)
+        if arr.dtype.kind not in "iu" and arr.size:
+            raise DgportError(f"the prompt is a string or a list of integer token ids (got {arr.dtype} values)")
+        ids = [int(i) for i in arr.reshape(-1)]
         if not ids:
             raise DgportError("the prompt is empty; give at least one token id")
         return ids
@@ -68,12 +73,16 @@ class Generator:
         t_max, stability_threshold, confidence_threshold, eos_token_ids, pad_token_id) override the
         checkpoint's generation defaults. `keep_cache=True` continues after what is already encoded.
         `encode_chunk`: prompt tokens per encode call (bounds the encoder's attention memory)."""
-        if max_new_tokens is not None and max_new_tokens <= 0:
-            raise DgportError(f"max_new_tokens must be a positive integer (got {max_new_tokens})")
+        if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens <= 0):
+            raise DgportError(f"max_new_tokens must be a positive integer (got {max_new_tokens!r})")
         settings = self.settings(max_new_tokens, **sampler_overrides)
-        ids = self.prompt_ids(prompt, raw=raw, system=system, think=think)
+        check_encode_chunk(encode_chunk)
         if rng is None:
-            rng = np.random.Generator(np.random.PCG64(seed))
+            rng = make_rng(seed)
+        elif not isinstance(rng, np.random.Generator):
+            raise DgportError(f"rng must be a numpy.random.Generator (got {type(rng).__name__})")
+        ids = self.prompt_ids(prompt, raw=raw, system=system, think=think)
+        check_context(self.config, self.backend.cache_len if keep_cache else 0, len(ids), settings.max_new_tokens)
         if not keep_cache:
             self.backend.reset()
         out = generate_ids(self.backend, ids, settings, rng, on_step=on_step, on_canvas=on_canvas,
@@ -122,4 +131,4 @@ def load(path=None, backend: str = "cpu", **backend_options) -> Generator:
         from .runtimes.mlx import MlxBackend
 
         runtime = MlxBackend(export, **backend_options)
-    return Generator(runtime, ChatTokenizer(path), export.generation)
+    return Generator(runtime, ChatTokenizer(path, files=export.tokenizer_files), export.generation)

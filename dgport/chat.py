@@ -5,38 +5,59 @@ before each new turn, the rest of the last answer closed like the chat template 
 turn, then the new user turn. Only those new tokens are encoded; the prefix is never re-encoded."""
 from __future__ import annotations
 
+import secrets
 import time
 
-import numpy as np
-
 from .api import Generator, GenerationResult
-from .loop import ENCODE_CHUNK
+from .errors import DgportError
+from .loop import ENCODE_CHUNK, ContextOverflow, check_context, check_encode_chunk, make_rng
 
-SENTINEL = "\x00dgport-answer\x00"
+
+class ContextFull(ContextOverflow):
+    """The next turn would pass the model's context: the conversation must start over."""
 
 
 class ChatSession:
     def __init__(self, gen: Generator, system: str | None = None, think: bool = False, seed: int | None = None,
                  max_new_tokens: int | None = None, encode_chunk: int = ENCODE_CHUNK, **sampler_overrides):
         self.gen = gen
-        self.encode_chunk = encode_chunk
+        self.encode_chunk = check_encode_chunk(encode_chunk)
         self.think = think
-        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.rng = make_rng(seed)
         self.max_new_tokens = max_new_tokens
         self.overrides = sampler_overrides
-        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.settings = gen.settings(max_new_tokens, **sampler_overrides)  # refuses bad settings up front
+        if system is not None and not isinstance(system, str):
+            raise DgportError(f"the system prompt must be text (got {type(system).__name__})")
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new conversation (same system prompt and random stream): what to do once the
+        conversation is full (ContextFull)."""
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self._tail: list[int] = []  # ids of the last answer that are not in the cache yet
         self.encoded_last_turn = 0
         self.last_stats = ""
+        self.gen.backend.reset()
 
     def _render(self, messages, generation_prompt: bool) -> str:
         return self.gen.tokenizer.render(messages, add_generation_prompt=generation_prompt,
                                          enable_thinking=self.think)
 
-    def _turn_close(self) -> str:
-        """What the template writes after a model turn's content (e.g. '<turn|>\\n')."""
-        text = self._render(self.messages + [{"role": "assistant", "content": SENTINEL}], False)
-        return text.split(SENTINEL, 1)[1]
+    def _turn_close(self) -> str | None:
+        """What the template writes after a model turn's content (e.g. '<turn|>\\n'): rendered with a
+        random marker as the content, one no message contains (so no user text can move the split);
+        None when the template does not write the content back exactly once."""
+        for _ in range(4):
+            marker = f"dgport{secrets.token_hex(16)}"
+            if any(marker in str(m.get("content", "")) for m in self.messages):
+                continue  # 2**-128 per message; drawn again rather than trusted
+            text = self._render(self.messages + [{"role": "assistant", "content": marker}], False)
+            if text.count(marker) == 1:
+                return text.split(marker, 1)[1]
+            return None
+        return None
 
     def next_turn_ids(self, user_text: str) -> tuple[list[int], bool]:
         """(ids to encode for this turn, whether the cache is kept)."""
@@ -47,16 +68,33 @@ class ChatSession:
         after = self._render(new, True)
         if not after.startswith(before):  # the template rewrites history: start the stream again
             return self.gen.tokenizer.encode(after), False
-        close = self.gen.tokenizer.encode(self._turn_close())
-        return self._tail + close + self.gen.tokenizer.encode(after[len(before):]), True
+        close = self._turn_close()
+        if close is None:  # no way to tell where the last answer ends: start the stream again
+            return self.gen.tokenizer.encode(after), False
+        return self._tail + self.gen.tokenizer.encode(close) + self.gen.tokenizer.encode(after[len(before):]), True
 
     def say(self, user_text: str, on_canvas=None) -> GenerationResult:
+        if not isinstance(user_text, str):
+            raise DgportError(f"a chat message must be text (got {type(user_text).__name__})")
+        if not user_text.strip():
+            raise DgportError("the message is empty; give some text")
         ids, keep = self.next_turn_ids(user_text)
+        cached = self.gen.backend.cache_len if keep else 0
+        try:
+            check_context(self.gen.config, cached, len(ids), self.settings.max_new_tokens)
+        except ContextOverflow as e:
+            if not any(m["role"] == "assistant" for m in self.messages):
+                raise  # the first message alone is too long: the prompt's own message says what to do
+            limit = self.gen.config.max_position_embeddings
+            raise ContextFull(
+                f"the conversation is full: {cached} positions so far, this turn would need "
+                f"{len(ids)} more plus {self.settings.max_new_tokens} for the answer, and the model's context is "
+                f"{limit} (max_position_embeddings); start a new conversation") from e
         started = time.perf_counter()
         result = self.gen.generate(ids, max_new_tokens=self.max_new_tokens, rng=self.rng, keep_cache=keep,
                                    on_canvas=on_canvas, encode_chunk=self.encode_chunk, **self.overrides)
         elapsed = time.perf_counter() - started
-        settings = self.gen.settings(self.max_new_tokens, **self.overrides)
+        settings = self.settings
         C = self.gen.config.canvas_length
         tokens = result.token_ids[0]
         last = tokens[C * (len(result.steps_per_canvas) - 1):]  # the canvas the loop did not encode

@@ -17,6 +17,7 @@ import numpy as np
 from .backend import Backend
 from .config import GenerationDefaults
 from .errors import DgportError
+from .schema import is_int
 from .sampler import StableAndConfident, accept_mask, pad_after_eos, temperature
 
 
@@ -28,10 +29,47 @@ from .sampler import StableAndConfident, accept_mask, pad_after_eos, temperature
 ENCODE_CHUNK = 1024
 
 
+MAX_ENCODE_CHUNK = 1 << 20
+MAX_SEED = (1 << 63) - 1
+
+
+class ContextOverflow(DgportError):
+    """The prompt and the answer would not fit in the model's context (max_position_embeddings)."""
+
+
+def check_encode_chunk(chunk) -> int:
+    if not is_int(chunk) or not 1 <= chunk <= MAX_ENCODE_CHUNK:
+        raise DgportError(f"encode_chunk must be a positive number of tokens up to {MAX_ENCODE_CHUNK} (got {chunk!r})")
+    return int(chunk)
+
+
+def make_rng(seed) -> np.random.Generator:
+    """numpy's PCG64 stream for `seed` (None: fresh entropy); the seed must be an integer in [0, 2**63 - 1]."""
+    if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise DgportError(f"seed must be an integer in [0, 2**63 - 1] (got {seed!r})")
+    return np.random.Generator(np.random.PCG64(None if seed is None else int(seed)))
+
+
+def check_context(config, cached: int, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse, before computing anything, a run whose positions would pass max_position_embeddings:
+    the cache so far, the prompt and every canvas max_new_tokens asks for (whole canvases)."""
+    C, limit = config.canvas_length, config.max_position_embeddings
+    canvases = math.ceil(max_new_tokens / C)
+    need = cached + prompt_len + canvases * C
+    if need > limit:
+        before = f" after {cached} cached positions" if cached else ""
+        room = limit - cached - canvases * C
+        hint = (f"shorten the prompt to at most {room} tokens or lower max_new_tokens" if room > 0
+                else "lower max_new_tokens")
+        raise ContextOverflow(
+            f"the prompt ({prompt_len} tokens{before}) and max_new_tokens {max_new_tokens} ({canvases} canvases of "
+            f"{C}) need {need} positions, more than this model's context of {limit} (max_position_embeddings); "
+            f"{hint}")
+
+
 def encode_chunked(backend: Backend, ids: np.ndarray, positions: np.ndarray, chunk: int = ENCODE_CHUNK) -> None:
     """backend.encode over [B, T] ids and positions, `chunk` tokens at a time."""
-    if chunk < 1:
-        raise DgportError(f"encode_chunk must be a positive number of tokens (got {chunk})")
+    chunk = check_encode_chunk(chunk)
     for s in range(0, ids.shape[-1], chunk):
         backend.encode(ids[:, s:s + chunk], positions[:, s:s + chunk])
 
@@ -91,6 +129,8 @@ def generate_ids(
     C, V = cfg.canvas_length, cfg.vocab_size
     if prompt.min() < 0 or prompt.max() >= V:
         raise DgportError(f"prompt token ids must lie in [0, {V}) (got {prompt.min()}..{prompt.max()})")
+    check_encode_chunk(encode_chunk)
+    check_context(cfg, backend.cache_len, prompt.size, settings.max_new_tokens)
     stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
     result = LoopResult(token_ids=[])
     to_encode = prompt

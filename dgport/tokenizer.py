@@ -11,23 +11,44 @@ from .errors import DgportError
 
 
 class ChatTokenizer:
-    def __init__(self, folder):
+    def __init__(self, folder, files=None):
+        """`files`: the names this folder may be read from (an export's listed, hashed tokenizer
+        files); None reads whichever exist (a Hugging Face checkpoint folder)."""
         from tokenizers import Tokenizer
 
         folder = Path(folder)
+
+        def usable(name: str) -> bool:
+            return (files is None or name in files) and (folder / name).is_file()
+
         path = folder / "tokenizer.json"
-        if not path.exists():
+        if not usable("tokenizer.json"):
             raise DgportError(f"{path}: missing; the export or checkpoint must carry its tokenizer.json")
-        self.tok = Tokenizer.from_file(str(path))
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception with serde's message
+            raise DgportError(f"{path}: not a readable tokenizer ({str(e).splitlines()[0][:200]}); "
+                              "replace it with the checkpoint's tokenizer.json") from None
         cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        cfg = {}
+        if usable("tokenizer_config.json"):
+            try:
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DgportError(f"{cfg_path}: not valid JSON ({e}); replace it with the checkpoint's") from None
+            if not isinstance(cfg, dict):
+                raise DgportError(f"{cfg_path}: not a JSON object; replace it with the checkpoint's")
         template = cfg.get("chat_template")
-        if (folder / "chat_template.jinja").exists():
-            template = (folder / "chat_template.jinja").read_text()
+        if usable("chat_template.jinja"):
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
+        if template is not None and not isinstance(template, str):
+            raise DgportError(f"{cfg_path}: chat_template is not a string (named templates are not supported)")
         self.chat_template = template
         self.bos_token = cfg.get("bos_token") or "<bos>"
         if isinstance(self.bos_token, dict):
             self.bos_token = self.bos_token.get("content", "<bos>")
+        if not isinstance(self.bos_token, str):
+            raise DgportError(f"{cfg_path}: bos_token is not a string")
         self.bos_id = self.tok.token_to_id(self.bos_token)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False) -> str:
