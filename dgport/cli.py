@@ -1,8 +1,10 @@
-"""The `dgport` command line: export, run, chat, check, info."""
+"""The `dgport` command line: export, run, chat, check, info, demo."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,19 @@ from .errors import DgportError
 from .loop import ENCODE_CHUNK
 
 BACKEND_CHOICES = ("cpu", "cuda", "mlx", "torch")
+_STATE = {"debug": False}
+
+
+def _set_debug(ctx, param, value):
+    if value:
+        _STATE["debug"] = True
+    return value
+
+
+def debug_option(f):
+    """--debug, accepted before and after the subcommand."""
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                        help="Show the traceback on errors.")(f)
 
 
 def _positive(ctx, param, value):
@@ -30,7 +45,9 @@ def _non_negative(ctx, param, value):
 def sampler_options(f):
     """--seed, --max-new-tokens and every sampler setting (None keeps the checkpoint's default)."""
     options = [
-        click.option("--seed", type=int, default=None, help="Seed of the numpy random stream (default: fresh)."),
+        click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None,
+                     help="Seed of the sampler's random stream (default: a fresh one, printed so the run can be "
+                          "repeated)."),
         click.option("--max-new-tokens", type=int, default=None, callback=_positive,
                      help="Token budget; generation runs ceil(N / canvas) canvases. Default: 4 canvases."),
         click.option("--max-denoising-steps", type=int, default=None, callback=_positive,
@@ -55,18 +72,47 @@ SAMPLER_KEYS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stabi
                 "confidence_threshold")
 
 
-def _load(export, backend: str, checkpoint=None):
-    from . import load
-
-    if backend == "torch":
-        return load(checkpoint or export, backend="torch")
-    return load(export, backend=backend)
+def _warn(message: str) -> None:
+    click.echo(f"dgport: warning: {message}", err=True)
 
 
-def _default_export(backend: str) -> Path:
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def _fresh_seed(seed: int | None) -> int:
+    """The seed a run uses: the one given, or a fresh one that is reported so it can be repeated."""
+    return secrets.randbits(32) if seed is None else seed
+
+
+def _export_folder(path: Path, backend: str) -> Path:
+    """An export folder for an ONNX/MLX backend; a checkpoint folder gets the command that exports it."""
+    from .manifest import MANIFEST
+
+    if backend != "torch" and path.is_dir() and not (path / MANIFEST).exists() and (path / "config.json").exists():
+        raise DgportError(f"{path}: not a dgport export, no {MANIFEST} (it is a Hugging Face checkpoint): export "
+                          f"it first with `dgport export {path} OUT` and run OUT, or run it as it is with "
+                          "--backend torch")
+    return path
+
+
+def _resolve(export_dir: Path | None, backend: str, checkpoint: Path | None = None) -> tuple[Path, bool]:
+    """(the folder `backend` opens, whether it is the shipped default model)."""
     from .default_model import ensure_default_export
 
-    return ensure_default_export(backend)
+    if backend == "torch":
+        if checkpoint is not None or export_dir is not None:
+            return Path(checkpoint or export_dir), False
+        return ensure_default_export("torch"), True
+    if export_dir is None:
+        return ensure_default_export(backend), True
+    return _export_folder(Path(export_dir), backend), False
+
+
+def _load(path: Path, backend: str):
+    from . import load
+
+    return load(path, backend=backend)
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -80,7 +126,7 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
                               f"{getattr(e, 'strerror', None) or e})") from e
     elif prompt is not None:
         text = prompt
-    elif not sys.stdin.isatty():
+    elif sys.stdin is not None and not sys.stdin.isatty():
         text = sys.stdin.read()
     else:
         raise DgportError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe it on standard input")
@@ -89,23 +135,55 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     return text
 
 
+def _check_prompt_options(tokenizer, text: str | None, raw: bool, system, think: bool, show_thinking: bool) -> None:
+    """Refuse a prompt the model's template rejects, before any model loads; warn about options that
+    would change nothing."""
+    if show_thinking and not think:
+        _warn("--show-thinking has no effect without --think")
+    if raw:
+        if system is not None or think:
+            _warn("--system and --think have no effect with --raw (the prompt is sent as it is)")
+        return
+    probe = text if text is not None else "x"
+    user = [{"role": "user", "content": probe}]
+    try:
+        plain = tokenizer.render(user)
+    except DgportError:
+        if text is not None:
+            raise
+        return  # chat: no prompt yet; the template judges each turn
+    if system is not None and tokenizer.render([{"role": "system", "content": system}] + user) == plain:
+        _warn("--system has no effect: this model's chat template ignores system prompts")
+    if think and tokenizer.render(user, enable_thinking=True) == plain:
+        _warn("--think has no effect: this model's chat template has no thinking mode")
+
+
+def _task_of(folder: Path) -> str | None:
+    from .task import declared
+
+    return declared(folder).task
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@debug_option
 @click.version_option(package_name="dgport")
-@click.pass_context
-def cli(ctx, debug):
-    """dgport: run DiffusionGemma (block diffusion) on ONNX Runtime (CPU, CUDA) and MLX."""
-    ctx.obj = {"debug": debug}
+def cli():
+    """dgport: run DiffusionGemma (block diffusion) on ONNX Runtime (CPU, CUDA) and MLX.
+
+    Without an EXPORT folder, run, chat, check, info and demo use the shipped Sudoku model, exported
+    on first use into dgport's cache ($DGPORT_CACHE_DIR, else $XDG_CACHE_HOME/dgport, else
+    ~/.cache/dgport)."""
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("src", metavar="CHECKPOINT", type=click.Path(path_type=Path))
+@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("--format", "formats", default="onnx", show_default=True, help="onnx, mlx or onnx,mlx.")
 @click.option("--dtype", default="fp32", show_default=True, help="fp32, fp16 or bf16.")
 @click.option("--quantize", default=None, callback=lambda ctx, param, v: _bits(v),
               help="MLX weight quantization: int4 or int8 (or 4, 8).")
-@click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size.")
+@click.option("--group-size", type=int, default=64, show_default=True,
+              help="Quantization group size (with --quantize).")
 @click.option("--with-logits", is_flag=True, help="ONNX: also output the fp32 logits (parity/debug exports).")
 @click.option("--encoder-moe", default="sparse", show_default=True,
               help="ONNX encoder experts: sparse (each expert on its routed tokens; long prompts) or dense.")
@@ -114,23 +192,38 @@ def cli(ctx, debug):
 @click.option("--attention", default="explicit", show_default=True,
               help="ONNX attention: explicit (MatMul/Softmax/MatMul) or fused (one ONNX Attention node, opset 23).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--no-validate", is_flag=True, help="Skip the comparison against the source model.")
-def export(src, out, formats, dtype, quantize, group_size, with_logits, encoder_moe, denoise_moe, attention, force,
-           no_validate):
-    """Export a Hugging Face DiffusionGemma checkpoint SRC to the folder OUT."""
+@click.option("--no-validate", is_flag=True,
+              help="Skip the comparison against the source model (which needs torch and transformers).")
+@debug_option
+@click.pass_context
+def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, encoder_moe, denoise_moe, attention,
+           force, no_validate):
+    """Export the Hugging Face DiffusionGemma checkpoint folder CHECKPOINT to the folder OUT."""
+    import importlib.util
+
     from rich.console import Console
     from rich.table import Table
 
     from .exporters.export import ExportOptions, export as run_export, parse_formats
     from .progress import RichProgress
 
+    if quantize is None and ctx.get_parameter_source("group_size") == click.core.ParameterSource.COMMANDLINE:
+        raise DgportError("--group-size applies only to quantized MLX exports; add --quantize int4|int8 or drop it")
     opts = ExportOptions(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size,
                          with_logits=with_logits, encoder_moe=encoder_moe, denoise_moe=denoise_moe,
-                         attention=attention, force=force,
-                         validate=not no_validate)
+                         attention=attention, force=force, validate=not no_validate)
     console = Console(stderr=True)
-    with RichProgress(console) as progress:
-        summary = run_export(src, out, opts, progress)
+    can_validate = bool(importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"))
+    skipped = "validation: skipped (needs torch and transformers: pip install 'dgport[export]'; --no-validate skips it)"
+    if not no_validate and not can_validate:
+        console.print("dgport: " + skipped, markup=False, highlight=False, soft_wrap=True)
+    try:
+        with RichProgress(console) as progress:
+            summary = run_export(src, out, opts, progress)
+    except ImportError as e:
+        extra = {"torch": "export", "transformers": "export", "mlx": "mlx"}.get((e.name or "").split(".")[0], "cpu")
+        raise DgportError(f"exporting needs the {e.name} package, which is not installed: "
+                          f"pip install 'dgport[{extra}]'") from e
     table = Table(title=f"exported to {summary.out} in {summary.seconds:.1f} s")
     table.add_column("file")
     table.add_column("size", justify="right")
@@ -139,12 +232,32 @@ def export(src, out, formats, dtype, quantize, group_size, with_logits, encoder_
     table.add_row("[bold]total", f"[bold]{_size(sum(summary.files.values()))}")
     console.print(table)
     if summary.validation:
-        for fmt, errs in summary.validation.items():
-            console.print(f"validation {fmt}: " + ", ".join(f"{k} max rel err {v:.2e}" for k, v in errs.items()))
+        for name, errs in summary.validation.items():
+            console.print(_validation_line(name, errs, dtype, quantize), markup=False, highlight=False,
+                          soft_wrap=True)
     elif no_validate:
         console.print("validation: skipped (--no-validate)")
     else:
-        console.print("validation: skipped (needs torch and transformers: pip install 'dgport\\[export]')")
+        console.print(skipped, markup=False, highlight=False, soft_wrap=True)
+
+
+def _validation_line(name: str, errs: dict, dtype: str, quantize) -> str:
+    """What validation measured and by which rule it passed."""
+    from .exporters.validation import BASELINE_FACTOR, tolerance
+
+    own = {k: v for k, v in errs.items() if "_vs_" not in k}
+    line = f"validation {name}: " + ", ".join(f"{k} max rel err {v:.2e}" for k, v in own.items())
+    limit = tolerance(name.split()[0], dtype, quantize)
+    if limit is None:
+        return line + " (quantized: measured against fp32 and reported, not gated)"
+    refs = {k.removeprefix("reference_"): v for k, v in errs.items() if k.startswith("reference_")}
+    if not refs:
+        return line + f" (within the {limit:g} target)"
+    exact = next(iter(refs)).rsplit("_vs_", 1)[1]
+    ours = ", ".join(f"{k.rsplit('_vs_', 1)[0]} {errs[k]:.2e} vs {v:.2e}" for k, v in refs.items() if k in errs)
+    return (line + f"; above the {limit:g} target, so it passed by the relative rule instead: against a more precise "
+            f"transformers run ({exact}) the export's error is at most {BASELINE_FACTOR:g}x transformers' own "
+            f"{dtype} error, metric by metric ({ours})")
 
 
 def _size(n: int) -> str:
@@ -155,52 +268,75 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _prompt_tokenizer(folder: Path | None):
+    """The tokenizer that renders prompts for `folder` (the shipped checkpoint for the default
+    model), read before any model loads; None when the folder has none (loading will say why)."""
+    from .default_model import default_checkpoint
+    from .tokenizer import ChatTokenizer
+
+    folder = default_checkpoint() if folder is None else Path(folder)
+    return ChatTokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+
+
 @cli.command()
 @click.argument("export_dir", metavar="[EXPORT]", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="cpu", show_default=True)
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="HF checkpoint folder for --backend torch (default: EXPORT itself).")
+              help="Hugging Face checkpoint folder for --backend torch (default: EXPORT itself).")
 @click.option("--prompt", default=None, help="The prompt text.")
 @click.option("--prompt-file", default=None, help="Read the prompt from this file.")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--system", default=None, help="A system prompt.")
 @click.option("--think", is_flag=True, help="Thinking mode: the model reasons in a thought channel first.")
-@click.option("--show-thinking", is_flag=True, help="Print the thought channel too.")
+@click.option("--show-thinking", is_flag=True, help="Print the thought channel too (with --think).")
 @click.option("--show-canvas", is_flag=True, help="Watch each canvas denoise live (on stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text, timings and stats as JSON.")
 @sampler_options
+@debug_option
 def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think, show_thinking, show_canvas,
         as_json, seed, max_new_tokens, **sampler):
     """Generate from a prompt with an export (default: the shipped Sudoku model)."""
     from rich.console import Console
-    from rich.live import Live
+    from rich.markup import escape
 
     from .display import AnswerText, CanvasView
+    from .task import check_answer
     from .timing import TimedBackend
 
     text = _read_prompt(prompt, prompt_file)
-    if export_dir is None and checkpoint is None:
-        export_dir = _default_export(backend)
-    gen = _load(export_dir, backend, checkpoint)
+    if checkpoint is not None and backend != "torch":
+        raise DgportError("--checkpoint is for --backend torch; an ONNX or MLX backend runs an EXPORT folder")
+    given = checkpoint or export_dir
+    tokenizer = _prompt_tokenizer(given)
+    if tokenizer is not None:
+        _check_prompt_options(tokenizer, text, raw, system, think, show_thinking)
+    path, is_default = _resolve(export_dir, backend, checkpoint)
+    task = None if raw else _task_of(path)
+    gen = _load(path, backend)
     gen.backend = TimedBackend(gen.backend)
     C = gen.config.canvas_length
+    seed = _fresh_seed(seed)
     answer = AnswerText(gen.tokenizer, show_thinking=show_thinking, pad_id=gen.defaults.pad_token_id)
     err = Console(stderr=True)
     view = CanvasView(gen.tokenizer)
-    live = Live(view, console=err, refresh_per_second=12, transient=True) if show_canvas else None
+    live = None
+    if show_canvas and err.is_terminal:
+        from rich.live import Live
+
+        live = Live(view, console=err, refresh_per_second=12, transient=True)
 
     def on_canvas(event):
         answer.add(event.tokens)
-        if not as_json:
-            if live is not None:
-                live.console.print(answer.delta(), end="", soft_wrap=True, markup=False, highlight=False)
-            else:
-                sys.stdout.write(answer.delta())
-                sys.stdout.flush()
+        if show_canvas and live is None:  # not a terminal: each canvas' last draft, once, as plain text
+            err.print(view, soft_wrap=True)
+        if not as_json and live is None:
+            sys.stdout.write(answer.delta())
+            sys.stdout.flush()
 
     def on_step(event):
         view.update(event)
-        live.refresh()
+        if live is not None:
+            live.refresh()
 
     started = time.perf_counter()
     overrides = {k: sampler[k] for k in SAMPLER_KEYS}
@@ -208,7 +344,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
         live.start()
     try:
         result = gen.generate(text, max_new_tokens=max_new_tokens or 4 * C, seed=seed, raw=raw, system=system,
-                              think=think, on_canvas=on_canvas, on_step=on_step if live else None,
+                              think=think, on_canvas=on_canvas, on_step=on_step if show_canvas else None,
                               encode_chunk=sampler["encode_chunk"], **overrides)
     finally:
         if live is not None:
@@ -216,51 +352,97 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     elapsed = time.perf_counter() - started
     timings = gen.backend.timings.as_dict()
     n_tokens = sum(1 for t in result.token_ids[0] if t != gen.defaults.pad_token_id)
+    verdict = check_answer(task, text, answer.text()) if task else None
     if as_json:
         click.echo(json.dumps({
             "prompt_ids": result.prompt_ids, "token_ids": result.token_ids[0], "text": answer.text(),
             "finished": result.finished, "steps_per_canvas": result.steps_per_canvas,
             "tokens_per_forward": result.tokens_per_forward, "generated_tokens": n_tokens,
             "seconds": elapsed, "tokens_per_second": n_tokens / elapsed if elapsed else None,
-            "backend": backend, "timings": timings,
+            "backend": backend, "seed": seed, "export": str(path), "default_model": is_default,
+            "timings": timings, "answer_check": verdict.as_dict() if verdict else None,
         }))
         return
     if live is not None:
         sys.stdout.write(answer.text())
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verdict is not None:
+        err.print(("[green]" if verdict.ok else "[red]") + escape(f"{verdict.task}: {verdict.summary}"),
+                  highlight=False, soft_wrap=True)
+    n_canvas = len(result.steps_per_canvas)
     err.print(f"[dim]{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tok/s) | "
-              f"{len(result.steps_per_canvas)} canvases, steps {result.steps_per_canvas} | "
+              f"{_plural(n_canvas, 'canvas', 'canvases')}, steps {result.steps_per_canvas} | "
               f"{timings['ms_per_step']:.1f} ms/step, {timings['ms_per_encode']:.1f} ms/encode | "
-              f"{result.tokens_per_forward:.2f} tokens/forward | {backend}[/dim]", highlight=False, soft_wrap=True)
+              f"{result.tokens_per_forward:.2f} tokens/forward | {backend} | seed {seed}"
+              + (f" | shipped Sudoku model, {escape(str(path))}" if is_default else "") + "[/dim]",
+              highlight=False, soft_wrap=True, markup=True)
+
+
+def _chat_session(*args, **kwargs):
+    """A ChatSession whose next turn re-encodes the whole conversation after a stopped turn (the
+    cache then holds part of an answer that is not in the conversation)."""
+    from .chat import ChatSession
+
+    class Session(ChatSession):
+        resync = False
+
+        def next_turn_ids(self, user_text):
+            if not self.resync:
+                return super().next_turn_ids(user_text)
+            self.resync = False
+            self._tail = []
+            messages = self.messages + [{"role": "user", "content": user_text}]
+            return self.gen.tokenizer.encode(self._render(messages, True)), False
+
+    return Session(*args, **kwargs)
 
 
 @cli.command()
-@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.argument("export_dir", metavar="[EXPORT]", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="cpu", show_default=True)
 @click.option("--system", default=None, help="A system prompt for the conversation.")
 @click.option("--think", is_flag=True, help="Thinking mode.")
-@click.option("--show-thinking", is_flag=True, help="Print the thought channel too.")
+@click.option("--show-thinking", is_flag=True, help="Print the thought channel too (with --think).")
 @sampler_options
+@debug_option
 def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens, **sampler):
-    """A multi-turn conversation. The KV cache is kept between turns: only each new turn is encoded."""
-    from .chat import ChatSession
+    """A multi-turn conversation. The KV cache is kept between turns: only each new turn is encoded.
+    Ctrl-C stops the answer being generated and keeps the conversation; Ctrl-D (or /exit) quits."""
     from .display import AnswerText
 
-    gen = _load(export_dir, backend)
-    session = ChatSession(gen, system=system, think=think, seed=seed,
-                          max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
-                          encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
+    tokenizer = _prompt_tokenizer(export_dir)
+    if tokenizer is not None:
+        _check_prompt_options(tokenizer, None, False, system, think, show_thinking)
+    path, _ = _resolve(export_dir, backend)
+    gen = _load(path, backend)
+    seed = _fresh_seed(seed)
+    session = _chat_session(gen, system=system, think=think, seed=seed,
+                            max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
+                            encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
     err = click.get_text_stream("stderr")
-    err.write("dgport chat: type a message, an empty line or Ctrl-D to quit.\n")
+    err.write(f"dgport chat (seed {seed}): type a message; Ctrl-C stops an answer, Ctrl-D or /exit quits.\n")
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     while True:
         try:
-            line = input("> ") if sys.stdin.isatty() else sys.stdin.readline()
-        except EOFError:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
             break
-        if not line or not line.strip():
-            break
+        if not line or line.strip() in ("/exit", "/quit"):
+            break  # end of input
+        if not line.strip():
+            continue
         answer = AnswerText(gen.tokenizer, show_thinking=show_thinking, pad_id=gen.defaults.pad_token_id)
-        session.say(line.strip(), on_canvas=lambda e: _stream(answer, e))
+        try:
+            session.say(line.strip(), on_canvas=lambda e: _stream(answer, e))
+        except KeyboardInterrupt:
+            session.resync = True
+            sys.stdout.write("\n")
+            err.write("[stopped; the conversation goes on without this answer]\n")
+            continue
+        except DgportError as e:  # e.g. a turn the model's template refuses: the session goes on
+            err.write(f"dgport: error: {e}\n")
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         err.write(f"[{session.last_stats}]\n")
@@ -273,20 +455,33 @@ def _stream(answer, event):
 
 
 @cli.command()
-@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.argument("export_dir", metavar="[EXPORT]", required=False, type=click.Path(path_type=Path))
 @click.option("--backends", default="cpu,mlx", show_default=True,
               help="Comma-separated: cpu, cuda, mlx, torch=CHECKPOINT.")
-@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable). Default: three built-in prompts.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="A prompt (repeatable). Default: the model's own check prompts, else three built-in ones.")
 @click.option("--raw", is_flag=True, help="Send prompts without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @sampler_options
+@debug_option
 def check(export_dir, backends, prompts, raw, as_json, seed, max_new_tokens, **sampler):
     """Run the same prompts and seed through several backends and compare them."""
-    from .crosscheck import parse_backends, run_check
+    from rich.console import Console
 
-    report = run_check(export_dir, parse_backends(backends), list(prompts) or None, raw=raw,
-                       seed=0 if seed is None else seed, max_new_tokens=max_new_tokens,
-                       overrides={**{k: sampler[k] for k in SAMPLER_KEYS}, "encode_chunk": sampler["encode_chunk"]})
+    from .crosscheck import parse_backends, run_check
+    from .default_model import ensure_default_export
+    from .progress import RichProgress
+
+    chosen = parse_backends(backends)
+    if export_dir is None:  # the shipped model: one cached export per format
+        target = {name: ensure_default_export(name) for name, _ in chosen if name != "torch"}
+    else:
+        target = {name: _export_folder(Path(export_dir), name) for name, _ in chosen if name != "torch"}
+    with RichProgress(Console(stderr=True)) as progress:
+        report = run_check(target, chosen, list(prompts) or None, raw=raw,
+                           seed=0 if seed is None else seed, max_new_tokens=max_new_tokens,
+                           overrides={**{k: sampler[k] for k in SAMPLER_KEYS}, "encode_chunk": sampler["encode_chunk"]},
+                           progress=progress)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -296,14 +491,17 @@ def check(export_dir, backends, prompts, raw, as_json, seed, max_new_tokens, **s
 
 
 @cli.command()
-@click.argument("export_dir", metavar="EXPORT", type=click.Path(path_type=Path))
+@click.argument("export_dir", metavar="[EXPORT]", required=False, type=click.Path(path_type=Path))
 @click.option("--verify", is_flag=True, help="Recompute every file's sha256 against the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+@debug_option
 def info(export_dir, verify, as_json):
-    """Summarize an export: model dimensions, formats, dtypes, quantization, sizes."""
+    """Summarize an export (default: the shipped model's ONNX export): model dimensions, formats, dtypes,
+    quantization, sizes."""
     from .manifest import read_manifest
 
-    export = read_manifest(export_dir)
+    path, _ = _resolve(export_dir, "cpu")
+    export = read_manifest(path)
     export.verify(checksums=verify, use_cache=False)
     m = export.manifest
     cfg = export.config
@@ -326,16 +524,17 @@ def info(export_dir, verify, as_json):
         click.echo(json.dumps(summary, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"dgport export {export.path}", show_header=False)
-    table.add_row("model", ", ".join(f"{k} {v}" for k, v in summary["model"].items()))
+    table = Table(title=escape(f"dgport export {export.path}"), show_header=False)
+    table.add_row("model", ", ".join(f"{k} {_flat(v)}" for k, v in summary["model"].items()))
     for name, entry in summary["formats"].items():
-        table.add_row(f"format {name}", ", ".join(f"{k} {_flat(v)}" for k, v in entry.items() if k != "bytes")
-                      + f", {_size(entry['bytes'])}")
+        shown = [f"{k} {_flat(v)}" for k, v in entry.items() if k != "bytes" and _shown(k, v)]
+        table.add_row(f"format {name}", escape(", ".join(shown + [_size(entry["bytes"])])))
     table.add_row("total", _size(summary["total_bytes"]))
-    table.add_row("source", f"{m['source'].get('path')} ({m['source'].get('fingerprint', '')[:12]})")
+    table.add_row("source", escape(f"{m['source'].get('path')} ({m['source'].get('fingerprint', '')[:12]})"))
     table.add_row("dgport", f"{m['dgport_version']} (format {m['format_version']})")
     table.add_row("verified", "[green]" + summary["verified"])
     console.print(table)
@@ -350,37 +549,57 @@ def _bits(value: str | None) -> int | None:
     return int(text)  # export checks the width
 
 
+def _shown(key, value) -> bool:
+    """info leaves out what is not there: no quantization, no fallbacks, logits off."""
+    if key == "quantization" and not value:
+        return False
+    if key == "with_logits" and not value:
+        return False
+    return value is not None
+
+
 def _flat(value) -> str:
-    """{"cpu": {"encoder": "sparse"}} -> "cpu: encoder sparse"."""
+    """{"cpu": {"encoder": "sparse"}} -> "cpu: encoder sparse"; empty entries are left out."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_flat(v) for v in value) if value else "none"
     if not isinstance(value, dict):
         return str(value)
-    return "; ".join(f"{k}: {_flat(v)}" if isinstance(v, dict) else f"{k} {v}" for k, v in value.items())
+    parts = []
+    for k, v in value.items():
+        if v in (None, [], {}, ""):
+            continue
+        parts.append(f"{k}: {_flat(v)}" if isinstance(v, dict) else f"{k} {_flat(v)}")
+    return "; ".join(parts)
 
 
 @cli.command()
+@click.argument("export_dir", metavar="[EXPORT]", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="cpu", show_default=True)
-@click.option("--givens", type=click.IntRange(17, 80), default=40, show_default=True,
-              help="How many cells the puzzle gives.")
-@click.option("--seed", type=click.IntRange(0, 8), default=None,
-              help="Puzzle stream 0-8 (held out from training); default: random.")
-@click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None,
-              help="An export of the Sudoku model (default: the shipped one, exported on first use).")
-def demo(backend, givens, seed, export_dir):
-    """Solve a fresh Sudoku with the shipped model and watch the canvas fill in."""
+@click.option("--givens", type=click.IntRange(23, 80), default=40, show_default=True,
+              help="How many cells the puzzle gives (23-80: the generator cannot reliably make fewer).")
+@click.option("--seed", type=click.IntRange(0, 9_999_999), default=None,
+              help="Seed of the run: it picks the puzzle (held out from training) and seeds the sampler. "
+                   "Default: a fresh one, printed.")
+@debug_option
+def demo(export_dir, backend, givens, seed):
+    """Solve a fresh Sudoku with the shipped model (or EXPORT of it) and watch the canvas fill in."""
     import random
 
     from rich.console import Console
     from rich.live import Live
 
     from .display import SudokuView, sudoku_grid
-    from .models.sudoku.puzzles import generate, is_valid_solution
+    from .models.sudoku.puzzles import is_valid_solution, puzzle_from_seed
 
-    seed = random.randrange(9) if seed is None else seed
-    puzzle = generate(seed, 1, givens, givens)[0]
-    path = export_dir or _default_export(backend)
+    seed = random.randrange(10_000_000) if seed is None else seed
+    try:
+        puzzle = puzzle_from_seed(seed, givens)
+    except RuntimeError as e:  # the generator's retries ran out (rare at the low end)
+        raise DgportError(f"--givens {givens}: {e}; try another --seed or more givens") from e
+    path, _ = _resolve(export_dir, backend)
     gen = _load(path, backend)
     console = Console()
-    console.print(f"puzzle (stream {seed}, {givens} givens):")
+    console.print(f"puzzle (seed {seed}, {givens} givens):")
     console.print(sudoku_grid(puzzle.puzzle.replace(".", "·"), puzzle.puzzle))
     view = SudokuView(gen.tokenizer, puzzle.puzzle)
     started = time.perf_counter()
@@ -390,7 +609,7 @@ def demo(backend, givens, seed, export_dir):
             live.refresh()
             if console.is_terminal:
                 time.sleep(0.15)  # slow enough for a person to watch the cells settle
-        result = gen.generate(puzzle.puzzle, seed=puzzle.seed, on_step=on_step)
+        result = gen.generate(puzzle.puzzle, seed=seed, on_step=on_step)
     answer = "".join(result.text.split())
     ok = is_valid_solution(puzzle.puzzle, answer)
     console.print(("[green]solved" if ok else "[red]not solved") +
@@ -399,29 +618,88 @@ def demo(backend, givens, seed, export_dir):
     console.print(sudoku_grid(answer[:81].ljust(81, "·"), puzzle.puzzle))
 
 
+class _ClosedStream:
+    """Stands in for a closed standard stream: writing to it is an error, not silence."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def write(self, text):
+        raise OSError(errno.EBADF, f"standard {self.name} is closed")
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _quiet_stdout() -> None:
+    """After a failed write to stdout: point it at /dev/null so the interpreter's last flush of the
+    buffered text does not print a second error at exit."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+def _error(message: str) -> None:
+    try:
+        click.echo(f"dgport: error: {_one_line(message)}", err=True)
+    except OSError:
+        pass  # stderr itself is unusable: the exit code still says it failed
+
+
 def main(argv=None) -> int:
-    """Entry point: user errors become one line on stderr and a non-zero exit code."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(os.environ.get("DGPORT_DEBUG"))
+    """Entry point: every error becomes one line on stderr and a non-zero exit code (--debug, or
+    DGPORT_DEBUG=1, re-raises it with its traceback)."""
+    _STATE["debug"] = bool(os.environ.get("DGPORT_DEBUG"))
+    if sys.stdout is None:
+        sys.stdout = _ClosedStream("output")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
     try:
         cli.main(args=argv, prog_name="dgport", standalone_mode=False)
+        sys.stdout.flush()  # here, so a full disk or a closed pipe is reported like any error
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.UsageError as e:
-        if debug:
+        if _STATE["debug"]:
             raise
-        click.echo(f"dgport: error: {e.format_message()}", err=True)
+        _error(e.format_message())
         return 2
-    except click.exceptions.Abort:
-        click.echo("dgport: aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _error("interrupted")
         return 130
     except DgportError as e:
-        if debug:
+        if _STATE["debug"]:
             raise
-        click.echo(f"dgport: error: {e}", err=True)
+        _error(str(e))
         return 1
-    except KeyboardInterrupt:
-        click.echo("dgport: interrupted", err=True)
-        return 130
+    except BrokenPipeError:  # the reader went away (`dgport run ... | head -c 10`)
+        _quiet_stdout()
+        return 1
+    except OSError as e:
+        if _STATE["debug"]:
+            raise
+        if e.filename is None:
+            _quiet_stdout()
+        where = f"{e.filename}: " if e.filename else ("cannot write the output: " if e.errno in
+                                                      (errno.ENOSPC, errno.EBADF, errno.EIO) else "")
+        _error(f"{where}{e.strerror or e} ({e.__class__.__name__})")
+        return 1
+    except Exception as e:  # a runtime's load error (ONNX Runtime, MLX) or a bug: one line, --debug for more
+        if _STATE["debug"]:
+            raise
+        _error(f"{e.__class__.__name__}: {e} (run with --debug for the traceback)")
+        return 1
     return 0
 
 

@@ -19,7 +19,7 @@ def parse_backends(text: str) -> list[tuple[str, Path | None]]:
         if name not in ("cpu", "cuda", "mlx", "torch"):
             raise DgportError(f"--backends: unknown backend {name!r}; use cpu, cuda, mlx or torch=CHECKPOINT")
         if name == "torch" and not arg:
-            raise DgportError("--backends: torch needs the source checkpoint, as torch=PATH")
+            raise DgportError("--backends: torch needs the source checkpoint, as torch=CHECKPOINT")
         out.append((name, Path(arg) if arg else None))
     if len(out) < 2:
         raise DgportError("--backends: name at least two backends to compare, e.g. cpu,mlx")
@@ -39,34 +39,76 @@ class CheckReport:
     min_agreement: float
     agreement: dict[str, float]  # backend -> fraction of tokens equal to the first backend's
     max_entropy_diff: dict[str, float]
+    prompts_from: str = ""
     ok: bool = True
     failure: str = ""
 
     def as_dict(self) -> dict:
         return {"reference": self.runs[0].backend, "agreement": self.agreement,
-                "max_entropy_diff": self.max_entropy_diff, "required_agreement": self.min_agreement, "ok": self.ok}
+                "max_entropy_diff": self.max_entropy_diff, "required_agreement": self.min_agreement,
+                "prompts": self.prompts_from, "ok": self.ok}
 
     def print(self) -> None:
+        """The table, and the verdict when it passed (a failure is the CLI's one error line)."""
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"dgport check (reference: {self.runs[0].backend})")
+        table = Table(title=f"dgport check (reference: {self.runs[0].backend}; {self.prompts_from})")
         for col in ("backend", "token agreement", "max per-step entropy diff"):
             table.add_column(col)
         for run in self.runs[1:]:
             table.add_row(run.backend, f"{100 * self.agreement[run.backend]:.2f} %",
                           f"{self.max_entropy_diff[run.backend]:.3g}")
         Console().print(table)
-        Console().print(("[green]OK" if self.ok else "[red]FAIL") +
-                        f" (required agreement {100 * self.min_agreement:.0f} %)")
+        if self.ok:
+            Console().print(f"[green]OK[/green] (required agreement {100 * self.min_agreement:.0f} %)")
+
+
+def default_prompts(folder) -> tuple[list[str], str]:
+    """The model's own check prompts (tokenizer_config.json `dgport.check_prompts`), else the built-in
+    English ones; and where they came from."""
+    from .task import declared
+
+    own = declared(folder).check_prompts if folder is not None else ()
+    if own:
+        return list(own), f"{len(own)} check prompts of the model"
+    return list(DEFAULT_PROMPTS), f"{len(DEFAULT_PROMPTS)} built-in English prompts"
+
+
+def _locate(export_dir, name: str) -> Path:
+    """The export a backend opens: one folder for all, or a mapping backend -> folder."""
+    return Path(export_dir[name] if isinstance(export_dir, dict) else export_dir)
+
+
+def preflight(export_dir, backends) -> None:
+    """Refuse before any model runs: a missing format, runtime package or checkpoint."""
+    import importlib.util
+
+    for name, ckpt in backends:
+        if name == "torch":
+            if not (importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")):
+                raise DgportError("--backends torch=...: needs torch and transformers: pip install 'dgport[export]'")
+            if not (Path(ckpt) / "config.json").is_file():
+                raise DgportError(f"--backends torch={ckpt}: not a Hugging Face checkpoint folder (no config.json)")
+            continue
+        fmt = BACKEND_FORMAT[name]
+        export = read_manifest(_locate(export_dir, name))
+        if fmt not in export.formats:
+            raise DgportError(f"{export.path}: has no {fmt} weights (it holds: {', '.join(export.formats)}), which "
+                              f"--backends {name} needs; export with `dgport export CHECKPOINT OUT --format onnx,mlx` "
+                              "or leave that backend out")
+        package = "onnxruntime" if fmt == "onnx" else "mlx"
+        if importlib.util.find_spec(package) is None:
+            raise DgportError(f"--backends {name}: needs the {package} package, which is not installed: "
+                              f"pip install 'dgport[{name}]', or leave that backend out")
 
 
 def _required_agreement(export_dir, backends) -> float:
-    manifest = read_manifest(export_dir).manifest
     worst = 1.0
     for name, _ in backends:
         if name == "torch":
             continue
+        manifest = read_manifest(_locate(export_dir, name)).manifest
         entry = manifest["formats"].get(BACKEND_FORMAT[name], {})
         if entry.get("quantization"):
             return 0.0  # quantized exports are reported, not gated
@@ -75,16 +117,28 @@ def _required_agreement(export_dir, backends) -> float:
     return worst
 
 
-def run_check(export_dir, backends, prompts=None, raw=False, seed=0, max_new_tokens=None, overrides=None):
+def run_check(export_dir, backends, prompts=None, raw=False, seed=0, max_new_tokens=None, overrides=None,
+              progress=None):
+    """`export_dir`: the export every backend opens, or {backend: export}. Without `prompts`, the
+    model's own check prompts (or the built-in ones)."""
     from . import load
+    from .progress import Progress
 
-    prompts = list(prompts or DEFAULT_PROMPTS)
+    progress = progress or Progress()
+    preflight(export_dir, backends)
+    if prompts:
+        prompts, source = list(prompts), f"{len(prompts)} given prompt{'s' if len(prompts) != 1 else ''}"
+    else:
+        first = next((n for n, _ in backends if n != "torch"), None)
+        prompts, source = default_prompts(_locate(export_dir, first) if first else backends[0][1])
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     runs = []
     for name, ckpt in backends:
-        gen = load(ckpt, backend="torch") if name == "torch" else load(export_dir, backend=name)
-        run = Run(name if name != "torch" else f"torch={ckpt}")
-        for prompt in prompts:
+        label = name if name != "torch" else f"torch={ckpt}"
+        with progress.step(f"loading {label}"):
+            gen = load(ckpt, backend="torch") if name == "torch" else load(_locate(export_dir, name), backend=name)
+        run = Run(label)
+        for prompt in progress.track(prompts, f"{label}: generating", total=len(prompts)):
             steps = {}
             res = gen.generate(prompt, seed=seed, raw=raw, max_new_tokens=max_new_tokens,
                                on_step=lambda e, s=steps: s.__setitem__((e.canvas_index, e.step), e.entropy.copy()),
@@ -92,6 +146,7 @@ def run_check(export_dir, backends, prompts=None, raw=False, seed=0, max_new_tok
             run.tokens.append(res.token_ids[0])
             run.entropies.append(steps)
         runs.append(run)
+        del gen
     ref = runs[0]
     agreement, ent = {}, {}
     for run in runs[1:]:
@@ -106,10 +161,10 @@ def run_check(export_dir, backends, prompts=None, raw=False, seed=0, max_new_tok
         agreement[run.backend] = same / total if total else 1.0
         ent[run.backend] = diff
     need = _required_agreement(export_dir, backends)
-    report = CheckReport(runs, need, agreement, ent)
+    report = CheckReport(runs, need, agreement, ent, source)
     worst = min(agreement, key=agreement.get)
     if agreement[worst] < need:
         report.ok = False
-        report.failure = (f"backend {worst} agrees with {ref.backend} on {100 * agreement[worst]:.2f} % of tokens; "
-                          f"the parity target is {100 * need:.0f} %")
+        report.failure = (f"backend {worst} agrees with {ref.backend} on {100 * agreement[worst]:.2f} % of tokens "
+                          f"({source}); the parity target is {100 * need:.0f} %")
     return report

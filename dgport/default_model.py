@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 from .errors import DgportError
@@ -82,12 +83,16 @@ def ensure_default_export(backend: str, console=None) -> Path:
     console = console or Console(stderr=True)
     if problem == "missing":
         console.print(f"first run: exporting the shipped Sudoku model to {out} (once; later runs reuse it)",
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)
     else:
         console.print(f"the cached export of the shipped Sudoku model is damaged ({problem}); exporting it "
-                      f"again to {out}", highlight=False, markup=False)
+                      f"again to {out}", highlight=False, markup=False, soft_wrap=True)
     fmt = BACKEND_FORMAT[backend]
+    damaged = None
     try:
+        if out.exists():  # dgport's own cache folder: moved aside, then removed, whatever it holds
+            damaged = out.parent / f".{out.name}.damaged-{os.getpid()}"
+            out.rename(damaged)
         with RichProgress(console) as progress:
             export(default_checkpoint(), out, ExportOptions(formats=(fmt,), validate=False, force=True), progress)
     except ImportError as e:
@@ -96,4 +101,7 @@ def ensure_default_export(backend: str, console=None) -> Path:
     except OSError as e:
         raise DgportError(f"cannot write the default export to {out} ({e.strerror or e}); set DGPORT_CACHE_DIR "
                           "(or XDG_CACHE_HOME) to a writable folder, or pass an EXPORT folder") from e
+    finally:
+        if damaged is not None:
+            shutil.rmtree(damaged, ignore_errors=True)
     return out

@@ -1,0 +1,86 @@
+"""What a checkpoint declares about its own prompts, and checks of its answers.
+
+A checkpoint (and every export of it: the file travels with the tokenizer files) may carry a
+`dgport` section in `tokenizer_config.json`, beside the chat template that defines its prompt format:
+
+    "dgport": {"task": "sudoku", "check_prompts": ["53..7....", ...]}
+
+`task` names a checker for the answers (`sudoku`: the answer must be a valid solution that keeps
+every given); `check_prompts` are the prompts `dgport check` uses when given none (a Sudoku model
+cannot read English questions). The section is untrusted input like the rest of the folder.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DgportError
+
+TASKS = ("sudoku",)
+MAX_CHECK_PROMPTS = 16
+
+
+@dataclass(frozen=True)
+class Declaration:
+    task: str | None = None
+    check_prompts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    task: str
+    ok: bool
+    summary: str  # one line for a person
+
+    def as_dict(self) -> dict:
+        return {"task": self.task, "ok": self.ok, "summary": self.summary}
+
+
+def declared(folder) -> Declaration:
+    """The `dgport` section of FOLDER/tokenizer_config.json (empty when there is none)."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return Declaration()
+    try:
+        section = json.loads(path.read_text()).get("dgport")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise DgportError(f"{path}: cannot read it ({e.__class__.__name__}); the tokenizer files are damaged") from e
+    if section is None:
+        return Declaration()
+    if not isinstance(section, dict):
+        raise DgportError(f"{path}: 'dgport' must be an object with 'task' and/or 'check_prompts'")
+    task = section.get("task")
+    if task is not None and task not in TASKS:
+        raise DgportError(f"{path}: dgport.task {task!r} is unknown; this dgport checks: {', '.join(TASKS)}")
+    prompts = section.get("check_prompts", [])
+    if (not isinstance(prompts, list) or len(prompts) > MAX_CHECK_PROMPTS
+            or not all(isinstance(p, str) and p.strip() for p in prompts)):
+        raise DgportError(f"{path}: dgport.check_prompts must be a list of at most {MAX_CHECK_PROMPTS} "
+                          "non-empty strings")
+    return Declaration(task, tuple(prompts))
+
+
+def check_answer(task: str, prompt: str, answer: str) -> Verdict:
+    """Judge a model's answer to `prompt` by the rules of `task`."""
+    if task == "sudoku":
+        return _sudoku(prompt, answer)
+    raise DgportError(f"unknown task {task!r}")
+
+
+def _sudoku(prompt: str, answer: str) -> Verdict:
+    from .models.sudoku.puzzles import conflicts, is_valid_solution, normalize
+
+    puzzle = normalize(prompt)
+    grid = "".join(answer.split())
+    if is_valid_solution(puzzle, grid):
+        return Verdict("sudoku", True, f"a valid solution (keeps all {sum(c != '.' for c in puzzle)} givens)")
+    if len(grid) != 81 or any(ch not in "123456789" for ch in grid):
+        return Verdict("sudoku", False, f"not a solution: the answer is not 81 digits 1-9 (it has {len(grid)} "
+                                        "characters)")
+    changed = sum(1 for p, a in zip(puzzle, grid) if p != "." and p != a)
+    bad = len(conflicts(grid))
+    parts = [f"{bad} of 81 cells repeat a digit in their row, column or box"] if bad else []
+    if changed:
+        parts.append(f"{changed} given{'s' if changed != 1 else ''} changed")
+    return Verdict("sudoku", False, "not a solution: " + "; ".join(parts))
