@@ -198,6 +198,16 @@ def test_two_processes_export_to_one_new_out(ckpt, tmp_path):
 
 # --------------------------------------------------------------------------- killed exports
 
+def test_lock_file_of_a_killed_export_is_reused_and_a_foreign_one_kept(ckpt, tmp_path):
+    (tmp_path / ".exp.lock").write_bytes(b"dgport export lock\n99999999\n")  # SIGKILL leaves it; the flock went
+    export(ckpt, tmp_path / "exp", FAST)
+    assert is_export(tmp_path / "exp") and _leftovers(tmp_path, "exp") == []
+    (tmp_path / ".other.lock").write_text("the user's own file")
+    with pytest.raises(ExportError, match=r"\.other\.lock: exists and was not written by dgport"):
+        export(ckpt, tmp_path / "other", FAST)
+    assert (tmp_path / ".other.lock").read_text() == "the user's own file" and not (tmp_path / "other").exists()
+
+
 def test_stale_partials_of_dead_exports_are_removed(ckpt, tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
