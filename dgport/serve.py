@@ -46,6 +46,8 @@ SAMPLER_FIELDS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "sta
 MAX_BODY_BYTES = 4 << 20
 MAX_STOP = 16
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+CHANNEL_NAME = "thought\n"
+SENTINEL = "\x00dgport-serve-answer\x00"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +168,8 @@ class Plan:
     include_usage: bool
     drafts: bool
     return_token_ids: bool
+    messages: list[dict] | None = None  # chat requests: the conversation, as rendered
+    think: bool = False
 
 
 def _check_common(req, gen) -> tuple[int, dict, list[str]]:
@@ -250,7 +254,9 @@ def plan_chat(req, gen) -> Plan:
         ids = gen.tokenizer.encode(gen.tokenizer.render(messages, enable_thinking=think))
     except DgportError as e:
         raise ApiError(400, str(e), param="messages") from e
-    return _plan(gen, ids, max_new, req, overrides, stop, chat=True)
+    plan = _plan(gen, ids, max_new, req, overrides, stop, chat=True)
+    plan.messages, plan.think = messages, think
+    return plan
 
 
 def plan_completion(req, gen) -> Plan:
@@ -315,10 +321,12 @@ class Engine:
         if not isinstance(gen.backend, TimedBackend):
             gen.backend = TimedBackend(gen.backend)
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.cached: list[int] = []  # token ids whose K/V the backend's cache holds
+        self.state = CacheState()
         self.durations: deque[float] = deque(maxlen=32)
         self.busy = False
         self.served = 0
+        self.cancelled = 0
+        self.current: Job | None = None
         self.thread = threading.Thread(target=self._run, name="dgport-serve-worker", daemon=True)
         self.thread.start()
 
@@ -339,6 +347,9 @@ class Engine:
                 break
             if job is not None:
                 job.post(("error", 503, "the server is shutting down"))
+        current = self.current
+        if current is not None:
+            current.cancel.set()
         self.queue.put(None)
         self.thread.join(timeout=30)
 
@@ -348,12 +359,14 @@ class Engine:
             if job is None:
                 return
             if job.cancel.is_set():
+                self.cancelled += 1
                 continue
             started = time.perf_counter()
-            self.busy = True
+            self.busy, self.current = True, job
             try:
                 job.post(("done", self._generate(job, started)))
             except Cancelled:
+                self.cancelled += 1
                 job.post(("cancelled",))
             except DgportError as e:
                 job.post(("error", 400, str(e)))
@@ -361,19 +374,50 @@ class Engine:
                 log.exception("generation failed")
                 job.post(("error", 500, f"generation failed: {e.__class__.__name__}: {e}"))
             finally:
-                self.busy = False
+                self.busy, self.current = False, None
                 self.served += 1
                 self.durations.append(time.perf_counter() - started)
+
+    def _prompt(self, plan: Plan) -> tuple[list[int], int]:
+        """(the token stream this request generates after, how many of its first ids are cached)."""
+        st, backend = self.state, self.gen.backend
+        n = len(st.cached)
+        if n == 0 or backend.cache_len != n:
+            return plan.ids, 0
+        if n < len(plan.ids) and plan.ids[:n] == st.cached:
+            return plan.ids, n  # the same tokens as a fresh run, the prefix already encoded
+        stream = self._continuation(plan)
+        return (stream, n) if stream is not None else (plan.ids, 0)
+
+    def _continuation(self, plan: Plan) -> list[int] | None:
+        """The next turn of the conversation in the cache, as `dgport chat` continues it: the model's own
+        answer tokens (not the answer re-rendered by the template), the turn's close, then the new turns.
+        Only when the request repeats that conversation and the answer exactly as they were sent."""
+        st, tok = self.state, self.gen.tokenizer
+        if not plan.chat or st.messages is None or plan.think != st.think:
+            return None
+        prev = st.messages + [{"role": "assistant", "content": st.answer}]
+        if len(plan.messages) <= len(prev) or plan.messages[:len(prev)] != prev:
+            return None
+        before = tok.render(prev, add_generation_prompt=False, enable_thinking=plan.think)
+        after = tok.render(plan.messages, add_generation_prompt=True, enable_thinking=plan.think)
+        probe = tok.render(st.messages + [{"role": "assistant", "content": SENTINEL}], add_generation_prompt=False,
+                           enable_thinking=plan.think)
+        if not after.startswith(before) or SENTINEL not in probe:
+            return None  # the template rewrites the history: start again
+        stream = st.cached + st.tail + tok.encode(probe.split(SENTINEL, 1)[1]) + tok.encode(after[len(before):])
+        C = self.gen.config.canvas_length
+        if len(stream) + math.ceil(plan.max_new_tokens / C) * C > self.gen.config.max_position_embeddings:
+            return None  # the fresh rendering fits (it was checked); this longer stream does not
+        return stream
 
     def _generate(self, job: Job, started: float) -> dict:
         from .timing import Timings
 
         plan, gen = job.plan, self.gen
         backend = gen.backend
-        n = len(self.cached)
-        keep = 0 < n < len(plan.ids) and backend.cache_len == n and plan.ids[:n] == self.cached
-        new_ids = plan.ids[n:] if keep else plan.ids
-        self.cached = []  # unknown until this generation ends
+        ids, n = self._prompt(plan)
+        self.state = CacheState()  # unknown until this generation ends
         backend.timings = Timings()
         C = gen.config.canvas_length
 
@@ -387,16 +431,39 @@ class Engine:
         def on_canvas(event):
             job.post(("canvas", event.canvas_index, event.tokens.tolist(), event.steps, event.finished))
 
-        result = gen.generate(new_ids, max_new_tokens=plan.max_new_tokens, seed=plan.seed, keep_cache=keep,
+        result = gen.generate(ids[n:], max_new_tokens=plan.max_new_tokens, seed=plan.seed, keep_cache=n > 0,
                               on_step=on_step, on_canvas=on_canvas, **plan.overrides)
         tokens = result.token_ids[0]
-        self.cached = plan.ids + tokens[:C * (len(result.steps_per_canvas) - 1)]  # the loop encoded these
+        k = len(result.steps_per_canvas)
+        last = tokens[C * (k - 1):]  # the loop encoded every canvas but this one
+        eos = next((i for i, t in enumerate(last) if t in result_eos(gen, plan)), len(last))
+        answer = TextStream(gen.tokenizer, gen.defaults.pad_token_id, True, []) if plan.chat else None
+        if answer is not None:
+            answer.add(tokens)
+        self.state = CacheState(cached=ids + tokens[:C * (k - 1)],
+                                tail=[t for t in last[:eos] if t != gen.defaults.pad_token_id],
+                                messages=plan.messages, think=plan.think,
+                                answer=answer.text()[0] if answer is not None else None)
         timings = backend.timings.as_dict()
-        return {"token_ids": tokens, "steps_per_canvas": result.steps_per_canvas,
+        return {"token_ids": tokens, "prompt_ids": ids, "steps_per_canvas": result.steps_per_canvas,
                 "tokens_per_forward": result.tokens_per_forward, "finished": result.finished,
-                "cached_tokens": n if keep else 0, "encoded_tokens": len(new_ids),
+                "cached_tokens": n, "encoded_tokens": len(ids) - n,
                 "ms_per_step": timings["ms_per_step"], "ms_per_encode": timings["ms_per_encode"],
                 "queue_ms": 1000 * (started - job.queued_at), "generate_ms": 1000 * (time.perf_counter() - started)}
+
+
+def result_eos(gen, plan: Plan) -> set[int]:
+    return set(gen.settings(plan.max_new_tokens, **plan.overrides).eos_token_ids)
+
+
+@dataclass
+class CacheState:
+    """What the backend's cache holds after the last request, and what continues it."""
+    cached: list[int] = field(default_factory=list)  # token ids whose K/V are in the cache
+    tail: list[int] = field(default_factory=list)  # the last canvas up to EOS: generated, not encoded
+    messages: list[dict] | None = None  # the chat request's conversation (None: not a chat)
+    think: bool = False
+    answer: str | None = None  # the content returned for it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +486,7 @@ class TextStream:
     def add(self, ids) -> None:
         self.ids.extend(int(t) for t in ids if int(t) != self.pad_id)
 
-    def _split(self) -> tuple[str, str]:
+    def _split(self, final: bool = True) -> tuple[str, str]:
         if not self.chat:
             return self.tok.decode(self.ids), ""
         content, thought, inside = [], [], False
@@ -431,14 +498,16 @@ class TextStream:
             else:
                 (thought if inside else content).append(t)
         reasoning = self.tok.decode(thought)
-        if reasoning.startswith("thought\n"):  # the channel's name, as Gemma 4 writes it
-            reasoning = reasoning[len("thought\n"):]
+        if reasoning.startswith(CHANNEL_NAME):  # the channel's name, as Gemma 4 writes it: not reasoning
+            reasoning = reasoning[len(CHANNEL_NAME):]
+        elif not final and CHANNEL_NAME.startswith(reasoning):
+            reasoning = ""  # may still become the name: hold it back
         return self.tok.decode(content), reasoning
 
     def deltas(self, final: bool = False) -> tuple[str, str]:
         """(content, reasoning) added since the last call. Text that may be the start of a stop string
         is held back until it is known; at a stop string the content ends and `stopped` is set."""
-        content, reasoning = self._split()
+        content, reasoning = self._split(final)
         if not final:
             content, reasoning = content.rstrip("\ufffd"), reasoning.rstrip("\ufffd")
         end = len(content)
@@ -571,7 +640,8 @@ def create_app(gen, cfg: ServeConfig, max_queue: int = 16):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": cfg.model_id, "busy": engine.busy, "waiting": engine.queue.qsize()}
+        return {"status": "ok", "model": cfg.model_id, "busy": engine.busy, "waiting": engine.queue.qsize(),
+                "served": engine.served, "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
     async def models():
@@ -615,8 +685,8 @@ def create_app(gen, cfg: ServeConfig, max_queue: int = 16):
         return job, events
 
     def usage(plan: Plan, stream: TextStream, done: dict | None, generated: int) -> dict:
-        out = {"prompt_tokens": len(plan.ids), "completion_tokens": generated,
-               "total_tokens": len(plan.ids) + generated,
+        prompt = len(done["prompt_ids"]) if done else len(plan.ids)
+        out = {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
                "prompt_tokens_details": {"cached_tokens": done["cached_tokens"] if done else 0}}
         return out
 
@@ -696,7 +766,7 @@ def create_app(gen, cfg: ServeConfig, max_queue: int = 16):
                 "usage": usage(plan, stream, done, len(generated)), "dgport": figures(done)}
         if plan.return_token_ids:
             choice["token_ids"] = generated
-            body["prompt_token_ids"] = plan.ids
+            body["prompt_token_ids"] = done["prompt_ids"] if done else plan.ids
         return JSONResponse(body)
 
     async def sse(plan: Plan, job: Job, events, rid: str):

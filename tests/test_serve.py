@@ -1,0 +1,349 @@
+"""`dgport serve`: the real server (uvicorn in its own process, a free port on 127.0.0.1) on the
+shipped Sudoku model, driven with the official `openai` client and raw httpx."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+KEY = "test-key"
+PUZZLES = [  # held-out streams of the shipped model's puzzle generator (40 givens)
+    ".741......3.67.5.22.53..47..1....8....842.163356..8.2....83..466...9.21.1..24.357",
+    "..9..351....8..9.....75.6..1....2.539.3475.6.785......658.9147.41726..9..92..718.",
+    "2....37.839.2.8...184.7...5.3...45215...614899.1..5.7..69.4...34..5...17.1.9..64.",
+    "94..1872.2...7349..5329..185.7.4..3....7.9.8..38.....4....5..474.5...2.9379462...",
+]
+# runs every one of 300 steps (the stability rule cannot stop it): a request that lasts seconds
+LONG = {"max_denoising_steps": 300, "stability_threshold": 300}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, export: Path, *args: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "dgport.serve", str(export), "--port", str(self.port),
+               "--served-model-name", "sudoku", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=Path(__file__).resolve().parents[1])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not start in 60 s")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health").json()
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out
+
+
+@pytest.fixture(scope="module")
+def export():
+    from dgport.default_model import ensure_default_export
+
+    return ensure_default_export("cpu")
+
+
+@pytest.fixture(scope="module")
+def server(export):
+    srv = Server(export, "--api-key", KEY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def gen(export):
+    import dgport
+
+    return dgport.load(export, backend="cpu")
+
+
+def _run_json(export, *args) -> dict:
+    from click.testing import CliRunner
+
+    from dgport.cli import cli
+
+    result = CliRunner().invoke(cli, ["run", str(export), "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads([line for line in result.output.splitlines() if line.startswith("{")][-1])
+
+
+def _chat(client, content, **kw):
+    return client.chat.completions.create(model="sudoku", messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["sudoku"]
+    health = httpx.get(server.url + "/health")  # open without a key (probes)
+    assert health.status_code == 200 and health.json()["model"] == "sudoku"
+
+
+def test_chat_tokens_equal_dgport_run(export, client):
+    settings = {"max_denoising_steps": 20, "entropy_bound": 2.0}
+    resp = _chat(client, PUZZLES[0], seed=3, extra_body={"return_token_ids": True, **settings})
+    ref = _run_json(export, "--prompt", PUZZLES[0], "--seed", "3", "--max-denoising-steps", "20",
+                    "--entropy-bound", "2.0")
+    choice = resp.choices[0]
+    assert choice.token_ids == ref["token_ids"]
+    assert resp.prompt_token_ids == ref["prompt_ids"]
+    assert choice.message.content == ref["text"]
+    assert choice.finish_reason == ("stop" if ref["finished"] else "length")
+    assert resp.usage.prompt_tokens == len(ref["prompt_ids"])
+    assert resp.usage.completion_tokens == ref["generated_tokens"]
+    assert resp.dgport["steps_per_canvas"] == ref["steps_per_canvas"]
+    assert resp.system_fingerprint.startswith("dgport-") and resp.object == "chat.completion"
+
+
+def test_streaming_chat_equals_non_streaming(client):
+    whole = _chat(client, PUZZLES[1], seed=5)
+    chunks = list(_chat(client, PUZZLES[1], seed=5, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # one content delta per committed canvas
+    deltas = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert 1 <= len(deltas) <= len(whole.dgport["steps_per_canvas"])
+
+
+def test_completions_raw_prompt_equals_dgport_run_raw(export, client):
+    resp = client.completions.create(model="sudoku", prompt=PUZZLES[2], seed=11, max_tokens=82,
+                                     extra_body={"return_token_ids": True})
+    ref = _run_json(export, "--prompt", PUZZLES[2], "--raw", "--seed", "11", "--max-new-tokens", "82")
+    assert resp.choices[0].token_ids == ref["token_ids"]
+    assert resp.choices[0].text == ref["text"] and resp.object == "text_completion"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="sudoku", prompt=PUZZLES[2], seed=11, max_tokens=82, stream=True) if c.choices)
+    assert streamed == ref["text"]
+
+
+def test_stream_drafts_one_chunk_per_step(server):
+    body = {"model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[0]}], "seed": 1, "stream": True,
+            "stream_drafts": True}
+    drafts, final = [], None
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                data = json.loads(line[6:])
+                if "dgport_draft" in data:
+                    drafts.append(data["dgport_draft"])
+                elif data["choices"] and data["choices"][0]["finish_reason"]:
+                    final = data
+    assert len(drafts) == sum(final["dgport"]["steps_per_canvas"]) and drafts[0]["step"] == 0
+    assert all(len(d["token_ids"]) == 82 for d in drafts)
+
+
+def test_stop_string_ends_the_answer(client):
+    whole = _chat(client, PUZZLES[0], seed=3).choices[0].message.content
+    stop = whole[10:13]
+    cut = whole[:whole.find(stop)]
+    resp = _chat(client, PUZZLES[0], seed=3, stop=[stop])
+    assert resp.choices[0].message.content == cut and resp.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in _chat(client, PUZZLES[0], seed=3, stop=stop,
+                                                                      stream=True) if c.choices)
+    assert streamed == cut
+
+
+def test_thinking_fields(client):
+    ok = _chat(client, PUZZLES[0], seed=0, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert ok.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="contradicts"):
+        _chat(client, PUZZLES[0], reasoning_effort="high", extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    with pytest.raises(openai.BadRequestError, match="only enable_thinking"):
+        _chat(client, PUZZLES[0], extra_body={"chat_template_kwargs": {"tools": []}})
+
+
+def test_thought_channel_goes_to_reasoning_content(gen):
+    from dgport.serve import TextStream
+
+    tok = gen.tokenizer
+    ids = [100] + tok.encode("thought\nabc") + [101] + tok.encode("123")
+    stream = TextStream(tok, gen.defaults.pad_token_id, chat=True, stop=[])
+    stream.add(ids[:3])
+    c1, r1 = stream.deltas()
+    stream.add(ids[3:])
+    c2, r2 = stream.deltas(final=True)
+    assert (c1 + c2, r1 + r2) == ("123", "abc")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"n": 2}, "n=2"),
+    ({"temperature": 0.5}, "t_max"),
+    ({"top_p": 0.9}, "top_p"),
+    ({"extra_body": {"t_min": 0.9, "t_max": 0.1}}, "t_min"),
+    ({"extra_body": {"max_denoising_steps": 0}}, "max_denoising_steps"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"seed": -1}, "seed"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "`tools` is not supported"),
+    ({"logprobs": True}, "logprobs"),
+    ({"max_tokens": 2000}, "positions"),
+    ({"stream_options": {"include_usage": True}}, "stream=true"),
+])
+def test_bad_fields_get_400(client, kw, match):
+    with pytest.raises(openai.BadRequestError, match=match) as e:
+        _chat(client, PUZZLES[0], **kw)
+    assert e.value.status_code == 400 and e.value.body["message"]
+
+
+def test_errors_in_openai_shape(server, client):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"x" * (5 << 20), headers=auth)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/v1/nothing", headers=auth)
+    assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", headers=auth, json={
+        "model": "sudoku", "messages": [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]})
+    assert r.status_code == 400 and "last message" in r.json()["error"]["message"]
+
+
+def test_api_key(server):
+    for key in ("wrong", KEY + "x"):
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    r = httpx.get(server.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_client_disconnect_mid_stream_then_normal_request(server, client):
+    before = server.health()["cancelled"]
+    body = {"model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[3]}], "seed": 2, "stream": True,
+            "stream_drafts": True, **LONG}
+    started = time.perf_counter()
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        for line in r.iter_lines():
+            if "dgport_draft" in line:
+                break  # the first draft canvas arrived: hang up
+    expected = _chat(client, PUZZLES[0], seed=3).choices[0].message.content
+    assert time.perf_counter() - started < 20
+    deadline = time.monotonic() + 10
+    while server.health()["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health()["cancelled"] == before + 1
+    again = _chat(client, PUZZLES[0], seed=3)
+    assert again.choices[0].message.content == expected and again.choices[0].finish_reason
+
+
+def test_chat_continuation_reuses_the_cache_with_fresh_run_tokens(client, gen):
+    first = _chat(client, PUZZLES[0], seed=4, extra_body={"return_token_ids": True})
+    messages = [{"role": "user", "content": PUZZLES[0]},
+                {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": PUZZLES[1]}]
+    resp = client.chat.completions.create(model="sudoku", messages=messages, seed=9,
+                                          extra_body={"return_token_ids": True})
+    # as `dgport chat` continues: the first prompt and the model's own answer tokens are not encoded again
+    answer = first.choices[0].token_ids
+    answer = answer[:next(i for i, t in enumerate(answer) if t in gen.defaults.eos_token_ids)]
+    assert resp.prompt_token_ids[:len(first.prompt_token_ids) + len(answer)] == first.prompt_token_ids + answer
+    assert resp.usage.prompt_tokens_details.cached_tokens >= len(first.prompt_token_ids)
+    assert resp.usage.prompt_tokens == len(resp.prompt_token_ids)
+    # the same tokens as a fresh run (empty cache) on the same token stream and seed, encoded at the same
+    # boundaries (the first prompt, then the rest: shorter than it here). Other boundaries give the same
+    # cache up to fp32 rounding, which can flip a sampled token in a near tie on this small model.
+    assert len(resp.prompt_token_ids) - len(first.prompt_token_ids) <= len(first.prompt_token_ids)
+    fresh = gen.generate(resp.prompt_token_ids, seed=9, max_new_tokens=4 * gen.config.canvas_length,
+                         encode_chunk=len(first.prompt_token_ids))
+    assert resp.choices[0].token_ids == fresh.token_ids[0]
+    # a conversation whose history was edited is not continued
+    edited = [dict(m) for m in messages]
+    edited[1]["content"] = "1" * 81
+    other = client.chat.completions.create(model="sudoku", messages=edited, seed=9)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_eight_concurrent_clients(client, gen):
+    jobs = [(PUZZLES[i % len(PUZZLES)], 100 + i) for i in range(8)]
+    results: dict[int, object] = {}
+
+    def ask(i):
+        puzzle, seed = jobs[i]
+        if i % 2:
+            chunks = _chat(client, puzzle, seed=seed, stream=True)
+            results[i] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            results[i] = _chat(client, puzzle, seed=seed, extra_body={"return_token_ids": True})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == list(range(8))
+    for i, (puzzle, seed) in enumerate(jobs):
+        ref = gen.generate(puzzle, seed=seed, max_new_tokens=4 * gen.config.canvas_length)
+        if i % 2:
+            assert results[i] == ref.text
+        else:
+            assert results[i].choices[0].token_ids == ref.token_ids[0]
+            assert results[i].prompt_token_ids == ref.prompt_ids
+
+
+def test_queue_full_gets_503_with_retry_after(export):
+    srv = Server(export, "--max-queue", "1")
+    try:
+        body = {"model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[0]}], "seed": 0, **LONG}
+        codes, retry = [], []
+
+        def ask():
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
+            codes.append(r.status_code)
+            if r.status_code == 503:
+                retry.append(r.headers.get("retry-after"))
+                assert r.json()["error"]["type"] == "server_overloaded"
+
+        threads = [threading.Thread(target=ask) for _ in range(5)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join(timeout=120)
+        assert sorted(codes).count(200) >= 2 and 503 in codes, codes
+        assert all(r and int(r) >= 1 for r in retry)
+        ok = httpx.post(srv.url + "/v1/chat/completions", json={**body, "max_denoising_steps": 10}, timeout=60)
+        assert ok.status_code == 200  # served normally afterwards
+    finally:
+        out = srv.stop()
+    assert "127.0.0.1" in out and "no API key" in out  # says where it listens at start
