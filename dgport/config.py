@@ -411,7 +411,7 @@ class GenerationDefaults:
                 raise S.SchemaError("", f"{key} must be a finite number {rule} (got {value!r})")
 
         positive_int("max_new_tokens", MAX_NEW_TOKENS)
-        if not S.is_int(self.max_denoising_steps) or self.max_denoising_steps < 1:
+        if S.is_int(self.max_denoising_steps) and self.max_denoising_steps < 1:
             raise S.SchemaError("", f"max_denoising_steps must be >= 1 (got {self.max_denoising_steps!r})")
         positive_int("max_denoising_steps", MAX_DENOISING_STEPS)
         if isinstance(self.entropy_bound, (int, float)) and not isinstance(self.entropy_bound, bool) \
@@ -423,10 +423,10 @@ class GenerationDefaults:
         if self.t_min > self.t_max:
             raise S.SchemaError("", f"t_min ({self.t_min}) must not be above t_max ({self.t_max})")
         value = self.stability_threshold
-        if not S.is_int(value) or value < 0:
+        if S.is_int(value) and value < 0:
             raise S.SchemaError("", f"stability_threshold must be >= 0 (got {value!r})")
-        if value > MAX_STABILITY:
-            raise S.SchemaError("", f"stability_threshold must be an integer in [0, {MAX_STABILITY}] (got {value})")
+        if not S.is_int(value) or value > MAX_STABILITY:
+            raise S.SchemaError("", f"stability_threshold must be an integer in [0, {MAX_STABILITY}] (got {value!r})")
         if isinstance(self.confidence_threshold, (int, float)) and not isinstance(self.confidence_threshold, bool) \
                 and self.confidence_threshold <= 0:
             raise S.SchemaError("", f"confidence_threshold must be > 0 (got {self.confidence_threshold})")
