@@ -7,6 +7,7 @@ tokenizer files fetched with huggingface_hub into the Hugging Face cache, then a
 folder). `HF_HOME` / `HF_HUB_CACHE` choose the Hub cache and `HF_HUB_OFFLINE=1` forbids downloads."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -37,16 +38,6 @@ def hub_cache_dir() -> Path:
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
     return Path(home).expanduser() / "hub"
-
-
-def dgport_cache_dir() -> Path:
-    """dgport's own cache (exports of checkpoints): the default model's convention."""
-    from . import default_model
-
-    shared = getattr(default_model, "cache_dir", None)  # the shared helper, where this dgport has it
-    if callable(shared):
-        return Path(shared())
-    return Path(os.environ.get("DGPORT_CACHE_DIR", Path.home() / ".cache" / "dgport"))
 
 
 def hub_snapshot(repo_id: str) -> Path:
@@ -90,13 +81,22 @@ def resolve_checkpoint(model) -> Path:
 
 
 def cached_export_path(checkpoint, backend: str, dtype: str = "fp32", quantize: int | None = None) -> Path:
-    from .exporters.checkpoint import read_checkpoint
+    """dgport's cache folder for this checkpoint's export: keyed by the checkpoint's fingerprint (config
+    and weight headers), its generation config and tokenizer files (a changed chat template must not
+    reuse an older export), format, dtype and quantization."""
+    from .default_model import cache_dir
+    from .exporters.checkpoint import TOKENIZER_FILES, read_checkpoint
 
-    ckpt = read_checkpoint(checkpoint)
+    folder = Path(checkpoint)
+    ckpt = read_checkpoint(folder)
+    h = hashlib.sha256(ckpt.fingerprint().encode())
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        p = folder / name
+        h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
     fmt = BACKEND_FORMAT[backend]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", _model_name(Path(checkpoint)))[:60] or "model"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", _model_name(folder))[:60].strip(".-") or "model"
     quant = f"int{quantize}" if quantize else "none"
-    return dgport_cache_dir() / "exports" / f"{name}-{ckpt.fingerprint()[:12]}-{fmt}-{dtype}-{quant}-v{FORMAT_VERSION}"
+    return cache_dir() / "exports" / f"{name}-{h.hexdigest()[:12]}-{fmt}-{dtype}-{quant}-v{FORMAT_VERSION}"
 
 
 def _model_name(folder: Path) -> str:
@@ -123,17 +123,34 @@ def resolve_model(model, backend: str, dtype: str = "fp32", quantize: int | None
     if backend == "torch":
         return checkpoint
     out = cached_export_path(checkpoint, backend, dtype, quantize)
-    if not (out / MANIFEST).exists():
+    if not _usable(out, backend):
         from .exporters.export import ExportOptions, export
         from .progress import RichProgress
 
         fmt = BACKEND_FORMAT[backend]
         try:
             with RichProgress() as progress:
-                progress.log(f"first use of {text}: exporting it ({fmt}, {dtype}) to {out}")
+                progress.log(f"{text}: exporting it ({fmt}, {dtype}) to {out} (once; later runs reuse it)")
                 export(checkpoint, out, ExportOptions(formats=(fmt,), dtype=dtype, quantize=quantize, validate=False,
                                                       force=True), progress)
         except ImportError as e:
-            raise DgportError(f"{text}: exporting a checkpoint needs the export tools ({e.name} is missing): "
-                              "pip install 'dgport[export]', or give a folder written by `dgport export`") from e
+            raise DgportError(f"{text}: exporting a checkpoint needs the {e.name} package: pip install "
+                              f"'dgport[{'mlx' if fmt == 'mlx' else 'cpu'}]', or give a folder written by "
+                              "`dgport export`") from e
+        except OSError as e:
+            raise DgportError(f"cannot write the export to {out} ({e.strerror or e}); set DGPORT_CACHE_DIR to a "
+                              "writable folder, or export it yourself with `dgport export`") from e
     return out
+
+
+def _usable(out: Path, backend: str) -> bool:
+    """The cached export opens and verifies (else it is exported again: dgport wrote that folder)."""
+    from .manifest import open_export
+
+    if not (out / MANIFEST).exists():
+        return False
+    try:
+        open_export(out, backend)
+    except (DgportError, KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return True

@@ -115,3 +115,24 @@ def test_serve_command_offline_without_the_model(env):
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("dgport: error: google/not-here: not in the Hugging Face cache")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cache_key_covers_the_template_and_a_damaged_export_is_redone(env):
+    import json
+
+    from dgport.manifest import open_export
+
+    ck = env / "ckpt"
+    ck.mkdir()
+    for name in FILES:
+        shutil.copy(SUDOKU / name, ck / name)
+    first = resolve_model(ck, "cpu")
+    cfg = json.loads((ck / "tokenizer_config.json").read_text())
+    cfg["chat_template"] += " "
+    (ck / "tokenizer_config.json").write_text(json.dumps(cfg))
+    second = resolve_model(ck, "cpu")
+    assert second != first  # same weights, another template: not the old export
+    victim = max((p for p in second.rglob("*") if p.is_file() and p.name != MANIFEST), key=lambda p: p.stat().st_size)
+    victim.write_bytes(b"")
+    assert resolve_model(ck, "cpu") == second
+    open_export(second, "cpu")  # exported again, whole
