@@ -420,7 +420,7 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
     session = _chat_session(gen, system=system, think=think, seed=seed,
                             max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
                             encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
-    err = click.get_text_stream("stderr")
+    err = _Stderr()
     err.write(f"dgport chat (seed {seed}): type a message; Ctrl-C stops an answer, Ctrl-D or /exit quits.\n")
     interactive = sys.stdin is not None and sys.stdin.isatty()
     while True:
@@ -448,6 +448,12 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
         err.write(f"[{session.last_stats}]\n")
 
 
+class _Stderr:
+    @staticmethod
+    def write(text: str) -> None:
+        click.echo(text, err=True, nl=False)
+
+
 def _stream(answer, event):
     answer.add(event.tokens)
     sys.stdout.write(answer.delta())
@@ -468,11 +474,12 @@ def check(export_dir, backends, prompts, raw, as_json, seed, max_new_tokens, **s
     """Run the same prompts and seed through several backends and compare them."""
     from rich.console import Console
 
-    from .crosscheck import parse_backends, run_check
+    from .crosscheck import check_packages, parse_backends, run_check
     from .default_model import ensure_default_export
     from .progress import RichProgress
 
     chosen = parse_backends(backends)
+    check_packages(chosen)
     if export_dir is None:  # the shipped model: one cached export per format
         target = {name: ensure_default_export(name) for name, _ in chosen if name != "torch"}
     else:

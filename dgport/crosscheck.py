@@ -80,16 +80,29 @@ def _locate(export_dir, name: str) -> Path:
     return Path(export_dir[name] if isinstance(export_dir, dict) else export_dir)
 
 
-def preflight(export_dir, backends) -> None:
-    """Refuse before any model runs: a missing format, runtime package or checkpoint."""
+def check_packages(backends) -> None:
+    """Refuse a backend whose packages are not installed (before anything is exported or loaded)."""
     import importlib.util
 
     for name, ckpt in backends:
         if name == "torch":
             if not (importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")):
-                raise DgportError("--backends torch=...: needs torch and transformers: pip install 'dgport[export]'")
+                raise DgportError(f"--backends torch={ckpt}: needs torch and transformers: pip install "
+                                  "'dgport[export]', or leave that backend out")
             if not (Path(ckpt) / "config.json").is_file():
                 raise DgportError(f"--backends torch={ckpt}: not a Hugging Face checkpoint folder (no config.json)")
+            continue
+        package = "onnxruntime" if BACKEND_FORMAT[name] == "onnx" else "mlx"
+        if importlib.util.find_spec(package) is None:
+            raise DgportError(f"--backends {name}: needs the {package} package, which is not installed: "
+                              f"pip install 'dgport[{name}]', or leave that backend out")
+
+
+def preflight(export_dir, backends) -> None:
+    """Refuse before any model runs: a missing runtime package, checkpoint or format."""
+    check_packages(backends)
+    for name, _ in backends:
+        if name == "torch":
             continue
         fmt = BACKEND_FORMAT[name]
         export = read_manifest(_locate(export_dir, name))
@@ -97,10 +110,6 @@ def preflight(export_dir, backends) -> None:
             raise DgportError(f"{export.path}: has no {fmt} weights (it holds: {', '.join(export.formats)}), which "
                               f"--backends {name} needs; export with `dgport export CHECKPOINT OUT --format onnx,mlx` "
                               "or leave that backend out")
-        package = "onnxruntime" if fmt == "onnx" else "mlx"
-        if importlib.util.find_spec(package) is None:
-            raise DgportError(f"--backends {name}: needs the {package} package, which is not installed: "
-                              f"pip install 'dgport[{name}]', or leave that backend out")
 
 
 def _required_agreement(export_dir, backends) -> float:
