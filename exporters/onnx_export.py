@@ -60,11 +60,12 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         store.close()
     files = []
 
-    def write(b, fname, moe, weights_as_inputs=False) -> dict:
+    def write(b, fname, moe) -> dict:
         _save(b, out_dir / fname)
         files.append(fname)
-        return {"file": fname, "weights": list(b.weights), "moe": moe, "weights_as_inputs": weights_as_inputs,
-                **io_spec(b)}
+        # every graph holds its weights as external-data initializers (loads by path alone); True was
+        # written by earlier dgport for bf16 fp32-compute graphs whose weights the backend bound per call
+        return {"file": fname, "weights": list(b.weights), "moe": moe, "weights_as_inputs": False, **io_spec(b)}
 
     with progress.step("onnx: writing graphs"):
         graphs = {key: write(b, fname, forms["cuda"][key])
@@ -72,14 +73,14 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
                                         ("denoise_step", built["denoise_step"], DENOISE))}
         cpu_graphs = dict(graphs)
         store_ro = _ReadOnlyStore(store)
-        if opts.dtype == "bf16":  # the CPU EP has no bf16 kernels: fp32-compute twins, weights bound as inputs
+        if opts.dtype == "bf16":  # the CPU EP has no bf16 kernels: fp32-compute twins on the same bf16 weights
             cpu_graphs["encoder"] = write(build_encoder(cfg, store_ro, md, emulate=True,
                                                         sparse_moe=sparse["cpu"]["encoder"], fused_attention=fused),
-                                          CPU_ENCODER, forms["cpu"]["encoder"], True)
+                                          CPU_ENCODER, forms["cpu"]["encoder"])
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits, emulate=True,
                                                              sparse_moe=sparse["cpu"]["denoise_step"],
                                                              fused_attention=fused),
-                                               CPU_DENOISE, forms["cpu"]["denoise_step"], True)
+                                               CPU_DENOISE, forms["cpu"]["denoise_step"])
         elif forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
                                                              sparse_moe=sparse["cpu"]["denoise_step"],

@@ -11,9 +11,12 @@ Dtypes: `md` is the model dtype (fp32, fp16 or bf16): weights, activations, K/V 
 softmaxes, the router, logits and the sampler run in fp32 as in the reference. ONNX Runtime's CPU
 execution provider has no bf16 kernels, so a bf16 export also gets "fp32-compute" graphs for the CPU
 EP: the same math in fp32 with bf16 rounding at the reference's explicit casts and bf16 K/V and
-sc_embeds at the graph boundary; their weights are graph inputs the backend binds to the memory-mapped
-bf16 weights, cast to fp32 in the graph where each is used (an expert only after it is gathered), so
-the CPU holds the bf16 bytes once rather than an fp32 copy.
+sc_embeds at the graph boundary; their weights are the same bf16 external-data initializers, cast to
+fp32 in the graph where each is used (an expert only after it is gathered), so the CPU holds the bf16
+bytes once rather than an fp32 copy. Those initializers are also listed as graph inputs (ONNX's
+"overridable initializers", IR >= 4): ONNX Runtime never constant-folds an overridable initializer,
+so a plain `InferenceSession(path)` does not fold Cast(weight) into fp32 copies either, and callers
+never have to feed them (they do not appear among the session's inputs).
 """
 from __future__ import annotations
 
@@ -145,7 +148,7 @@ class Builder:
 
     def const(self, value, dtype: int) -> str:
         arr = np.asarray(value, dtype=np.float32 if dtype in (FLOAT, TensorProto.BFLOAT16) else
-                         {INT64: np.int64, TensorProto.FLOAT16: np.float16}[dtype])
+                         {INT64: np.int64, TensorProto.FLOAT16: np.float16, BOOL: np.bool_}[dtype])
         key = (arr.tobytes(), arr.shape, dtype)
         if key not in self._consts:
             name = self.fresh("const")
@@ -169,19 +172,20 @@ class Builder:
         return self.const(v, self.cdt)
 
     def weight(self, name: str, make, dtype: str | None = None, cast: bool = True) -> str:
-        """A checkpoint-derived weight: an initializer with external data, or (emulate mode) a graph
-        input in its stored dtype that the backend binds, cast to fp32 in the graph where it is used,
-        so the CPU holds the bf16 weights once instead of an fp32 copy. `cast=False` returns the
+        """A checkpoint-derived weight: an initializer with external data in weights.bin. In emulate mode
+        a half-precision weight stays in its stored dtype and is cast to fp32 in the graph where it is
+        used, so the CPU holds the bf16 weights once instead of an fp32 copy. `cast=False` returns the
         stored-dtype tensor for a caller that gathers from it first (embedding rows, one expert) and
         casts what it gathered with `compute()`."""
         self.store.get(name, make, dtype)
         meta = self.store.index[name]
         if name not in self.weights:
             self.weights.append(name)
-            if self.emulate:
+            self.inits.append(self.store.proto(name))
+            if self.emulate and ONNX_DTYPE[meta["dtype"]] != FLOAT:
+                # also a graph input: an overridable initializer, which ONNX Runtime's constant folding
+                # leaves alone (a constant one would be folded through its Cast into an fp32 copy)
                 self.inputs.append(helper.make_tensor_value_info(name, ONNX_DTYPE[meta["dtype"]], meta["shape"]))
-            else:
-                self.inits.append(self.store.proto(name))
         if not (cast and self.emulate) or ONNX_DTYPE[meta["dtype"]] == FLOAT:
             return name
         if name not in self._casts:
@@ -466,7 +470,9 @@ class Model:
              helper.make_tensor_value_info(acc, FLOAT, None)],
             [helper.make_tensor_value_info(cond_out, BOOL, []), helper.make_tensor_value_info(acc_out, FLOAT, None)])
         del b.nodes[first:]
-        out = b.op("Loop", b.const(np.int64(E), INT64), "", acc0, body=body)  # [N,H] fp32, md-rounded
+        # an explicit `cond` (true): ONNX's reference evaluator runs a Loop whose cond is omitted zero times
+        out = b.op("Loop", b.const(np.int64(E), INT64), b.const(np.bool_(True), BOOL), acc0,
+                   body=body)  # [N,H] fp32, md-rounded
         return out if b.cdt == FLOAT else b.cast(out, b.md)
 
     def round32(self, x32: str) -> str:
@@ -536,14 +542,21 @@ def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = 
     m.build_masks(pos, lf, ls)
     rope = m.rope_tables(pos)
     h = m.embed(ids)
-    keep = b.const(np.array([-(cfg.sliding_cache_len)], np.int64), INT64)
-    big = b.const(np.array([2 ** 62], np.int64), INT64)
+    keep = b.const(np.array([cfg.sliding_cache_len], np.int64), INT64)
+    zero = b.const(np.array([0], np.int64), INT64)
+
+    def tail(x, v):
+        # the last `keep` positions along axis 2 with in-range indices: start = max(S - keep, 0), end = S
+        # (a negative start beyond the axis is clamped by the ONNX spec, but not by every runtime)
+        s = b.op("Slice", b.op("Shape", x), two, b.const(np.array([3], np.int64), INT64))
+        start = b.op("Max", b.op("Sub", s, keep), zero)
+        return b.op("Slice", x, start, s, two), b.op("Slice", v, start, s, two)
+
     for i in _layers(cfg, progress, "encoder layers"):
         last = i == cfg.num_layers - 1
         h, k_all, v_all = m.layer(i, h, rope, *pasts[i], pos, kv_only=last)
         if cfg.is_sliding(i):  # keep the last sliding_window - 1 positions, as DynamicSlidingWindowLayer
-            k_all = b.op("Slice", k_all, keep, big, two)
-            v_all = b.op("Slice", v_all, keep, big, two)
+            k_all, v_all = tail(k_all, v_all)
         out = "present_seq_s" if cfg.is_sliding(i) else "present_seq_f"
         b.output(f"present_key_{i}", k_all, md, kv_dims(cfg, i, out))
         b.output(f"present_value_{i}", v_all, md, kv_dims(cfg, i, out))

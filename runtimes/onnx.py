@@ -6,8 +6,8 @@ Imports only numpy and onnxruntime (never torch or transformers).
   CPU, one host-to-device copy on CUDA, handed over as a DLPack view) and given to both sessions
   with `SessionOptions.add_initializer`, which uses a supplied OrtValue in place when it already
   lives on the planned device, so encoder and denoiser share one copy. Prepacking is disabled so no
-  session keeps a private repacked copy. Graphs that take their weights as inputs (bf16 exports'
-  fp32-compute graphs on the CPU) get the same OrtValues bound per call.
+  session keeps a private repacked copy. Every graph also loads by path alone in a stock session
+  (docs/GRAPH_CONTRACT.md): its weights are standard external-data initializers in weights.bin.
 - KV cache: per layer an OrtValue on the backend's device. The encoder graph takes the cache and
   returns the updated one (sliding layers trimmed to the last `sliding_window - 1` positions, as
   transformers' DynamicSlidingWindowLayer); the backend swaps OrtValues, nothing is copied to the host.
@@ -17,6 +17,7 @@ Imports only numpy and onnxruntime (never torch or transformers).
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -31,6 +32,35 @@ NP_TYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}  # bf16 tr
 
 CUDA_FIX = ("install the CUDA build of ONNX Runtime: pip uninstall -y onnxruntime && pip install 'dgport[cuda]' "
             "(onnxruntime-gpu; both packages provide the same module, never install both)")
+
+
+# ONNX `Attention` (opset 23): onnxruntime < 1.23 has no kernel for it; 1.23.0's CPU kernel is wrong when
+# query heads differ from KV heads (grouped-query attention, as in the real model); 1.23.1 fixed it
+FUSED_ATTENTION_MIN = (1, 23, 1)
+FUSED_ATTENTION_BROKEN = {(1, 23, 0)}
+
+
+def ort_version(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of an onnxruntime version string ("1.23.1", "1.24.0.dev20250101", "1.22.0+cu12")."""
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def check_fused_attention(version: str) -> None:
+    """Refuses onnxruntime versions that cannot run (or run wrongly) exports with `--attention fused`."""
+    v = ort_version(version)
+    need = ".".join(map(str, FUSED_ATTENTION_MIN))
+    if v in FUSED_ATTENTION_BROKEN:
+        raise BackendUnavailable(f"this export uses --attention fused, and onnxruntime {version}'s Attention kernel is "
+                                 f"wrong for grouped-query attention; needs onnxruntime >= {need}: "
+                                 "pip install -U onnxruntime (or onnxruntime-gpu)")
+    if v < FUSED_ATTENTION_MIN:
+        raise BackendUnavailable(f"this export uses --attention fused (ONNX Attention, opset 23), which needs "
+                                 f"onnxruntime >= {need} (installed {version}): pip install -U onnxruntime "
+                                 "(or onnxruntime-gpu), or export with --attention explicit")
 
 
 def _ort():
@@ -62,10 +92,17 @@ class OnnxBackend:
         self.device = device
         self.dtype = entry["dtype"]
         self._ort = ort
+        if entry.get("attention") == "fused":
+            check_fused_attention(ort.__version__)
         self._dev = ("cuda", 0) if device == "cuda" else ("cpu", 0)
         if graph_set is None:
             graph_set = "cpu_graphs" if device == "cpu" and "cpu_graphs" in entry else "graphs"
         self.graphs = graphs = entry[graph_set]
+        for g in graphs.values():
+            if g["weights_as_inputs"]:  # written by an earlier dgport of the same format version
+                raise ExportError(f"{export.path}: graph {g['file']} takes its weights as inputs, which this "
+                                  "dgport no longer binds; export again with this dgport")
+        self._quiet = device == "cpu" and self.dtype == "bf16" and graph_set == "cpu_graphs"
         self._weights = self._load_weights(graphs)
         so_kw = dict(session_options)
         if threads is None:
@@ -73,8 +110,6 @@ class OnnxBackend:
         self._sessions = {}
         for key in ("encoder", "denoise_step"):
             self._sessions[key] = self._session(graphs[key], threads, so_kw)
-        self._bound_weights = {k: [(w, self._weights[w]) for w in g["weights"]] if g["weights_as_inputs"] else []
-                               for k, g in graphs.items()}
         self._enc_out = [o["name"] for o in graphs["encoder"]["outputs"]]
         self._den_out = [o["name"] for o in graphs["denoise_step"]["outputs"]]
         self.with_logits = "logits" in self._den_out
@@ -110,11 +145,12 @@ class OnnxBackend:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.disable_prepacking", "1")
+        if self._quiet:  # fp32-compute graphs: one warning per overridable (bf16) initializer, by design
+            so.log_severity_level = 3
         for k, v in extra.items():
             so.add_session_config_entry(str(k), str(v))
-        if not g["weights_as_inputs"]:
-            for name in g["weights"]:
-                so.add_initializer(name, self._weights[name])
+        for name in g["weights"]:
+            so.add_initializer(name, self._weights[name])
         providers = self._providers()
         path = self.export.file(g["file"])
         try:
@@ -123,8 +159,8 @@ class OnnxBackend:
             if self.device == "cuda":
                 raise BackendUnavailable(f"--backend cuda: could not start the CUDA execution provider ({e}); "
                                          f"check the GPU driver, or {CUDA_FIX}") from e
-            raise ExportError(f"{path}: onnxruntime could not load it ({str(e).splitlines()[0]}); "
-                              "export again with this dgport") from e
+            raise ExportError(f"{path}: onnxruntime {ort.__version__} could not load it ({str(e).splitlines()[0]}); "
+                              "export again with this dgport, or pip install -U onnxruntime") from e
         if self.device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
             raise BackendUnavailable(f"--backend cuda: no usable GPU for the CUDA execution provider; {CUDA_FIX}")
         return sess
@@ -169,12 +205,6 @@ class OnnxBackend:
                     for i in range(cfg.num_layers)]
         self._batch = B
 
-    def _binding(self, key: str):
-        io = self._sessions[key].io_binding()
-        for name, value in self._bound_weights[key]:
-            io.bind_ortvalue_input(name, value)
-        return io
-
     def encode(self, ids: np.ndarray, positions: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
@@ -183,7 +213,7 @@ class OnnxBackend:
         if self._kv is None:
             self._init_cache(ids.shape[0])
         sess = self._sessions["encoder"]
-        io = self._binding("encoder")
+        io = sess.io_binding()
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("position_ids", positions)
         for i, (k, v) in enumerate(self._kv):
@@ -203,7 +233,7 @@ class OnnxBackend:
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         B, C = canvas.shape
         sess = self._sessions["denoise_step"]
-        io = self._binding("denoise_step")
+        io = sess.io_binding()
         io.bind_cpu_input("canvas_ids", canvas)
         io.bind_cpu_input("position_ids", positions)
         io.bind_cpu_input("temperature", np.asarray(temperature, dtype=np.float32).reshape(()))
