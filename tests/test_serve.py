@@ -265,6 +265,15 @@ def test_client_disconnect_mid_stream_then_normal_request(server, client):
     assert server.health()["cancelled"] == before + 1
     again = _chat(client, PUZZLES[0], seed=3)
     assert again.choices[0].message.content == expected and again.choices[0].finish_reason
+    # a non-streaming client that gives up is cancelled too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False, "stream_drafts": False},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5)
+    deadline = time.monotonic() + 10
+    while server.health()["cancelled"] == before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.health()["cancelled"] == before + 2
+    assert _chat(client, PUZZLES[0], seed=3).choices[0].message.content == expected
 
 
 def test_chat_continuation_reuses_the_cache_with_fresh_run_tokens(client, gen):
