@@ -1,0 +1,250 @@
+"""Every graph of an export runs in a stock onnxruntime session opened by path alone, and agrees with
+dgport's backend (docs/GRAPH_CONTRACT.md). No dgport code drives the stock sessions: they get a path, the
+CPU EP and the inputs the contract names; past K/V come from the session's own input metadata.
+
+Also: `onnx.checker.check_model(full_check=True)` on every graph, ONNX's reference evaluator on the
+sparse-expert denoise step (its Loop has an explicit `cond`), no Slice with a negative constant start,
+and onnxruntime versions that cannot run `--attention fused` correctly are refused at load."""
+from __future__ import annotations
+
+import ctypes
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from dgport.errors import BackendUnavailable
+from dgport.exporters.export import ExportOptions, export
+from dgport.manifest import open_export
+from dgport.runtimes.onnx import OnnxBackend, check_fused_attention, ort_version
+from onnx_support import THREADS
+
+BF16 = onnx.TensorProto.BFLOAT16
+# (preset, dtype, attention): the default fp32 export (dense + sparse denoise), bf16 (fp32-compute twins
+# for the CPU), fused attention, and a prompt longer than the sliding window (cache trimming)
+CASES = [("tiny", "fp32", "explicit"), ("tiny", "bf16", "explicit"), ("tiny", "fp32", "fused"),
+         ("long-context", "fp32", "explicit"), ("long-context", "bf16", "fused")]
+_EXPORTS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def exports(checkpoints, tmp_path_factory):
+    def get(case):
+        if case not in _EXPORTS:
+            preset, dtype, attention = case
+            out = tmp_path_factory.mktemp("stock") / f"{preset}-{dtype}-{attention}"
+            export(checkpoints[preset], out, ExportOptions(dtype=dtype, attention=attention, with_logits=True,
+                                                           validate=False))
+            _EXPORTS[case] = out
+        return _EXPORTS[case]
+
+    return get
+
+
+# ------------------------------------------------------------------ a stock caller, no dgport code
+def value(arr: np.ndarray, elem_type: str) -> ort.OrtValue:
+    """A numpy array as an OrtValue of the session input's type (bf16: raw bits, as C/C++/C# callers do)."""
+    if elem_type == "tensor(bfloat16)":
+        bits = np.ascontiguousarray(np.asarray(arr, np.float32).astype(ml_dtypes.bfloat16)).view(np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, BF16)
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+
+
+def host(v: ort.OrtValue) -> np.ndarray:
+    """An output OrtValue as numpy (bf16 read as its raw bits from CPU memory, widened to float32)."""
+    if v.data_type() != "tensor(bfloat16)":
+        return v.numpy()
+    n = int(np.prod(v.shape()))
+    bits = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(v.data_ptr())) if n else np.zeros(0, np.uint16)
+    return bits.copy().view(ml_dtypes.bfloat16).astype(np.float32).reshape(v.shape())
+
+
+def stock_run(sess: ort.InferenceSession, feeds: dict) -> dict:
+    types = {i.name: i.type for i in sess.get_inputs()}
+    assert set(feeds) == set(types), f"the session asks for {sorted(types)}"
+    vals = {k: v if isinstance(v, ort.OrtValue) else value(v, types[k]) for k, v in feeds.items()}
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess._sess.run_with_ort_values({k: v._ortvalue for k, v in vals.items()}, names, None)
+    return {n: ort.OrtValue(o) for n, o in zip(names, outs)}
+
+
+def empty_past(sess: ort.InferenceSession, batch: int) -> dict:
+    """past_key_i / past_value_i of length 0, shaped from the session's input metadata."""
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_"):
+            shape = [batch if d == "batch" else (0 if isinstance(d, str) or d is None else d) for d in i.shape]
+            feeds[i.name] = value(np.zeros(shape, np.float32), i.type)
+    return feeds
+
+
+def graph_sets(out) -> dict:
+    entry = open_export(out, "cpu").format("onnx")
+    return {name: entry[name] for name in ("graphs", "cpu_graphs") if name in entry}
+
+
+def cpu_runnable(out, set_name: str) -> bool:
+    """bf16 exports' GPU graphs compute in bf16, which the CPU EP has no kernels for."""
+    return not (open_export(out, "cpu").format("onnx")["dtype"] == "bf16" and set_name == "graphs")
+
+
+# ------------------------------------------------------------------ tests
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_every_graph_passes_onnx_full_check(case, exports):
+    out = exports(case)
+    files = {g["file"] for graphs in graph_sets(out).values() for g in graphs.values()}
+    assert files
+    for f in sorted(files):
+        onnx.checker.check_model(str(out / f), full_check=True)
+
+
+def compare_set(out, set_name: str, graphs: dict, so, exact: bool) -> None:
+    """One encode (a prompt longer than the sliding window) and one denoise step through stock sessions
+    of one graph set, against dgport's backend on the same inputs. `exact`: bit-identical (the same
+    graphs, session options and thread count); otherwise within fp32 reassociation."""
+    def same(ours, theirs, name):
+        assert ours.shape == theirs.shape, name
+        if exact:
+            np.testing.assert_array_equal(ours, theirs, err_msg=name)
+        elif ours.dtype.kind == "f":
+            np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5, err_msg=name)
+        else:
+            assert (ours == theirs).mean() > 0.95, name  # a near-tie may flip an argmax or a draw
+
+    enc = ort.InferenceSession(str(out / graphs["encoder"]["file"]), so, providers=["CPUExecutionProvider"])
+    den = ort.InferenceSession(str(out / graphs["denoise_step"]["file"]), so, providers=["CPUExecutionProvider"])
+    be = OnnxBackend(open_export(out, "cpu"), device="cpu", threads=THREADS, graph_set=set_name)
+    cfg = be.config
+    rng = np.random.default_rng(7)
+    T, C, B = 3 * cfg.sliding_window + 5, cfg.canvas_length, 1
+    ids, pos = rng.integers(0, cfg.vocab_size, (B, T)), np.arange(T)[None].repeat(B, 0)
+    kv = stock_run(enc, {"input_ids": ids, "position_ids": pos, **empty_past(enc, B)})
+    be.encode(ids, pos)
+    for i in range(cfg.num_layers):
+        for j, name in enumerate((f"present_key_{i}", f"present_value_{i}")):
+            same(be.cache_numpy(i)[j], host(kv[name]), name)
+    canvas, cpos = rng.integers(0, cfg.vocab_size, (B, C)), np.arange(T, T + C)[None].repeat(B, 0)
+    u = rng.random((B, C), dtype=np.float32)
+    sc_type = next(i.type for i in den.get_inputs() if i.name == "sc_embeds")
+    feeds = {"canvas_ids": canvas, "position_ids": cpos, "temperature": np.float32(0.8), "uniforms": u,
+             "sc_embeds": value(np.zeros((B, C, cfg.hidden_size), np.float32), sc_type),
+             **{f"past_{n}": kv[f"present_{n}"] for i in range(cfg.num_layers) for n in (f"key_{i}", f"value_{i}")}}
+    step = stock_run(den, feeds)
+    ours = be.denoise(canvas, cpos, np.float32(0.8), u)
+    same(ours.argmax, host(step["argmax_ids"]), "argmax_ids")
+    same(ours.sampled, host(step["sampled_ids"]), "sampled_ids")
+    same(ours.entropy, host(step["entropy"]), "entropy")
+    same(be.last_logits, host(step["logits"]), "logits")
+    same(be.sc_numpy(), host(step["next_sc_embeds"]), "next_sc_embeds")
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_stock_session_matches_backend(case, exports):
+    """With the contract's session options (prepacking off, as dgport, and the same thread count) the
+    outputs are bit-identical to dgport's; a session with no options at all (ORT prepacks the constant
+    weights, whose GEMM sums in another order) agrees to fp32 rounding."""
+    out = exports(case)
+    ran = 0
+    for set_name, graphs in graph_sets(out).items():
+        if not cpu_runnable(out, set_name):
+            continue
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = THREADS
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        compare_set(out, set_name, graphs, so, exact=True)
+        plain = ort.SessionOptions()
+        plain.log_severity_level = 3  # only to keep the bf16 graphs' overridable-initializer notices quiet
+        compare_set(out, set_name, graphs, plain, exact=False)
+        ran += 1
+    assert ran >= 1
+
+
+def test_bf16_cpu_graphs_take_no_weights_as_inputs(exports):
+    """A stock caller feeds only the contract's inputs: the bf16 weights are initializers (listed as
+    graph inputs only as overridable defaults, which ORT does not ask for)."""
+    out = exports(("tiny", "bf16", "explicit"))
+    graphs = open_export(out, "cpu").format("onnx")["cpu_graphs"]
+    for key, g in graphs.items():
+        m = onnx.load(str(out / g["file"]), load_external_data=False)
+        inits = {t.name for t in m.graph.initializer}
+        assert set(g["weights"]) <= inits, key
+        sess = ort.InferenceSession(str(out / g["file"]), providers=["CPUExecutionProvider"])
+        assert {i.name for i in sess.get_inputs()} == {i["name"] for i in g["inputs"]}, key
+        assert not g["weights_as_inputs"]
+
+
+@pytest.mark.parametrize("case", [("tiny", "fp32", "explicit"), ("tiny", "bf16", "explicit")],
+                         ids=["fp32", "bf16"])
+def test_loops_have_a_condition_and_slices_in_range_starts(case, exports):
+    out = exports(case)
+    for f in sorted({g["file"] for graphs in graph_sets(out).values() for g in graphs.values()}):
+        m = onnx.load(str(out / f), load_external_data=False)
+        consts = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer
+                  if t.data_location != onnx.TensorProto.EXTERNAL}
+        for n in m.graph.node:
+            if n.op_type == "Loop":
+                assert len(n.input) >= 2 and n.input[1], f"{f}: Loop {n.name} without cond"
+            if n.op_type == "Slice" and n.input[1] in consts:
+                assert (consts[n.input[1]] >= 0).all(), f"{f}: Slice {n.name} starts {consts[n.input[1]]}"
+
+
+def test_reference_evaluator_runs_sparse_denoise(exports):
+    """ONNX's reference evaluator (a second, independent runtime) computes the sparse-expert denoise
+    step as onnxruntime does; without an explicit Loop cond it would run the expert Loop zero times."""
+    from onnx.reference import ReferenceEvaluator
+
+    out = exports(("tiny", "fp32", "explicit"))
+    graphs = open_export(out, "cpu").format("onnx")["cpu_graphs"]
+    assert graphs["denoise_step"]["moe"] == "sparse"
+    enc = ort.InferenceSession(str(out / graphs["encoder"]["file"]), providers=["CPUExecutionProvider"])
+    den_path = str(out / graphs["denoise_step"]["file"])
+    den = ort.InferenceSession(den_path, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    cfg = OnnxBackend(open_export(out, "cpu"), device="cpu", threads=THREADS).config
+    T, C = 6, cfg.canvas_length
+    kv = stock_run(enc, {"input_ids": rng.integers(0, cfg.vocab_size, (1, T)), "position_ids": np.arange(T)[None],
+                         **empty_past(enc, 1)})
+    feeds = {"canvas_ids": rng.integers(0, cfg.vocab_size, (1, C)), "position_ids": np.arange(T, T + C)[None],
+             "temperature": np.float32(0.8), "uniforms": rng.random((1, C), dtype=np.float32),
+             "sc_embeds": np.zeros((1, C, cfg.hidden_size), np.float32),
+             **{f"past_{n}": host(kv[f"present_{n}"]) for i in range(cfg.num_layers)
+                for n in (f"key_{i}", f"value_{i}")}}
+    want = {k: host(v) for k, v in stock_run(den, feeds).items()}
+    ref = ReferenceEvaluator(onnx.load(den_path))
+    got = dict(zip(ref.output_names, ref.run(None, feeds)))
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["next_sc_embeds"], want["next_sc_embeds"], rtol=1e-4, atol=1e-4)
+    assert (got["argmax_ids"] == want["argmax_ids"]).mean() > 0.95
+
+
+# ------------------------------------------------------------------ onnxruntime versions for fused attention
+def test_ort_version_parsing():
+    assert ort_version("1.23.1") == (1, 23, 1)
+    assert ort_version("1.24.0.dev20250101") == (1, 24, 0)
+    assert ort_version("1.22.0+cu12") == (1, 22, 0)
+    assert ort_version("1.20") == (1, 20, 0)
+    check_fused_attention("1.23.1")
+    check_fused_attention("2.0.0")
+
+
+@pytest.mark.parametrize("version,match", [
+    ("1.23.0", r"onnxruntime 1\.23\.0's Attention kernel is wrong for grouped-query attention; needs onnxruntime "
+               r">= 1\.23\.1: pip install -U onnxruntime"),
+    ("1.22.1", r"needs onnxruntime >= 1\.23\.1 \(installed 1\.22\.1\): pip install -U onnxruntime"),
+    ("1.20.0", r"needs onnxruntime >= 1\.23\.1 \(installed 1\.20\.0\)"),
+])
+def test_fused_attention_refused_on_old_onnxruntime(version, match, exports, monkeypatch):
+    out = exports(("tiny", "fp32", "fused"))
+    monkeypatch.setattr(ort, "__version__", version)
+    with pytest.raises(BackendUnavailable, match=match):
+        OnnxBackend(open_export(out, "cpu"), device="cpu", threads=THREADS)
+
+
+def test_explicit_attention_needs_no_version_check(exports, monkeypatch):
+    out = exports(("tiny", "fp32", "explicit"))
+    monkeypatch.setattr(ort, "__version__", "1.23.0")
+    OnnxBackend(open_export(out, "cpu"), device="cpu", threads=THREADS)
