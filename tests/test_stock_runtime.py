@@ -24,9 +24,9 @@ from onnx_support import THREADS
 
 BF16 = onnx.TensorProto.BFLOAT16
 # (preset, dtype, attention): the default fp32 export (dense + sparse denoise), bf16 (fp32-compute twins
-# for the CPU), fused attention, and a prompt longer than the sliding window (cache trimming)
-CASES = [("tiny", "fp32", "explicit"), ("tiny", "bf16", "explicit"), ("tiny", "fp32", "fused"),
-         ("long-context", "fp32", "explicit"), ("long-context", "bf16", "fused")]
+# for the CPU), fp16, fused attention, and a prompt longer than the sliding window (cache trimming)
+CASES = [("tiny", "fp32", "explicit"), ("tiny", "bf16", "explicit"), ("tiny", "fp16", "explicit"),
+         ("tiny", "fp32", "fused"), ("long-context", "fp32", "explicit"), ("long-context", "bf16", "fused")]
 _EXPORTS: dict = {}
 
 
@@ -50,6 +50,8 @@ def value(arr: np.ndarray, elem_type: str) -> ort.OrtValue:
     if elem_type == "tensor(bfloat16)":
         bits = np.ascontiguousarray(np.asarray(arr, np.float32).astype(ml_dtypes.bfloat16)).view(np.uint16)
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, BF16)
+    if elem_type == "tensor(float16)":
+        arr = np.asarray(arr, np.float16)
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
 
 
