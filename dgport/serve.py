@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -47,7 +48,6 @@ MAX_BODY_BYTES = 4 << 20
 MAX_STOP = 16
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 CHANNEL_NAME = "thought\n"
-SENTINEL = "\x00dgport-serve-answer\x00"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def _models():
         model: str
         max_tokens: int | None = Field(default=None, ge=1)
         max_completion_tokens: int | None = Field(default=None, ge=1)
-        seed: int | None = Field(default=None, ge=0, lt=1 << 64)
+        seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
         stream: bool = False
         stream_options: StreamOptions | None = None
         stop: str | list[str] | None = None
@@ -282,13 +282,12 @@ def plan_completion(req, gen) -> Plan:
 
 
 def _plan(gen, ids, max_new, req, overrides, stop, chat) -> Plan:
-    C = gen.config.canvas_length
-    limit = gen.config.max_position_embeddings
-    need = len(ids) + math.ceil(max_new / C) * C
-    if need > limit:
-        raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens={max_new} (rounded up to whole canvases "
-                       f"of {C}) need {need} positions; this model has {limit}. Shorten the conversation or lower "
-                       "max_tokens", param="messages" if chat else "prompt", code="context_length_exceeded")
+    from .loop import check_context
+
+    try:
+        check_context(gen.config, 0, len(ids), max_new)
+    except DgportError as e:
+        raise ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from e
     opts = req.stream_options
     return Plan(ids=ids, max_new_tokens=max_new, seed=req.seed, overrides=overrides, stop=stop, chat=chat,
                 stream=req.stream, include_usage=bool(opts and opts.include_usage), drafts=req.stream_drafts,
@@ -401,13 +400,18 @@ class Engine:
             return None
         before = tok.render(prev, add_generation_prompt=False, enable_thinking=plan.think)
         after = tok.render(plan.messages, add_generation_prompt=True, enable_thinking=plan.think)
-        probe = tok.render(st.messages + [{"role": "assistant", "content": SENTINEL}], add_generation_prompt=False,
+        marker = f"dgport{secrets.token_hex(16)}"  # no message can contain it: nothing moves the split
+        probe = tok.render(st.messages + [{"role": "assistant", "content": marker}], add_generation_prompt=False,
                            enable_thinking=plan.think)
-        if not after.startswith(before) or SENTINEL not in probe:
+        if not after.startswith(before) or probe.count(marker) != 1 or any(
+                marker in m["content"] for m in plan.messages):
             return None  # the template rewrites the history: start again
-        stream = st.cached + st.tail + tok.encode(probe.split(SENTINEL, 1)[1]) + tok.encode(after[len(before):])
-        C = self.gen.config.canvas_length
-        if len(stream) + math.ceil(plan.max_new_tokens / C) * C > self.gen.config.max_position_embeddings:
+        stream = st.cached + st.tail + tok.encode(probe.split(marker, 1)[1]) + tok.encode(after[len(before):])
+        from .loop import ContextOverflow, check_context
+
+        try:
+            check_context(self.gen.config, 0, len(stream), plan.max_new_tokens)
+        except ContextOverflow:
             return None  # the fresh rendering fits (it was checked); this longer stream does not
         return stream
 

@@ -214,7 +214,8 @@ def test_thought_channel_goes_to_reasoning_content(gen):
     ({"seed": -1}, "seed"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "`tools` is not supported"),
     ({"logprobs": True}, "logprobs"),
-    ({"max_tokens": 2000}, "positions"),
+    ({"max_tokens": 2000}, "max_new_tokens"),
+    ({"seed": 1 << 63}, "seed"),
     ({"stream_options": {"include_usage": True}}, "stream=true"),
 ])
 def test_bad_fields_get_400(client, kw, match):
@@ -281,7 +282,7 @@ def test_chat_continuation_reuses_the_cache_with_fresh_run_tokens(client, gen):
     messages = [{"role": "user", "content": PUZZLES[0]},
                 {"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": PUZZLES[1]}]
-    resp = client.chat.completions.create(model="sudoku", messages=messages, seed=9,
+    resp = client.chat.completions.create(model="sudoku", messages=messages, seed=9, max_tokens=82,
                                           extra_body={"return_token_ids": True})
     # as `dgport chat` continues: the first prompt and the model's own answer tokens are not encoded again
     answer = first.choices[0].token_ids
@@ -293,13 +294,13 @@ def test_chat_continuation_reuses_the_cache_with_fresh_run_tokens(client, gen):
     # boundaries (the first prompt, then the rest: shorter than it here). Other boundaries give the same
     # cache up to fp32 rounding, which can flip a sampled token in a near tie on this small model.
     assert len(resp.prompt_token_ids) - len(first.prompt_token_ids) <= len(first.prompt_token_ids)
-    fresh = gen.generate(resp.prompt_token_ids, seed=9, max_new_tokens=4 * gen.config.canvas_length,
-                         encode_chunk=len(first.prompt_token_ids))
+    fresh = gen.generate(resp.prompt_token_ids, seed=9, max_new_tokens=82, encode_chunk=len(first.prompt_token_ids))
     assert resp.choices[0].token_ids == fresh.token_ids[0]
     # a conversation whose history was edited is not continued
     edited = [dict(m) for m in messages]
     edited[1]["content"] = "1" * 81
-    other = client.chat.completions.create(model="sudoku", messages=edited, seed=9)
+    other = client.chat.completions.create(model="sudoku", messages=edited, seed=9, max_tokens=82,
+                                           extra_body={"max_denoising_steps": 8})
     assert other.usage.prompt_tokens_details.cached_tokens == 0
 
 
@@ -333,7 +334,8 @@ def test_eight_concurrent_clients(client, gen):
 def test_queue_full_gets_503_with_retry_after(export):
     srv = Server(export, "--max-queue", "1")
     try:
-        body = {"model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[0]}], "seed": 0, **LONG}
+        body = {"model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[0]}], "seed": 0,
+                "max_denoising_steps": 120, "stability_threshold": 120}
         codes, retry = [], []
 
         def ask():
