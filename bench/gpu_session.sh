@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/dgport-gpu}
 mkdir -p "$out"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 DGPORT_CACHE_DIR=/tmp/dgport-cache
+export ORT_DISABLE_TELEMETRY=1  # the bare `import onnxruntime` checks below would start its telemetry (dgport/ort_env.py)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
   || { cat "$out/install.log"; exit 1; }
 {
