@@ -831,7 +831,7 @@ def create_app(gen, cfg: ServeConfig, max_queue: int = 16):
 @click.option("--backend", type=click.Choice(("cpu", "cuda", "mlx", "torch")), default="cpu", show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; 0.0.0.0 exposes the server to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", default=None, envvar="DGPORT_API_KEY",
               help="Require `Authorization: Bearer KEY` on /v1 (also from DGPORT_API_KEY).")
 @click.option("--max-queue", type=click.IntRange(1, 100_000), default=16, show_default=True,
@@ -846,6 +846,9 @@ def serve(model, backend, host, port, api_key, max_queue, served_model_name):
         raise DgportError("dgport serve needs fastapi and uvicorn: pip install 'dgport[serve]'") from e
     from . import load
 
+    if api_key is not None and not api_key.strip():
+        raise DgportError("--api-key is empty; give a key or leave the option out")
+    _check_listen(host, port)  # before loading a model that could take minutes
     if model is None:
         from .default_model import ensure_default_export
 
@@ -854,8 +857,6 @@ def serve(model, backend, host, port, api_key, max_queue, served_model_name):
         from .resolve import resolve_model
 
         path, model_id = resolve_model(model, backend), model
-    if api_key is not None and not api_key.strip():
-        raise DgportError("--api-key is empty; give a key or leave the option out")
     gen = load(path, backend=backend)
     cfg = ServeConfig(model_id=served_model_name or model_id, backend=backend,
                       fingerprint=export_fingerprint(path, backend), api_key=api_key)
@@ -865,6 +866,23 @@ def serve(model, backend, host, port, api_key, max_queue, served_model_name):
                f"{'API key required' if api_key else 'no API key'}; up to {max_queue} waiting requests", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
+
+
+def _check_listen(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise DgportError(f"--host {host}: not an address of this machine ({e.strerror})") from e
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise DgportError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port "
+                              "or stop what uses it") from e
 
 
 def main(argv=None) -> int:

@@ -358,3 +358,16 @@ def test_queue_full_gets_503_with_retry_after(export):
     finally:
         out = srv.stop()
     assert "127.0.0.1" in out and "no API key" in out  # says where it listens at start
+
+
+def test_start_errors_are_one_line(export):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for args, says in ((["--port", str(port)], "cannot listen on 127.0.0.1"),
+                           (["--api-key", " "], "--api-key is empty")):
+            r = subprocess.run([sys.executable, "-m", "dgport.serve", str(export), *args], capture_output=True,
+                               text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+            assert r.returncode == 1 and r.stderr.startswith(f"dgport: error: {says}"), r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1
