@@ -357,7 +357,7 @@ class Engine:
             job = self.queue.get()
             if job is None:
                 return
-            if job.cancel.is_set():
+            if job.cancel.is_set():  # its client left while it waited
                 self.cancelled += 1
                 continue
             started = time.perf_counter()
@@ -587,6 +587,20 @@ def create_app(gen, cfg: ServeConfig, max_queue: int = 16):
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException
 
+    class JobStream(StreamingResponse):
+        """Cancels its job however the response ends, even when the client leaves before the body
+        generator first runs (its own `finally` would then never run)."""
+
+        def __init__(self, job: Job, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.job = job
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.job.cancel.set()
+
     ChatRequest, CompletionRequest = _models()
     engine = Engine(gen, max_queue)
     created = int(time.time())
@@ -703,8 +717,8 @@ def create_app(gen, cfg: ServeConfig, max_queue: int = 16):
     async def respond(request: Request, plan: Plan, rid: str):
         job, events = start(plan)
         if plan.stream:
-            return StreamingResponse(sse(plan, job, events, rid), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return JobStream(job, sse(plan, job, events, rid), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
             return await collect(plan, job, events, rid)

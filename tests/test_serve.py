@@ -371,3 +371,25 @@ def test_start_errors_are_one_line(export):
                                text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
             assert r.returncode == 1 and r.stderr.startswith(f"dgport: error: {says}"), r.stderr
             assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_client_that_leaves_while_queued_is_never_run(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    before = server.health()
+    long_body = {"model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[0]}], "seed": 0,
+                 "max_denoising_steps": 100, "stability_threshold": 100}
+    first = threading.Thread(target=lambda: httpx.post(server.url + "/v1/chat/completions", json=long_body,
+                                                       headers=auth, timeout=60))
+    first.start()
+    deadline = time.monotonic() + 10
+    while not server.health()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**long_body, "stream": True},
+                      headers=auth, timeout=60) as r:
+        assert r.status_code == 200 and server.health()["waiting"] == 1
+    first.join(timeout=60)
+    deadline = time.monotonic() + 10
+    while (server.health()["busy"] or server.health()["waiting"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = server.health()
+    assert after["served"] == before["served"] + 1 and after["cancelled"] == before["cancelled"] + 1
