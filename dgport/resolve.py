@@ -44,7 +44,7 @@ def hub_snapshot(repo_id: str) -> Path:
     """The local snapshot folder of a Hub model repo, downloading what is missing unless offline."""
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as e:
         raise DgportError(f"{repo_id}: fetching a model by Hugging Face id needs huggingface_hub: "
                           "pip install 'dgport[serve]' (or give a local folder)") from e

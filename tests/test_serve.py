@@ -186,7 +186,7 @@ def test_thinking_fields(client):
     ok = _chat(client, PUZZLES[0], seed=0, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
     assert ok.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="contradicts"):
-        _chat(client, PUZZLES[0], reasoning_effort="high", extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        _chat(client, PUZZLES[0], extra_body={"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}})
     with pytest.raises(openai.BadRequestError, match="only enable_thinking"):
         _chat(client, PUZZLES[0], extra_body={"chat_template_kwargs": {"tools": []}})
 
@@ -216,6 +216,8 @@ def test_thought_channel_goes_to_reasoning_content(gen):
     ({"logprobs": True}, "logprobs"),
     ({"max_tokens": 2000}, "max_new_tokens"),
     ({"seed": 1 << 63}, "seed"),
+    ({"max_tokens": 82, "extra_body": {"max_completion_tokens": 164}}, "disagree"),
+    ({"extra_body": {"reasoning_effort": "extreme"}}, "reasoning_effort"),
     ({"stream_options": {"include_usage": True}}, "stream=true"),
 ])
 def test_bad_fields_get_400(client, kw, match):
