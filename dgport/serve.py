@@ -82,7 +82,8 @@ def _models():
     from pydantic import BaseModel, ConfigDict, Field
 
     class Strict(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        # no coercion ("5" or true for a number, 5.0 for a count) and no NaN or infinities
+        model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     class TextPart(Strict):
         type: Literal["text"]
@@ -99,7 +100,6 @@ def _models():
 
     class StreamOptions(Strict):
         include_usage: bool = False
-        continuous_usage_stats: bool = False
 
     class Sampler(Strict):
         model: str

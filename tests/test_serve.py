@@ -234,6 +234,12 @@ def test_errors_in_openai_shape(server, client):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"x" * (5 << 20), headers=auth)
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    for field, value in (("t_min", "NaN"), ("t_max", "Infinity"), ("max_tokens", '"82"'), ("seed", "true"),
+                         ("max_denoising_steps", "4.0")):
+        raw = ('{"model": "sudoku", "messages": [{"role": "user", "content": "%s"}], "%s": %s}'
+               % (PUZZLES[0], field, value)).encode()
+        r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
     r = httpx.get(server.url + "/v1/nothing", headers=auth)
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/chat/completions", headers=auth, json={
