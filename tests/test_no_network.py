@@ -110,3 +110,17 @@ def test_generate_loop_opens_no_network_connection(tiny_export, tmp_path):
     assert "generations" in r.stdout
     assert _inet_calls(trace) == [], "network sockets opened during generation"
     assert _telemetry_files(home) == []
+
+
+def test_late_import_is_reported():
+    """An application that imported onnxruntime (telemetry on) before dgport is told how to fix it. (A
+    stand-in module plays the early import, so this test starts no telemetry itself.)"""
+    code = ("import sys, types, warnings; warnings.simplefilter('error')\n"
+            "fake = types.ModuleType('onnxruntime'); fake.disable_telemetry_events = lambda: None\n"
+            "sys.modules['onnxruntime'] = fake\n"
+            "from dgport.ort_env import onnxruntime as ort\n"
+            "try:\n    ort()\nexcept RuntimeWarning as w:\n    print('warned:', w)\n")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "warned: onnxruntime was imported before dgport with its telemetry on; set ORT_DISABLE_TELEMETRY=1" \
+        in r.stdout, r.stdout + r.stderr
