@@ -107,24 +107,46 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))]
 
 
-def overhead(export, backend: str, url: str, jobs, settings: dict) -> dict:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, all its threads (Linux /proc; None elsewhere)."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def overhead(export, backend: str, srv: "Server", jobs, settings: dict) -> dict:
     """Each request through the Python API and then through the server (one client), alternating so
-    that the machine's other load falls on both sides alike; one warm-up of each first."""
+    that the machine's other load falls on both sides alike; one warm-up of each first. Wall time
+    suffers from whatever else the machine runs (each hand-off between the server's threads waits for
+    a core), so CPU time per request is measured too: this process's around the API call, the
+    server process's (all threads) around its request."""
     import httpx
 
     import dgport
 
     gen = dgport.load(export, backend=backend)
     max_new = 4 * gen.config.canvas_length
+    url = srv.url
     api, served, inside, differ = [], [], [], 0
+    api_cpu, srv_cpu = [], []
     with httpx.Client(timeout=300) as client:
         gen.generate(jobs[0][0], seed=jobs[0][1], max_new_tokens=max_new, **settings)
         stream_request(client, url, *jobs[0], settings)
         for prompt, seed in jobs:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             text = gen.generate(prompt, seed=seed, max_new_tokens=max_new, **settings).text
             api.append(time.perf_counter() - t)
+            time.sleep(0.05)  # as on the server side: ORT's workers spin a little after a run
+            api_cpu.append(time.process_time() - c)
+            c = cpu_seconds(srv.proc.pid)
             out = stream_request(client, url, prompt, seed, settings)
+            if c is not None:
+                time.sleep(0.05)  # the server's threads settle (ORT's spinning workers) before reading
+                srv_cpu.append(cpu_seconds(srv.proc.pid) - c)
             if out["status"] != 200:
                 raise RuntimeError(f"the server answered {out['status']}: {out.get('error', '')}")
             served.append(out["e2e"])
@@ -133,7 +155,10 @@ def overhead(export, backend: str, url: str, jobs, settings: dict) -> dict:
     a, s, g = statistics.median(api), statistics.median(served), statistics.median(inside)
     return {"requests": len(jobs), "api_ms_median": 1000 * a, "server_ms_median": 1000 * s,
             "overhead_ms": 1000 * (s - a), "overhead_pct": 100 * (s / a - 1),
-            "outside_generate_ms": 1000 * (s - g), "outside_generate_pct": 100 * (s / g - 1), "texts_differ": differ}
+            "outside_generate_ms": 1000 * (s - g), "outside_generate_pct": 100 * (s / g - 1), "texts_differ": differ,
+            "api_cpu_ms_mean": 1000 * statistics.fmean(api_cpu),
+            "server_cpu_ms_mean": 1000 * statistics.fmean(srv_cpu) if srv_cpu else None,
+            "cpu_overhead_pct": 100 * (statistics.fmean(srv_cpu) / statistics.fmean(api_cpu) - 1) if srv_cpu else None}
 
 
 def concurrent(url: str, jobs, clients: int, max_seconds: float, settings: dict) -> tuple[list[dict], float]:
@@ -216,7 +241,7 @@ def main(argv=None) -> int:
 
     srv = Server(args.export, args.backend, "--max-queue", str(max(args.clients, 1) * 2))
     try:
-        over = overhead(args.export, args.backend, srv.url, seq_jobs, settings)
+        over = overhead(args.export, args.backend, srv, seq_jobs, settings)
         conc, wall = concurrent(srv.url, jobs[:args.requests], args.clients, args.max_seconds, settings)
     finally:
         srv.stop()
@@ -244,6 +269,9 @@ def main(argv=None) -> int:
               f"{o['server_ms_median']:.1f} ms per request (medians): {o['overhead_ms']:+.1f} ms ({o['overhead_pct']:+.1f} %); "
               f"outside the server's generate call {o['outside_generate_ms']:.1f} ms "
               f"({o['outside_generate_pct']:+.1f} %); answers that differ from the API's: {o['texts_differ']}")
+        if o["server_cpu_ms_mean"] is not None:
+            print(f"CPU time per request: API {o['api_cpu_ms_mean']:.1f} ms, server process "
+                  f"{o['server_cpu_ms_mean']:.1f} ms ({o['cpu_overhead_pct']:+.1f} %)")
         print(f"{args.clients} clients: {c['requests_done']}/{c['requests_asked']} requests in {c['seconds']:.1f} s = "
               f"{c['requests_per_s']:.2f} req/s; first canvas p50 {c['ttfc_ms_p50']:.0f} ms p99 "
               f"{c['ttfc_ms_p99']:.0f} ms; end to end p50 {c['e2e_ms_p50']:.0f} ms p99 {c['e2e_ms_p99']:.0f} ms")
