@@ -266,7 +266,8 @@ def main(argv=None) -> int:
     else:
         o, c = report["overhead"], report["concurrent"]
         print(f"overhead, 1 client, {o['requests']} requests: API {o['api_ms_median']:.1f} ms, server "
-              f"{o['server_ms_median']:.1f} ms per request (medians): {o['overhead_ms']:+.1f} ms ({o['overhead_pct']:+.1f} %); "
+              f"{o['server_ms_median']:.1f} ms per request (medians): {o['overhead_ms']:+.1f} ms "
+              f"({o['overhead_pct']:+.1f} %); "
               f"outside the server's generate call {o['outside_generate_ms']:.1f} ms "
               f"({o['outside_generate_pct']:+.1f} %); answers that differ from the API's: {o['texts_differ']}")
         if o["server_cpu_ms_mean"] is not None:

@@ -3,7 +3,6 @@ shipped Sudoku model, driven with the official `openai` client and raw httpx."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -158,8 +157,8 @@ def test_stream_drafts_one_chunk_per_step(server):
     body = {"model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[0]}], "seed": 1, "stream": True,
             "stream_drafts": True}
     drafts, final = [], None
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=60) as r:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=auth, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 data = json.loads(line[6:])
@@ -186,7 +185,8 @@ def test_thinking_fields(client):
     ok = _chat(client, PUZZLES[0], seed=0, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
     assert ok.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="contradicts"):
-        _chat(client, PUZZLES[0], extra_body={"reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}})
+        _chat(client, PUZZLES[0], extra_body={"reasoning_effort": "high",
+                                              "chat_template_kwargs": {"enable_thinking": False}})
     with pytest.raises(openai.BadRequestError, match="only enable_thinking"):
         _chat(client, PUZZLES[0], extra_body={"chat_template_kwargs": {"tools": []}})
 
