@@ -302,13 +302,13 @@ def _write(src, ckpt, tmp: Path, modules: dict, opts: ExportOptions, progress: P
         config=ckpt.config, generation=ckpt.generation, tokenizer_files=tok_files, formats=formats,
     )
     validation = {}
+    ckpt.close()  # the written weights' pages leave this process's memory before the models are loaded
     if opts.validate and importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):
         for fmt, mod in modules.items():
             for label, open_candidate in mod.validation_backends(ckpt, tmp, formats[fmt]):
                 name = fmt if label is None else f"{fmt} {label}"
                 with progress.step(f"validating {name} against the source model"):
-                    candidate = open_candidate()
-                    validation[name] = validate_export(candidate, ckpt, fmt, opts.dtype, opts.quantize,
+                    # the opener, not an opened backend: validation keeps one model in memory at a time
+                    validation[name] = validate_export(open_candidate, ckpt, fmt, opts.dtype, opts.quantize,
                                                        mod.VALIDATION_METRIC)
-                    del candidate
     return manifest, validation

@@ -53,6 +53,10 @@ class SafetensorsFile:
     def dtype(self, name: str):
         return np.dtype(DTYPES[self._entries[name]["dtype"]])
 
+    def close(self) -> None:
+        """Drop this reader's memory map (arrays handed out keep their own reference to it)."""
+        self._mmap = None
+
     def tensor(self, name: str) -> np.ndarray:
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
