@@ -311,14 +311,11 @@ class Job:
 
 
 class Engine:
-    """Owns the Generator; one thread runs the jobs in arrival order."""
+    """Owns the Generator; one thread runs the jobs in arrival order. `model` is a Generator or a
+    function that makes one: it is then called on the worker thread, because some runtimes tie
+    device state to the thread that made it (MLX streams are per thread)."""
 
-    def __init__(self, gen, max_queue: int):
-        from .timing import TimedBackend
-
-        self.gen = gen
-        if not isinstance(gen.backend, TimedBackend):
-            gen.backend = TimedBackend(gen.backend)
+    def __init__(self, model, max_queue: int):
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.state = CacheState()
         self.durations: deque[float] = deque(maxlen=32)
@@ -326,8 +323,33 @@ class Engine:
         self.served = 0
         self.cancelled = 0
         self.current: Job | None = None
-        self.thread = threading.Thread(target=self._run, name="dgport-serve-worker", daemon=True)
+        self.gen = None
+        loaded = threading.Event()
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                self.gen = self._own(model() if callable(model) else model)
+            except BaseException as e:  # handed to the thread that waits for the load
+                failure.append(e)
+                return
+            finally:
+                loaded.set()
+            self._run()
+
+        self.thread = threading.Thread(target=work, name="dgport-serve-worker", daemon=True)
         self.thread.start()
+        loaded.wait()
+        if failure:
+            raise failure[0]
+
+    @staticmethod
+    def _own(gen):
+        from .timing import TimedBackend
+
+        if not isinstance(gen.backend, TimedBackend):
+            gen.backend = TimedBackend(gen.backend)
+        return gen
 
     def submit(self, job: Job) -> None:
         try:
@@ -581,7 +603,8 @@ def export_fingerprint(path: Path, backend: str) -> str:
     return f"dgport-{__version__}-{backend}-{digest[:12]}"
 
 
-def create_app(gen, cfg: ServeConfig, max_queue: int = 16):
+def create_app(model, cfg: ServeConfig, max_queue: int = 16):
+    """The ASGI app. `model`: a Generator, or a function returning one (run on the worker thread)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import ValidationError
@@ -602,7 +625,8 @@ def create_app(gen, cfg: ServeConfig, max_queue: int = 16):
                 self.job.cancel.set()
 
     ChatRequest, CompletionRequest = _models()
-    engine = Engine(gen, max_queue)
+    engine = Engine(model, max_queue)
+    gen = engine.gen  # the handlers read only its tokenizer, config and defaults; the worker runs it
     created = int(time.time())
     pad_id = gen.defaults.pad_token_id
 
@@ -871,10 +895,9 @@ def serve(model, backend, host, port, api_key, max_queue, served_model_name):
         from .resolve import resolve_model
 
         path, model_id = resolve_model(model, backend), model
-    gen = load(path, backend=backend)
     cfg = ServeConfig(model_id=served_model_name or model_id, backend=backend,
                       fingerprint=export_fingerprint(path, backend), api_key=api_key)
-    app = create_app(gen, cfg, max_queue=max_queue)
+    app = create_app(lambda: load(path, backend=backend), cfg, max_queue=max_queue)
     exposed = "" if host in ("127.0.0.1", "localhost", "::1") else " (reachable from other machines)"
     click.echo(f"dgport serve: {cfg.model_id} on {backend}, http://{host}:{port}/v1{exposed}; "
                f"{'API key required' if api_key else 'no API key'}; up to {max_queue} waiting requests", err=True)

@@ -401,3 +401,19 @@ def test_client_that_leaves_while_queued_is_never_run(server):
         time.sleep(0.05)
     after = server.health()
     assert after["served"] == before["served"] + 1 and after["cancelled"] == before["cancelled"] + 1
+
+
+def test_mlx_backend_serves_from_its_worker_thread():
+    """MLX streams belong to the thread that made them: the model is loaded on the worker thread."""
+    pytest.importorskip("mlx.core")
+    from dgport.default_model import ensure_default_export
+
+    export = ensure_default_export("mlx")
+    srv = Server(export, "--backend", "mlx")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        resp = _chat(client, PUZZLES[0], seed=3, extra_body={"return_token_ids": True})
+    finally:
+        srv.stop()
+    ref = _run_json(export, "--backend", "mlx", "--prompt", PUZZLES[0], "--seed", "3")
+    assert resp.choices[0].token_ids == ref["token_ids"]
