@@ -133,6 +133,34 @@ def _onnx_weights(value, path, artifacts) -> None:
             raise S.SchemaError(f"{path}.tensors.{b}.offset", f"overlaps tensor {a}")
 
 
+# The graph contract's names (README, DESIGN): the runtime feeds every input and binds every output
+# the manifest lists, so a name the graph does not have would fail inside onnxruntime. Extend these
+# when the graphs gain an input or output.
+GRAPH_IO = {
+    "encoder": (("input_ids", "position_ids"), ()),
+    "denoise_step": (("canvas_ids", "position_ids", "sc_embeds", "temperature", "uniforms"),
+                     ("argmax_ids", "entropy", "sampled_ids", "next_sc_embeds")),
+}
+OPTIONAL_OUTPUTS = {"denoise_step": ("logits",)}
+
+
+def _check_io_names(value, path, graph: str, config: TextConfig) -> None:
+    past = [f"past_{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")]
+    inputs, outputs = GRAPH_IO[graph]
+    want_in = set(inputs) | set(past)
+    want_out = set(outputs) | ({f"present_{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")}
+                               if graph == "encoder" else set())
+    for key, want, optional in (("inputs", want_in, ()), ("outputs", want_out, OPTIONAL_OUTPUTS.get(graph, ()))):
+        names = [v["name"] for v in value[key]]
+        if len(set(names)) != len(names):
+            raise S.SchemaError(f"{path}.{key}", "lists a name twice")
+        missing = sorted(want - set(names))
+        extra = sorted(set(names) - want - set(optional))
+        if missing or extra:
+            raise S.SchemaError(f"{path}.{key}", f"{'missing ' + missing[0] if missing else 'unknown ' + extra[0]} "
+                                                 f"(the {graph} graph contract for {config.num_layers} layers)")
+
+
 def _onnx_graph(value, path, tensors) -> None:
     # known keys are checked; others are allowed inside format entries, so an exporter can add
     # descriptive keys without breaking readers of the same format version
@@ -148,7 +176,7 @@ def _onnx_graph(value, path, tensors) -> None:
     _io_list(value["outputs"], f"{path}.outputs")
 
 
-def _onnx_entry(entry, path, artifacts) -> list[str]:
+def _onnx_entry(entry, path, artifacts, config: TextConfig) -> list[str]:
     """Checks an onnx format entry; returns every file it names."""
     # unknown extra keys are allowed in format entries (see _onnx_graph); known ones are strict
     S.obj(entry, path, required=("files", "dtype", "weights", "graphs"), extra=True)
@@ -175,11 +203,12 @@ def _onnx_entry(entry, path, artifacts) -> list[str]:
         S.obj(entry[key], f"{path}.{key}", required=GRAPHS)
         for g in GRAPHS:
             _onnx_graph(entry[key][g], f"{path}.{key}.{g}", entry["weights"]["tensors"])
+            _check_io_names(entry[key][g], f"{path}.{key}.{g}", g, config)
             named.append(entry[key][g]["file"])
     return named
 
 
-def _mlx_entry(entry, path, artifacts) -> list[str]:
+def _mlx_entry(entry, path, artifacts, config: TextConfig) -> list[str]:
     S.obj(entry, path, required=("files", "layout", "dtype"), optional=("quantization",), extra=True)
     S.string(entry["layout"], f"{path}.layout", max_len=64)
     S.string(entry["dtype"], f"{path}.dtype", choices=DTYPES)
@@ -246,7 +275,7 @@ def validate_manifest(manifest) -> tuple[TextConfig, GenerationDefaults]:
         files = _file_list(entry.get("files"), f"{path}.files")
         in_formats |= set(files)
         listed |= {f"{path}.files[{i}]": f for i, f in enumerate(files)}
-        for f in FORMAT_ENTRIES[name](entry, path, artifacts):
+        for f in FORMAT_ENTRIES[name](entry, path, artifacts, config):
             if f not in files:
                 raise S.SchemaError(path, f"names {f!r}, which is not in its files")
     for where, rel in listed.items():

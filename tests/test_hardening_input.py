@@ -171,6 +171,21 @@ def test_resigned_manifest_still_schema_checked(copied, capsys):
     refused(copied, capsys, "config.sliding_window: 1 is out of range")
 
 
+@pytest.mark.parametrize("change,message", [
+    (lambda g: g["outputs"].__setitem__(0, {**g["outputs"][0], "name": "x"}), "outputs: missing argmax_ids"),
+    (lambda g: g["outputs"].clear(), "outputs: missing argmax_ids"),
+    (lambda g: g["inputs"].append({"name": "extra", "dtype": "float", "shape": []}), "inputs: unknown extra"),
+])
+def test_resigned_manifest_graph_names_follow_the_contract(copied, capsys, change, message):
+    """The runtime binds the names the manifest lists: a name the graph contract lacks is refused
+    before onnxruntime sees it (found by mutating every key of a re-signed manifest)."""
+    def edit(m):
+        change(m["formats"]["onnx"]["graphs"]["denoise_step"])
+        m["manifest_sha256"] = manifest_digest(m)
+    edit_json(copied / MANIFEST, edit)
+    refused(copied, capsys, message)
+
+
 def test_symlinked_artifact_is_refused(copied, tmp_path, capsys):
     real = tmp_path / "elsewhere.json"
     shutil.move(copied / "tokenizer.json", real)
