@@ -898,9 +898,12 @@ def serve(model, backend, host, port, api_key, max_queue, served_model_name):
     cfg = ServeConfig(model_id=served_model_name or model_id, backend=backend,
                       fingerprint=export_fingerprint(path, backend), api_key=api_key)
     app = create_app(lambda: load(path, backend=backend), cfg, max_queue=max_queue)
-    exposed = "" if host in ("127.0.0.1", "localhost", "::1") else " (reachable from other machines)"
-    click.echo(f"dgport serve: {cfg.model_id} on {backend}, http://{host}:{port}/v1{exposed}; "
-               f"{'API key required' if api_key else 'no API key'}; up to {max_queue} waiting requests", err=True)
+    local = host in ("127.0.0.1", "localhost", "::1")
+    where = f"[{host}]" if ":" in host else host
+    key = "API key required" if api_key else "no API key" + ("" if local else ": anyone who can reach it can use it")
+    click.echo(f"dgport serve: {cfg.model_id} on {backend}, http://{where}:{port}/v1 "
+               f"({'this machine only' if local else 'reachable from other machines'}); {key}; "
+               f"up to {max_queue} waiting requests", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
 
 
