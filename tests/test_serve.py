@@ -365,7 +365,7 @@ def test_queue_full_gets_503_with_retry_after(export):
         assert ok.status_code == 200  # served normally afterwards
     finally:
         out = srv.stop()
-    assert "127.0.0.1" in out and "no API key" in out  # says where it listens at start
+    assert "127.0.0.1" in out and "this machine only" in out and "no API key" in out  # says where it listens
 
 
 def test_start_errors_are_one_line(export):
