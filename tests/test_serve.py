@@ -417,3 +417,15 @@ def test_mlx_backend_serves_from_its_worker_thread():
         srv.stop()
     ref = _run_json(export, "--backend", "mlx", "--prompt", PUZZLES[0], "--seed", "3")
     assert resp.choices[0].token_ids == ref["token_ids"]
+
+
+def test_prompt_that_starts_with_the_cached_tokens_reuses_them(client, gen):
+    first = client.completions.create(model="sudoku", prompt=PUZZLES[2], seed=1, max_tokens=82,
+                                      extra_body={"return_token_ids": True})
+    longer = first.prompt_token_ids + gen.tokenizer.encode(PUZZLES[3])
+    resp = client.completions.create(model="sudoku", prompt=longer, seed=2, max_tokens=82,
+                                     extra_body={"return_token_ids": True})
+    assert resp.usage.prompt_tokens_details.cached_tokens == len(first.prompt_token_ids)
+    assert resp.prompt_token_ids == longer  # exactly the tokens asked for: the prefix was already encoded
+    fresh = gen.generate(longer, seed=2, max_new_tokens=82, encode_chunk=len(first.prompt_token_ids))
+    assert resp.choices[0].token_ids == fresh.token_ids[0]
