@@ -54,9 +54,9 @@ def number(value, path: str, lo: float | None = None, hi: float | None = None, l
     value = float(value)
     if not math.isfinite(value):
         raise SchemaError(path, f"{value} is not a finite number")
-    if lo is not None and (value <= lo if lo_open else value < lo) or hi is not None and value > hi:
-        left = "(" if lo_open else "["
-        raise SchemaError(path, f"{value!r} is out of range {left}{'' if lo is None else lo}, {'' if hi is None else hi}]")
+    if (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
+        left, low, high = "(" if lo_open else "[", "" if lo is None else lo, "" if hi is None else hi
+        raise SchemaError(path, f"{value!r} is out of range {left}{low}, {high}]")
     return value
 
 

@@ -347,6 +347,7 @@ BAD_NUMBERS = [
 
 @pytest.mark.parametrize("kwargs,message", BAD_NUMBERS, ids=[m for _, m in BAD_NUMBERS])
 def test_bad_numbers_from_the_api(gen, kwargs, message):
+    kwargs = dict(kwargs)
     calls = []
     real = gen.backend.denoise
     gen.backend.denoise = lambda *a: (calls.append(1), real(*a))[1]
