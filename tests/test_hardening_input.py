@@ -312,6 +312,12 @@ def test_real_config_accepted_unchanged():
     assert cfg.max_position_embeddings == 262144 and cfg.canvas_length == 256 and cfg.sliding_window == 1024
     assert cfg.top_k_experts == 8 and cfg.num_experts == 128 and set(cfg.head_dims) == {256, 512}
     assert TextConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    from dgport.config import GenerationDefaults
+
+    gen_raw = json.loads(REAL_CONFIG.with_name("diffusiongemma-26B-A4B-it.generation_config.json").read_text())
+    defaults = GenerationDefaults.from_hf(gen_raw, cfg, raw.get("eos_token_id"))
+    assert defaults.eos_token_ids == (1, 106, 50) and defaults.max_denoising_steps == 48
+    assert GenerationDefaults.from_dict(json.loads(json.dumps(defaults.to_dict()))) == defaults
 
 
 def test_default_max_position_embeddings_is_transformers():
