@@ -22,6 +22,9 @@ SUDOKU = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 MIN_AGREEMENT = 0.95
 
 
+pytestmark = pytest.mark.slow  # bf16 exports of the Sudoku model, ONNX and MLX, and transformers' bf16
+
+
 @pytest.fixture(scope="module")
 def gens(tmp_path_factory):
     root = tmp_path_factory.mktemp("sudoku-bf16")

@@ -169,6 +169,7 @@ def cli_export(tmp_path_factory, checkpoints):
     return out
 
 
+@pytest.mark.slow
 def test_export_info_run_check_on_an_onnx_export(capsys, cli_export, checkpoints):
     capsys.readouterr()
     code, out, err = dg(capsys, "info", cli_export, "--verify", "--json")

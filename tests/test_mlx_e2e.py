@@ -46,6 +46,7 @@ def exports(checkpoints, tmp_path_factory):
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_generate_token_identical_to_torch(preset, exports, torch_gens):
     gen = dgport.load(exports[(preset, "fp32")], backend="mlx")
@@ -57,6 +58,7 @@ def test_keep_cache_continues_like_torch(exports, torch_gens):
     assert_keep_cache_like_torch(gen, torch_gens["long-context"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_mlx_equals_onnx_cpu_on_one_export(preset, exports):
     """Same prompts and seeds as the torch test above, so equal here means all three agree."""
@@ -103,6 +105,7 @@ def _argmax_agreement(f, q, seed):
     return float(np.mean(agree))
 
 
+@pytest.mark.slow
 def test_4bit_export_runs_and_agrees_with_fp32(exports):
     report, gated_tokens, gated_argmax = {}, [], []
     for preset in ALL_PRESETS:

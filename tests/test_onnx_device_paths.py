@@ -57,6 +57,7 @@ def test_bf16_cache_reads_back_exactly(onnx_exports):
     assert backend.sc_numpy().shape[-1] == backend.config.hidden_size
 
 
+@pytest.mark.slow
 def test_cuda_check_harness_runs_with_the_cpu_as_candidate(tmp_path):
     """bench/cuda_check.py is what a GPU session runs; here its CPU-vs-CPU run must pass every check."""
     import json

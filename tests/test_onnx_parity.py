@@ -18,6 +18,7 @@ from dgport.runtimes.torch_ref import TorchRefBackend
 from onnx_support import THREADS, onnx_exports  # noqa: F401
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph_set", ["cpu_graphs", "graphs"])  # denoise-step experts sparse (CPU) / dense (GPU)
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_fp32_parity_with_hf(preset, graph_set, onnx_exports, checkpoints, hf_models):

@@ -19,6 +19,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", list(CASES))
 def test_loop_matches_hf_generate(preset, checkpoints, hf_models):
     prompt, seed, kind = CASES[preset]

@@ -82,6 +82,7 @@ def test_shipped_checkpoint_reads_and_is_small():
     assert total <= 20 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_shipped_checkpoint_solves_easy_puzzles(generator):
     from bench.sudoku import run
 
