@@ -110,8 +110,13 @@ def _resolve(export_dir: Path | None, backend: str, checkpoint: Path | None = No
 
 
 def _load(path: Path, backend: str):
+    import importlib.util
+
     from . import load
 
+    if backend == "torch" and not (importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")):
+        raise DgportError("--backend torch runs the Hugging Face modules and needs torch and transformers: "
+                          "pip install 'dgport[export]' (or use --backend cpu)")
     return load(path, backend=backend)
 
 

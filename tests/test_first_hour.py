@@ -73,6 +73,9 @@ def test_the_main_job_and_an_export_need_no_torch(tmp_path, checkpoints):
                           "--no-validate"], capture_output=True, text=True, env={**os.environ, **env})
     assert exp.returncode == 0, exp.stderr
     assert (tmp_path / "o" / "dgport.json").exists() and "Traceback" not in exp.stderr
+    ref = subprocess.run([sys.executable, "-c", NO_TORCH, "run", "--backend",
+                          "torch", "--prompt", PUZZLE], capture_output=True, text=True, env={**os.environ, **env})
+    assert ref.returncode == 1 and "pip install 'dgport[export]'" in one_error_line(ref.stderr)
 
 
 def test_validation_without_torch_says_how_to_install_or_skip_it(capsys, tmp_path, checkpoints, monkeypatch):
