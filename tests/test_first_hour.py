@@ -149,7 +149,7 @@ def test_debug_after_the_subcommand(tmp_path):
 # --- Confusing ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prompt,message", [
-    ("123", "not a Sudoku puzzle: 3 cells"),
+    ("123", "not a Sudoku puzzle: 3 characters after dropping spaces and separators, not 81"),
     ("hello world", "not a Sudoku puzzle"),
     ("55" + PUZZLE[2:], "row 1 gives 5 twice"),
     (PUZZLE[:80] + "3", "column 9 gives 3 twice"),
