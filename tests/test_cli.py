@@ -218,7 +218,7 @@ def test_export_refuses_a_non_empty_out_and_leaves_nothing_behind(capsys, tmp_pa
 def test_demo_solves_a_puzzle_with_the_shipped_model(capsys):
     code, out, err = dg(capsys, "demo", "--backend", "torch", "--seed", "0", "--givens", "70")
     assert code == 0, err
-    assert "puzzle (stream 0, 70 givens)" in out
+    assert "puzzle (seed 0, 70 givens)" in out
     assert ("solved in" in out) or ("not solved in" in out)
     assert out.count("------+-------+------") == 4  # the puzzle grid and the answer grid
 
