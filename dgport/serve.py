@@ -5,10 +5,13 @@ bounded queue (full: 503 with Retry-After). Handlers hand a Job to the worker an
 from an asyncio queue the worker fills through `loop.call_soon_threadsafe`. A client that goes away
 sets its job's cancel event; the worker checks it between two denoising steps.
 
-Prefix reuse is by tokens, not by messages: the worker remembers the token ids whose K/V the
-backend's cache holds (the last prompt and every canvas but the last). A request whose prompt ids
-start with exactly those ids encodes only the rest, so it computes on the same token stream, at the
-same positions, as a fresh run.
+Cache reuse. The worker remembers the token ids whose K/V the backend's cache holds (the last
+prompt and every canvas but the last). A request whose prompt ids start with exactly those ids
+encodes only the rest. A chat request that repeats the last conversation, its answer exactly as
+returned, and adds turns is continued as `dgport chat` continues one (templates rewrite history, e.g.
+drop the thought channel, so the re-rendered conversation rarely starts with the cached ids): the
+model's own answer tokens, the template's turn close, then the new turns. Either way the request
+runs on the token stream it reports (`prompt_token_ids`), as a fresh run of that stream would.
 
 Sampling fields. DiffusionGemma samples each step at a temperature the schedule t_max -> t_min sets
 (over max_denoising_steps) and keeps the tokens an entropy budget accepts; there is no per-token
@@ -462,7 +465,8 @@ class Engine:
         tokens = result.token_ids[0]
         k = len(result.steps_per_canvas)
         last = tokens[C * (k - 1):]  # the loop encoded every canvas but this one
-        eos = next((i for i, t in enumerate(last) if t in result_eos(gen, plan)), len(last))
+        stops = set(gen.settings(plan.max_new_tokens, **plan.overrides).eos_token_ids)
+        eos = next((i for i, t in enumerate(last) if t in stops), len(last))
         answer = TextStream(gen.tokenizer, gen.defaults.pad_token_id, True, []) if plan.chat else None
         if answer is not None:
             answer.add(tokens)
@@ -476,10 +480,6 @@ class Engine:
                 "cached_tokens": n, "encoded_tokens": len(ids) - n,
                 "ms_per_step": timings["ms_per_step"], "ms_per_encode": timings["ms_per_encode"],
                 "queue_ms": 1000 * (started - job.queued_at), "generate_ms": 1000 * (time.perf_counter() - started)}
-
-
-def result_eos(gen, plan: Plan) -> set[int]:
-    return set(gen.settings(plan.max_new_tokens, **plan.overrides).eos_token_ids)
 
 
 @dataclass
