@@ -31,7 +31,8 @@ BACKEND_FORMAT = {"cpu": "onnx", "cuda": "onnx", "mlx": "mlx"}
 MAX_MANIFEST_BYTES = 256 << 20  # a real export's manifest is ~1 MB (one entry per weight tensor)
 
 DTYPES = ("fp32", "fp16", "bf16")
-ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "uint8": 1}
+QUANT_DTYPES = ("uint8", "uint4")  # quantized ONNX exports' integer weights (uint4: two a byte)
 MOE_FORMS = ("sparse", "dense")
 GRAPHS = ("encoder", "denoise_step")
 # Files the tokenizer reads when they exist (dgport/tokenizer.py): an export must list every one it holds.
@@ -119,9 +120,9 @@ def _onnx_weights(value, path, artifacts) -> None:
         S.obj(t, p, required=("offset", "nbytes", "dtype", "shape"))
         offset = S.integer(t["offset"], f"{p}.offset", 0, 1 << 50)
         nbytes = S.integer(t["nbytes"], f"{p}.nbytes", 0, 1 << 50)
-        dtype = S.string(t["dtype"], f"{p}.dtype", choices=DTYPES)
+        dtype = S.string(t["dtype"], f"{p}.dtype", choices=DTYPES + QUANT_DTYPES)
         shape = S.array(t["shape"], f"{p}.shape", lambda d, q: S.integer(d, q, 0, 1 << 40), max_len=8)
-        if math.prod(shape) * ITEMSIZE[dtype] != nbytes:
+        if ((math.prod(shape) + 1) // 2 if dtype == "uint4" else math.prod(shape) * ITEMSIZE[dtype]) != nbytes:
             raise S.SchemaError(f"{p}.nbytes", f"{nbytes} does not match shape {shape} of {dtype}")
         if size is not None and offset + nbytes > size:
             raise S.SchemaError(f"{p}.offset", f"bytes {offset}..{offset + nbytes} lie past the end of {wfile} "

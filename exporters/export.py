@@ -76,8 +76,10 @@ def check_options(opts: ExportOptions) -> None:
     if opts.quantize is not None:
         if opts.quantize not in (4, 8):
             raise DgportError(f"--quantize {opts.quantize}: choose int4 or int8 (4 or 8 bits)")
-        if "mlx" not in opts.formats:
-            raise DgportError("--quantize applies to the mlx format; add --format mlx")
+        if "onnx" in opts.formats and opts.dtype != "fp32":
+            raise DgportError(f"--quantize with --dtype {opts.dtype}: quantized ONNX exports keep their unquantized "
+                              "tensors in fp32 and compute in fp32 (onnxruntime's CPU EP has no bf16 kernels); "
+                              "drop --dtype or pass --dtype fp32")
     if opts.encoder_moe not in ("sparse", "dense"):
         raise DgportError(f"--encoder-moe {opts.encoder_moe!r}: choose sparse or dense")
     if opts.denoise_moe not in ("auto", "sparse", "dense"):
@@ -270,6 +272,10 @@ def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> E
     started = time.perf_counter()
     with progress.step("reading checkpoint"):
         ckpt = read_checkpoint(src)
+    if opts.quantize and "onnx" in opts.formats:  # before anything is written: names the tensor
+        from .quantize import check
+
+        check(ckpt.config, opts.quantize, opts.group_size)
     modules = {fmt: importlib.import_module(FORMAT_MODULES[fmt]) for fmt in opts.formats}
     out.parent.mkdir(parents=True, exist_ok=True)
     with _sigterm_as_interrupt(), _out_lock(out):
@@ -311,4 +317,6 @@ def _write(src, ckpt, tmp: Path, modules: dict, opts: ExportOptions, progress: P
                     # the opener, not an opened backend: validation keeps one model in memory at a time
                     validation[name] = validate_export(open_candidate, ckpt, fmt, opts.dtype, opts.quantize,
                                                        mod.VALIDATION_METRIC)
+            if hasattr(mod, "extra_validation"):  # e.g. quantized ONNX against its own dequantized weights
+                validation.update(mod.extra_validation(ckpt, tmp, formats[fmt], opts, progress))
     return manifest, validation

@@ -15,7 +15,7 @@ import onnx
 from dgport.progress import Progress
 
 from .validation import rel_err
-from .onnx_graph import (ONNX_DTYPE, WEIGHTS_FILE, WeightStore, build_denoise, build_encoder, io_spec)
+from .onnx_graph import (ONNX_DTYPE, WEIGHTS_FILE, QuantSpec, WeightStore, build_denoise, build_encoder, io_spec)
 
 ENCODER, DENOISE = "encoder.onnx", "denoise_step.onnx"
 CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
@@ -48,14 +48,21 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     fused = opts.attention == "fused"
     sparse = {dev: {k: v == "sparse" for k, v in f.items()} for dev, f in forms.items()}
     store = WeightStore(ckpt, out_dir, opts.dtype)
+    quant = None
+    if opts.quantize:
+        from .quantize import quantized_tensors
+
+        quant = QuantSpec(opts.quantize, opts.group_size, quantized_tensors(cfg, opts.quantize))
+    what = f"int{opts.quantize} (group {opts.group_size})" if quant else opts.dtype
     built = {}
     try:
-        with progress.step(f"onnx: encoder graph + {opts.dtype} weights"):
+        with progress.step(f"onnx: encoder graph + {what} weights"):
             built["encoder"] = build_encoder(cfg, store, md, progress=progress, sparse_moe=sparse["cuda"]["encoder"],
-                                             fused_attention=fused)
+                                             fused_attention=fused, quant=quant)
         with progress.step("onnx: denoise_step graph"):
             built["denoise_step"] = build_denoise(cfg, store, md, opts.with_logits, progress=progress,
-                                                  sparse_moe=sparse["cuda"]["denoise_step"], fused_attention=fused)
+                                                  sparse_moe=sparse["cuda"]["denoise_step"], fused_attention=fused,
+                                                  quant=quant)
     finally:
         store.close()
     files = []
@@ -84,7 +91,7 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         elif forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
                                                              sparse_moe=sparse["cpu"]["denoise_step"],
-                                                             fused_attention=fused),
+                                                             fused_attention=fused, quant=quant),
                                                SPARSE_DENOISE, forms["cpu"]["denoise_step"])
     files.append(WEIGHTS_FILE)
     entry = {
@@ -105,11 +112,25 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     }
     if cpu_graphs != graphs:
         entry["cpu_graphs"] = cpu_graphs
+    if quant is not None:
+        entry["quantization"] = quantization_entry(quant)
     if opts.dtype == "bf16":
         entry["cpu_note"] = ("onnxruntime's CPU EP has no bf16 kernels: on CPU the fp32-compute graphs read the "
                              "bf16 weights and cast each to fp32 where it is used (bf16 rounding kept at the "
                              "reference's casts; K/V and sc_embeds stay bf16)")
     return entry
+
+
+def quantization_entry(quant: QuantSpec) -> dict:
+    """The manifest's record of a quantized export: the scheme and, per quantized transformers
+    tensor, its bits and measured relative weight error (everything not listed stays fp32)."""
+    from .quantize import SCHEME
+
+    tensors = {name: {"role": role, "bits": bits, "rel_error": round(quant.errors[name], 6)}
+               for name, (role, bits) in quant.tensors.items()}
+    return {"bits": quant.bits, "group_size": quant.group, "scheme": SCHEME,
+            "kept": "fp32: router, norms, layer scalars, per-expert scales; embedding at 8 bits in int4 exports",
+            "tensors": tensors}
 
 
 class _ReadOnlyStore:
@@ -144,3 +165,34 @@ def validation_backends(ckpt, out_dir, entry):
         sets.append(("gpu graphs", "graphs"))
     return [(label, lambda g=graphs: OnnxBackend(read_manifest(out_dir), device="cpu", graph_set=g))
             for label, graphs in sets]
+
+
+def extra_validation(ckpt, out_dir, entry, opts, progress) -> dict:
+    """Quantized exports only: the CPU graphs against transformers fp32 on the same checkpoint with
+    its quantized tensors replaced by their dequantized values, gated as tightly as an fp32 export
+    (1e-5 relative): this checks the graph (blocked dequantization, packing, the gathered experts),
+    not the quantization. (The driver's comparison with the unquantized model is the quantization's
+    cost, reported.)"""
+    if not opts.quantize:
+        return {}
+    import shutil
+    import tempfile
+
+    from .checkpoint import read_checkpoint
+    from .quantize import write_dequantized_checkpoint
+    from .validation import validate_export
+
+    tmp = Path(tempfile.mkdtemp(prefix="dgport-dequantized-"))
+    try:
+        with progress.step("onnx: writing the dequantized fp32 checkpoint for validation"):
+            write_dequantized_checkpoint(ckpt, opts.quantize, opts.group_size, tmp)
+        deq = read_checkpoint(tmp)
+        errors = {}
+        for label, open_candidate in validation_backends(ckpt, out_dir, entry):
+            name = "onnx vs dequantized fp32" + ("" if label is None else f" ({label})")
+            with progress.step(f"validating {name}"):
+                errors[name] = validate_export(open_candidate, deq, "onnx", "fp32", None, VALIDATION_METRIC)
+        deq.close()
+        return errors
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -33,6 +33,9 @@ OPSET = 21
 FUSED_ATTENTION_OPSET = 23  # the first with ONNX `Attention`
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 ONNX_DTYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+# quantized exports' integer tensors: "uint4" is packed two to a byte (ONNX's int4 order), "uint8" plain
+QUANT_DTYPE = {"uint4": TensorProto.UINT4, "uint8": TensorProto.UINT8}
+UINT8 = TensorProto.UINT8
 NP_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 64
@@ -83,27 +86,35 @@ class WeightStore:
 
     def get(self, name: str, make, dtype: str | None = None) -> str:
         """Store the array `make()` (cast to the model dtype, or to `dtype` = 'fp32') under `name`."""
+        if name not in self.index and dtype in QUANT_DTYPE:  # bytes as made (uint8; uint4 packed in pairs)
+            arr = np.ascontiguousarray(np.asarray(make(), np.uint8))
+            shape = list(arr.shape[:-1]) + [arr.shape[-1] * (2 if dtype == "uint4" else 1)]
+            self._write(name, arr, dtype, shape)
+        elif name not in self.index and dtype == "bf16":  # quantization scales: bf16 in any export
+            self._write(name, np.ascontiguousarray(np.asarray(make()).astype(np_dtype("bf16"))), "bf16", None)
         if name not in self.index:
             arr = np.asarray(make())
             target = np.dtype(np.float32) if dtype == "fp32" else self.np_dtype
             if arr.dtype != target:
                 arr = arr.astype(np.float32).astype(target) if arr.dtype != np.float32 else arr.astype(target)
-            arr = np.ascontiguousarray(arr)
-            pad = (-self.offset) % ALIGN
-            if pad:
-                self.f.write(b"\0" * pad)
-                self.offset += pad
-            self.f.write(arr.tobytes())
-            self.index[name] = {"offset": self.offset, "nbytes": arr.nbytes, "dtype": "fp32" if dtype == "fp32"
-                                else self.dtype, "shape": list(arr.shape)}
-            self.offset += arr.nbytes
+            self._write(name, np.ascontiguousarray(arr), "fp32" if dtype == "fp32" else self.dtype, None)
         return name
+
+    def _write(self, name: str, arr: np.ndarray, dtype: str, shape) -> None:
+        pad = (-self.offset) % ALIGN
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.offset += pad
+        self.f.write(arr.tobytes())
+        self.index[name] = {"offset": self.offset, "nbytes": arr.nbytes, "dtype": dtype,
+                            "shape": list(arr.shape) if shape is None else shape}
+        self.offset += arr.nbytes
 
     def proto(self, name: str) -> TensorProto:
         meta = self.index[name]
         t = TensorProto()
         t.name = name
-        t.data_type = ONNX_DTYPE[meta["dtype"]]
+        t.data_type = {**ONNX_DTYPE, **QUANT_DTYPE}[meta["dtype"]]
         t.dims.extend(meta["shape"])
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", WEIGHTS_FILE), ("offset", str(meta["offset"])), ("length", str(meta["nbytes"]))):
@@ -148,7 +159,7 @@ class Builder:
 
     def const(self, value, dtype: int) -> str:
         arr = np.asarray(value, dtype=np.float32 if dtype in (FLOAT, TensorProto.BFLOAT16) else
-                         {INT64: np.int64, TensorProto.FLOAT16: np.float16, BOOL: np.bool_}[dtype])
+                         {INT64: np.int64, TensorProto.FLOAT16: np.float16, BOOL: np.bool_, UINT8: np.uint8}[dtype])
         key = (arr.tobytes(), arr.shape, dtype)
         if key not in self._consts:
             name = self.fresh("const")
@@ -179,6 +190,11 @@ class Builder:
         casts what it gathered with `compute()`."""
         self.store.get(name, make, dtype)
         meta = self.store.index[name]
+        if meta["dtype"] in QUANT_DTYPE:
+            if name not in self.weights:
+                self.weights.append(name)
+                self.inits.append(self.store.proto(name))
+            return name
         if name not in self.weights:
             self.weights.append(name)
             self.inits.append(self.store.proto(name))
@@ -237,9 +253,11 @@ class Builder:
 class Model:
     """The DiffusionGemma text stack on a Builder. `mode` is 'encoder' or 'decoder'."""
 
-    def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False, fused_attention: bool = False):
+    def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False, fused_attention: bool = False,
+                 quant: "QuantSpec | None" = None):
         self.b, self.cfg, self.mode, self.sparse_moe = b, cfg, mode, sparse_moe
         self.fused_attention = fused_attention
+        self.quant = quant
         if fused_attention:
             b.opset = max(b.opset, FUSED_ATTENTION_OPSET)
         self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
@@ -248,8 +266,11 @@ class Model:
 
     # weights ---------------------------------------------------------------------------
     def lin(self, key: str, parts) -> str:
-        """A fused linear weight [in, sum(out)] from HF [out, in] tensors."""
+        """A fused linear weight [in, sum(out)] from HF [out, in] tensors (dequantized in the graph
+        from its blocked integers in a quantized export)."""
         st = self.b.store
+        if self.quant is not None and parts[0] in self.quant.tensors:
+            return self.quant.constant(self.b, key, parts)
         return self.b.weight(key, lambda: np.concatenate([np.asarray(st.raw(p)).T for p in parts], axis=1))
 
     def vec32(self, hf_name: str) -> str:
@@ -301,11 +322,16 @@ class Model:
     def embedding(self, cast: bool = True) -> str:
         """The token embedding table [V, H] (also the tied lm_head)."""
         b = self.b
+        if self.quant is not None:
+            return self.quant.table(b, "embed_tokens", f"{DEC}embed_tokens.weight")
         return b.weight("embed_tokens", lambda: b.store.raw(f"{DEC}embed_tokens.weight"), cast=cast)
 
     def embed(self, ids: str) -> str:
         b = self.b
-        rows = b.compute(b.op("Gather", self.embedding(cast=False), ids, axis=0))
+        if self.quant is not None:
+            rows = self.quant.table(b, "embed_tokens", f"{DEC}embed_tokens.weight", rows=ids)
+        else:
+            rows = b.compute(b.op("Gather", self.embedding(cast=False), ids, axis=0))
         return b.op("Mul", rows, b.cconst(math.sqrt(self.cfg.hidden_size)))
 
     # layer -----------------------------------------------------------------------------
@@ -404,6 +430,15 @@ class Model:
         y = self.rms(r, self.vec32(p + "pre_feedforward_layernorm_2.weight"))  # [B,T,H]
         y2 = b.op("Reshape", y, b.const(np.array([-1, H], np.int64), INT64))  # [N,H]
         st = b.store
+        if self.quant is not None:  # (tensor name, handle): dequantized where each expert is used
+            wgu = ("q", f"layers.{i}.experts.gate_up", p + "experts.gate_up_proj")
+            wd = ("q", f"layers.{i}.experts.down", p + "experts.down_proj")
+            moe = self.sparse_experts(y2, topi, topw, wgu, wd) if self.sparse_moe else \
+                self.dense_experts(y2, probs, topi, topw, wgu, wd)
+            moe = b.op("Reshape", moe, b.op("Shape", r))
+            h2 = self.rms(moe, self.vec32(p + "post_feedforward_layernorm_2.weight"))
+            ff = self.rms(b.op("Add", h1, h2), self.vec32(p + "post_feedforward_layernorm.weight"))
+            return b.op("Add", r, ff)
         # the sparse loop gathers one expert's weights, then casts them (emulate mode)
         wgu = b.weight(f"layers.{i}.experts.gate_up",
                        lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)),
@@ -427,6 +462,8 @@ class Model:
         M, E = cfg.moe_intermediate_size, cfg.num_experts
         dense_w = b.op("ScatterElements", b.op("Mul", probs, b.const(np.float32(0), FLOAT)), topi, topw, axis=-1)
         y3 = b.op("Unsqueeze", y2, b.const(np.array([0], np.int64), INT64))  # [1,N,H]
+        if isinstance(wgu, tuple):
+            wgu, wd = self.quant.experts(b, *wgu[1:]), self.quant.experts(b, *wd[1:])
         egu = b.op("MatMul", y3, wgu)  # [E,N,2M]
         eg, eu = b.op("Split", egu, b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
         eo = b.op("MatMul", b.op("Mul", self.gelu(eg), eu), wd)  # [E,N,H]
@@ -454,9 +491,15 @@ class Model:
         rows = b.op("Squeeze", b.op("NonZero", routed), b.const(np.array([0], np.int64), INT64))  # [n]
         w_e = b.op("ReduceSum", b.op("Where", hit, topw, b.const(np.float32(0), FLOAT)), self.ax_last, keepdims=0)
         x = b.op("Gather", y2, rows, axis=0)  # [n,H]
-        g, u = b.op("Split", b.op("MatMul", x, b.compute(b.op("Gather", wgu, e, axis=0))),
+
+        def expert(w):  # one expert's weights, gathered, then cast (emulate mode) or dequantized (quantized)
+            if isinstance(w, tuple):
+                return self.quant.experts(b, *w[1:], index=e)
+            return b.compute(b.op("Gather", w, e, axis=0))
+
+        g, u = b.op("Split", b.op("MatMul", x, expert(wgu)),
                     b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
-        o = b.op("MatMul", b.op("Mul", self.gelu(g), u), b.compute(b.op("Gather", wd, e, axis=0)))  # [n,H]
+        o = b.op("MatMul", b.op("Mul", self.gelu(g), u), expert(wd))  # [n,H]
         scaled = self.round32(b.op("Mul", b.f32(o),
                                    b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0), self.ax_last)))
         # a token appears once per expert, so the rows are unique: read-add-write with a plain ScatterND
@@ -524,9 +567,9 @@ def cache_inputs(b, cfg: TextConfig, md: int) -> list:
 
 
 def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None,
-                  sparse_moe: bool = True, fused_attention: bool = False):
+                  sparse_moe: bool = True, fused_attention: bool = False, quant: "QuantSpec | None" = None):
     b = Builder("dgport_encoder", store, md, emulate)
-    m = Model(b, cfg, "encoder", sparse_moe, fused_attention)
+    m = Model(b, cfg, "encoder", sparse_moe, fused_attention, quant)
     ids = b.input("input_ids", INT64, ["batch", "seq"])
     pos = b.input("position_ids", INT64, ["batch", "seq"])
     pasts = cache_inputs(b, cfg, md)
@@ -564,9 +607,10 @@ def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = 
 
 
 def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
-                  progress=None, sparse_moe: bool = False, fused_attention: bool = False):
+                  progress=None, sparse_moe: bool = False, fused_attention: bool = False,
+                  quant: "QuantSpec | None" = None):
     b = Builder("dgport_denoise_step", store, md, emulate)
-    m = Model(b, cfg, "decoder", sparse_moe, fused_attention)
+    m = Model(b, cfg, "decoder", sparse_moe, fused_attention, quant)
     H, V = cfg.hidden_size, cfg.vocab_size
     ids = b.input("canvas_ids", INT64, ["batch", "canvas"])
     pos = b.input("position_ids", INT64, ["batch", "canvas"])
@@ -628,3 +672,97 @@ def io_spec(b: Builder) -> dict:
 
     return {"inputs": [one(v) for v in b.inputs if v.name not in b.weights],
             "outputs": [one(v) for v in b.outputs]}
+
+
+# ----------------------------------------------------------------------------------- quantized weights
+
+
+class QuantSpec:
+    """A quantized export's weights in the graph (the scheme: exporters/quantize.py). Each quantized
+    tensor `key` is stored as `key.q` (integers), `key.scale` (bf16) and `key.zp` (zero points) and
+    dequantized with a blocked `DequantizeLinear` (opset 21) where it is used:
+    - constant 2-D weights [in, out]: uint4 (or uint8) initializers into `DequantizeLinear(axis=0)`
+      -> `MatMul`, the pattern onnxruntime fuses into its MatMulNBits kernel;
+    - experts [E, in, out]: uint8 bytes (4-bit: two values a byte), because ONNX `Gather` has no
+      4-bit types: the sparse loop gathers one expert's bytes, unpacks the nibbles with
+      BitwiseAnd/BitShift, then dequantizes (the dense form dequantizes all experts at once);
+    - the embedding table [V, H] (8 bits): rows gathered then dequantized for the input embedding,
+      the whole table dequantized for the tied lm_head and the self-conditioning expectation."""
+
+    def __init__(self, bits: int, group: int, tensors: dict):
+        self.bits, self.group, self.tensors = bits, group, tensors
+        self._made: dict = {}
+        self.errors: dict = {}  # transformers tensor name -> relative Frobenius error of its weights
+
+    def _one(self, w, bits: int):
+        from .quantize import dequantize, quantize
+
+        w = np.asarray(w, np.float32)
+        t = quantize(w, bits, self.group)
+        n = float(np.linalg.norm(w))
+        return t, float(np.linalg.norm(dequantize(*t, self.group) - w)) / (n if n > 0 else 1.0)
+
+    def _quantized(self, store, key: str, parts, transpose: bool):
+        """(q [.., in, out] uint8 unpacked, scale float32 [.., in/g, out], zp uint8) of the parts
+        concatenated along the output axis; computed once per key (three stored tensors use it)."""
+        if key not in self._made:
+            self._made.clear()  # one key's arrays at a time: the store writes all three before the next
+            bits = self.tensors[parts[0]][1]
+            qs = []
+            for p in parts:
+                t, self.errors[p] = self._one(store.raw(p), bits)
+                qs.append(t)
+            if transpose:
+                qs = [tuple(np.swapaxes(a, -1, -2) for a in t) for t in qs]
+            self._made[key] = tuple(np.concatenate([t[k] for t in qs], axis=-1) for k in range(3))
+        return self._made[key]
+
+    def _store(self, b: Builder, key: str, parts, transpose: bool, packed: str):
+        """Stores key.q / key.scale / key.zp; `packed` is the dtype label of 4-bit integers
+        ("uint4": ONNX 4-bit tensors, "uint8": bytes holding two values)."""
+        from .quantize import pack4, to_bf16
+
+        st = b.store
+        bits = self.tensors[parts[0]][1]
+        ints = (lambda a: pack4(a)) if bits == 4 else (lambda a: a)
+        label = packed if bits == 4 else "uint8"
+        q = b.weight(f"{key}.q", lambda: ints(self._quantized(st, key, parts, transpose)[0]), dtype=label)
+        s = b.weight(f"{key}.scale", lambda: to_bf16(self._quantized(st, key, parts, transpose)[1]), dtype="bf16")
+        zlabel = label if packed == "uint4" else "uint8"
+        z = b.weight(f"{key}.zp", lambda: (ints if zlabel == "uint4" else (lambda a: a))(
+            self._quantized(st, key, parts, transpose)[2]), dtype=zlabel)
+        return q, s, z, bits
+
+    def _unpack(self, b: Builder, q: str) -> str:
+        """uint8 bytes [..., n/2] -> uint8 values [..., n] (low nibble first)."""
+        lo = b.op("BitwiseAnd", q, b.const(np.uint8(15), UINT8))
+        hi = b.op("BitShift", q, b.const(np.uint8(4), UINT8), direction="RIGHT")
+        pairs = b.op("Concat", b.op("Unsqueeze", lo, b.const(np.array([-1], np.int64), INT64)),
+                     b.op("Unsqueeze", hi, b.const(np.array([-1], np.int64), INT64)), axis=-1)
+        shape = b.op("Concat", b.op("Slice", b.op("Shape", q), b.const(np.array([0], np.int64), INT64),
+                                    b.const(np.array([-1], np.int64), INT64)),
+                     b.const(np.array([-1], np.int64), INT64), axis=0)
+        return b.op("Reshape", pairs, shape)
+
+    def constant(self, b: Builder, key: str, parts) -> str:
+        q, s, z, _ = self._store(b, key, parts, transpose=True, packed="uint4")
+        return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=0, block_size=self.group)
+
+    def experts(self, b: Builder, key: str, hf_name: str, index: str | None = None) -> str:
+        """All experts [E, in, out] fp32, or (index given) one gathered expert [in, out]."""
+        q, s, z, bits = self._store(b, key, [hf_name], transpose=True, packed="uint8")
+        if index is not None:
+            q, s, z = (b.op("Gather", t, index, axis=0) for t in (q, s, z))
+        if bits == 4:
+            q = self._unpack(b, q)
+        return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=0 if index is not None else 1,
+                    block_size=self.group)
+
+    def table(self, b: Builder, key: str, hf_name: str, rows: str | None = None) -> str:
+        """The embedding table [V, H] fp32, or (rows given: ids [B, T]) its rows [B, T, H]."""
+        q, s, z, bits = self._store(b, key, [hf_name], transpose=False, packed="uint8")
+        if rows is not None:
+            q, s, z = (b.op("Gather", t, rows, axis=0) for t in (q, s, z))
+        if bits == 4:
+            q = self._unpack(b, q)
+        return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=-1, block_size=self.group)

@@ -27,8 +27,12 @@ from dgport.config import TextConfig
 from dgport.errors import BackendUnavailable, DgportError, ExportError
 
 BF16 = 16  # onnx.TensorProto.BFLOAT16 (onnx itself is not a runtime dependency)
-ONNX_TYPE = {"fp32": 1, "fp16": 10, "bf16": BF16}
-NP_TYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}  # bf16 travels as raw uint16 bits
+ONNX_TYPE = {"fp32": 1, "fp16": 10, "bf16": BF16, "uint8": 2}
+NP_TYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16,  # bf16 travels as raw uint16 bits
+           "uint8": np.uint8}
+# quantized exports' 4-bit weights are left to onnxruntime to read from weights.bin (an OrtValue of a 4-bit
+# type cannot be made from numpy); they are constants it repacks for MatMulNBits, one copy per session anyway
+LOADED_BY_ORT = ("uint4",)
 
 CUDA_FIX = ("install the CUDA build of ONNX Runtime: pip uninstall -y onnxruntime && pip install 'dgport[cuda]' "
             "(onnxruntime-gpu; both packages provide the same module, never install both)")
@@ -76,9 +80,12 @@ def _ort():
 
 class OnnxBackend:
     def __init__(self, export, device: str = "cpu", threads: int | None = None, graph_set: str | None = None,
-                 **session_options):
+                 accuracy_level: int | None = None, **session_options):
         """`graph_set`: the manifest's graph set to run ("graphs" or "cpu_graphs"); by default the
-        device's own (the CPU EP runs `cpu_graphs` where the export has them)."""
+        device's own (the CPU EP runs `cpu_graphs` where the export has them). `accuracy_level`
+        (quantized exports): onnxruntime's MatMulNBits compute type for the 4-bit weights it fuses,
+        0 = fp32 activations (the default here: the dequantized weights' exact products), 4 = int8
+        activations (integer dot products; faster on the CPU, see bench/RESULTS.md, less exact)."""
         if device not in ("cpu", "cuda"):
             raise DgportError(f"device {device!r}: the ONNX backend runs on 'cpu' or 'cuda'")
         ort = _ort()
@@ -103,6 +110,12 @@ class OnnxBackend:
                 raise ExportError(f"{export.path}: graph {g['file']} takes its weights as inputs, which this "
                                   "dgport no longer binds; export again with this dgport")
         self._quiet = device == "cpu" and self.dtype == "bf16" and graph_set == "cpu_graphs"
+        self.quantization = entry.get("quantization")
+        if accuracy_level is None:
+            accuracy_level = int(os.environ.get("DGPORT_ORT_ACCURACY_LEVEL", "0"))
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise DgportError(f"accuracy_level {accuracy_level}: choose 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
+        self.accuracy_level = accuracy_level
         self._weights = self._load_weights(graphs)
         so_kw = dict(session_options)
         if threads is None:
@@ -129,6 +142,8 @@ class OnnxBackend:
         values = {}
         for name in needed:
             t = meta["tensors"][name]
+            if t["dtype"] in LOADED_BY_ORT:
+                continue
             raw = mm[t["offset"]:t["offset"] + t["nbytes"]]
             arr = raw.view(NP_TYPE[t["dtype"]]).reshape(t["shape"])
             if self.device == "cpu":
@@ -144,13 +159,17 @@ class OnnxBackend:
         if threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.disable_prepacking", "1")
+        if self.quantization is None:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        else:  # MatMulNBits' packed 4-bit blocks are its fast path; without them it dequantizes every call
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level))
         if self._quiet:  # fp32-compute graphs: one warning per overridable (bf16) initializer, by design
             so.log_severity_level = 3
         for k, v in extra.items():
             so.add_session_config_entry(str(k), str(v))
         for name in g["weights"]:
-            so.add_initializer(name, self._weights[name])
+            if name in self._weights:
+                so.add_initializer(name, self._weights[name])
         providers = self._providers()
         path = self.export.file(g["file"])
         try:

@@ -1,0 +1,213 @@
+"""Quantized ONNX exports (--format onnx --quantize int4|int8): the scheme (exporters/quantize.py),
+the graphs (blocked DequantizeLinear, opset 21; experts dequantized after the sparse loop's gather),
+their validation against the same model with dequantized weights, and bad input."""
+from __future__ import annotations
+
+import collections
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from dgport.errors import DgportError
+from dgport.exporters.export import ExportOptions, export
+from dgport.exporters.quantize import dequantize, pack4, quantize, quantized_tensors, unpack4
+from dgport.manifest import read_manifest
+from models.fixtures import PROMPTS, SEEDS
+from onnx_support import onnx_exports  # noqa: F401
+
+THREADS = 2  # keep ORT modest: the machine is shared
+_EXPORTS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def qexports(checkpoints, tmp_path_factory):
+    """(preset, bits) -> (folder, ExportSummary); validated (the tight check included)."""
+
+    def get(preset, bits, validate=True):
+        key = (preset, bits, validate)
+        if key not in _EXPORTS:
+            out = tmp_path_factory.mktemp("onnxq") / f"{preset}-q{bits}"
+            s = export(checkpoints[preset], out, ExportOptions(quantize=bits, group_size=32, with_logits=True,
+                                                               validate=validate))
+            _EXPORTS[key] = (out, s)
+        return _EXPORTS[key]
+
+    return get
+
+
+# -- the scheme ----------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_roundtrip_and_error_bound(bits):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 128)).astype(np.float32)
+    q, s, z = quantize(w, bits, 32)
+    assert q.dtype == np.uint8 and q.max() < 2 ** bits and s.shape == (24, 4) and z.shape == (24, 4)
+    # scales are bf16 values, so (q - z) * s is exact in fp32 and equals MLX's q * s + (-z * s)
+    assert np.array_equal(s.astype(ml_dtypes.bfloat16).astype(np.float32), s)
+    d = dequantize(q, s, z, 32)
+    mlx_form = (q.reshape(24, 4, 32) * s[..., None] + (-(z.astype(np.float32) * s))[..., None]).reshape(24, 128)
+    assert np.array_equal(d, mlx_form)
+    # every weight within half a step of its dequantized value (the scale is rounded up to bf16)
+    step = np.repeat(s, 32, axis=1)
+    assert np.all(np.abs(d - w) <= 0.5 * step * (1 + 1e-6))
+
+
+def test_pack4_is_onnx_int4_order():
+    v = np.arange(16, dtype=np.uint8).reshape(2, 8) % 16
+    p = pack4(v)
+    assert p.shape == (2, 4) and p[0, 0] == (0 | (1 << 4)) and np.array_equal(unpack4(p), v)
+
+
+def test_constant_and_zero_groups_are_exact():
+    w = np.zeros((2, 64), np.float32)
+    w[1, :32] = 3.75  # 15 x 0.25: the scale is a bf16 value, the group dequantizes exactly
+    w[1, 32:] = -1.875
+    assert np.array_equal(dequantize(*quantize(w, 4, 32), 32), w)
+
+
+# -- exports -------------------------------------------------------------------------------
+def _ops(path):
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(path.parent / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    m = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    (path.parent / "optimized.onnx").unlink()
+    return collections.Counter(n.op_type for n in m.graph.node)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_export_validates_against_dequantized_model(qexports, bits):
+    out, summary = qexports("tiny", bits)
+    v = summary.validation
+    # tight: the graphs compute what the dequantized weights in fp32 compute (checks the graph)
+    for name in ("onnx vs dequantized fp32", "onnx vs dequantized fp32 (gpu graphs)"):
+        assert max(v[name].values()) <= 1e-5, v
+    # against the unquantized model: the quantization's cost, reported (random fixture: large)
+    assert "onnx" in v and np.isfinite(max(v["onnx"].values()))
+    m = read_manifest(out)  # passes the manifest schema
+    entry = m.format("onnx")
+    q = entry["quantization"]
+    assert q["bits"] == bits and q["group_size"] == 32 and q["scheme"] == "affine-zp"
+    assert set(q["tensors"]) == set(quantized_tensors(m.config, bits))
+    emb = q["tensors"]["model.decoder.embed_tokens.weight"]
+    assert emb["bits"] == 8 and 0 < emb["rel_error"] < 0.02
+    assert "model.decoder.layers.0.router.proj.weight" not in q["tensors"]
+    tensors = entry["weights"]["tensors"]
+    assert tensors["layers.0.router"]["dtype"] == "fp32"
+    assert tensors["layers.0.attn.qkv.q"]["dtype"] == ("uint4" if bits == 4 else "uint8")
+    assert tensors["layers.0.experts.gate_up.q"]["dtype"] == "uint8"
+    assert tensors["layers.0.experts.gate_up.scale"]["dtype"] == "bf16"
+    # onnxruntime fuses the constant weights' DequantizeLinear -> MatMul into MatMulNBits on the CPU EP:
+    # q/k/v, o, gate_up and down per layer, the self-conditioning MLP's two
+    ops = _ops(out / entry["cpu_graphs"]["denoise_step"]["file"])
+    assert ops["MatMulNBits"] == 4 * m.config.num_layers + 2, ops
+    assert ops["Loop"] == m.config.num_layers  # the sparse experts, dequantized after the gather
+
+
+@pytest.mark.slow
+def test_quantized_weights_smaller(qexports, onnx_exports):
+    sizes = {bits: qexports("tiny", bits, validate=False)[1].files["weights.bin"] for bits in (4, 8)}
+    fp32 = onnx_exports.summary(("tiny", "fp32")).files["weights.bin"]
+    assert sizes[4] < sizes[8] < fp32 / 2, (sizes, fp32)
+
+
+def _argmax_agreement(f, q, seed):
+    cfg = f.config
+    rng = np.random.default_rng(seed)
+    C, V = cfg.canvas_length, cfg.vocab_size
+    agree = []
+    for _ in range(3):
+        f.reset(), q.reset()
+        ids = np.concatenate([[2], rng.integers(0, V, 12)])[None]
+        for b in (f, q):
+            b.encode(ids, np.arange(13)[None])
+            b.new_canvas()
+        cpos = np.arange(13, 13 + C)[None]
+        for t in (0.8, 0.7, 0.6):
+            canvas = rng.integers(0, V, (1, C))
+            u = rng.random((1, C), dtype=np.float32)
+            agree.append(float(np.mean(f.denoise(canvas, cpos, np.float32(t), u).argmax
+                                       == q.denoise(canvas, cpos, np.float32(t), u).argmax)))
+    return float(np.mean(agree))
+
+
+@pytest.mark.slow
+def test_quantized_agreement_with_fp32_reported(qexports, onnx_exports):
+    """Teacher-forced argmax and generated-token agreement with the fp32 export, as the MLX 4-bit
+    test reports them (gated on the confident fixtures only: the near-uniform ones are at chance)."""
+    import dgport
+    from dgport.runtimes.onnx import OnnxBackend
+
+    report = {}
+    for preset in ("confident", "eos"):
+        fp_dir = onnx_exports[(preset, "fp32")]
+        for bits in (4, 8):
+            q_dir = qexports(preset, bits, validate=False)[0]
+            argmax = _argmax_agreement(OnnxBackend(read_manifest(fp_dir), threads=THREADS),
+                                       OnnxBackend(read_manifest(q_dir), threads=THREADS), 5)
+            fp, qg = dgport.load(fp_dir, backend="cpu"), dgport.load(q_dir, backend="cpu")
+            same = total = 0
+            for prompt in PROMPTS[preset]:
+                for seed in SEEDS:
+                    a, b = fp.generate(prompt, seed=seed).token_ids[0], qg.generate(prompt, seed=seed).token_ids[0]
+                    n = min(len(a), len(b))
+                    same += int(np.sum(np.array(a[:n]) == np.array(b[:n])))
+                    total += max(len(a), len(b))
+            report[(preset, bits)] = {"argmax": round(argmax, 3), "tokens": round(same / max(total, 1), 3)}
+    print(f"\nONNX quantized (group 32) vs fp32 agreement: {report}")
+    # measured 2026-11-30: argmax int8 1.0 / 0.993, int4 0.91 / 0.979 (confident / eos); tokens int8
+    # 0.30 / 0.67, int4 0.25 / 0.38 (unrelated fp32 streams agree at ~0.06, tests/test_mlx_e2e.py)
+    assert min(r["argmax"] for (p, b), r in report.items() if b == 8) >= 0.95, report
+    assert min(r["argmax"] for (p, b), r in report.items() if b == 4) >= 0.80, report
+    assert np.mean([r["tokens"] for r in report.values()]) >= 0.15, report
+
+
+# -- bad input -----------------------------------------------------------------------------
+def _one_line(err: Exception) -> str:
+    msg = str(err)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+def test_group_size_not_dividing_names_the_tensor(checkpoints, tmp_path):
+    # the fixture's experts are 32 wide: group 64 cannot divide their down projection's input
+    out = tmp_path / "q"
+    with pytest.raises(DgportError) as e:
+        export(checkpoints["tiny"], out, ExportOptions(quantize=4, group_size=64))
+    msg = _one_line(e.value)
+    assert "--group-size 64" in msg and "experts.down_proj" in msg and "32" in msg
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("formats", [("onnx",), ("onnx", "mlx")])
+def test_quantize_with_half_dtype_refused_for_onnx(checkpoints, tmp_path, formats):
+    with pytest.raises(DgportError) as e:
+        export(checkpoints["tiny"], tmp_path / "q", ExportOptions(formats=formats, quantize=4, dtype="bf16"))
+    msg = _one_line(e.value)
+    assert "--quantize" in msg and "--dtype bf16" in msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_quantize_3_refused(checkpoints, tmp_path):
+    with pytest.raises(DgportError) as e:
+        export(checkpoints["tiny"], tmp_path / "q", ExportOptions(quantize=3))
+    assert "--quantize 3" in _one_line(e.value)
+
+
+def test_manifest_rejects_bad_uint4_size(qexports):
+    from dgport import schema as S
+    from dgport.manifest import _onnx_weights
+
+    out, _ = qexports("tiny", 4, validate=False)
+    entry = json.loads((out / "dgport.json").read_text())["formats"]["onnx"]
+    t = entry["weights"]["tensors"]["layers.0.attn.qkv.q"]
+    t["nbytes"] += 1
+    with pytest.raises(S.SchemaError):
+        _onnx_weights(entry["weights"], "formats.onnx.weights", {})
