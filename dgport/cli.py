@@ -96,17 +96,23 @@ def _export_folder(path: Path, backend: str) -> Path:
     return path
 
 
-def _resolve(export_dir: Path | None, backend: str, checkpoint: Path | None = None) -> tuple[Path, bool]:
-    """(the folder `backend` opens, whether it is the shipped default model)."""
+def _resolve(export_dir: Path | None, backend: str, checkpoint: Path | None = None,
+             export_checkpoints: bool = True) -> tuple[Path, bool]:
+    """(the folder `backend` opens, whether it is the shipped default model). MODEL may be an export,
+    a Hugging Face checkpoint folder or a Hub id: checkpoints are exported once into dgport's cache
+    (dgport.resolve); with `export_checkpoints=False` (info) only an export is accepted."""
     from .default_model import ensure_default_export
+    from .resolve import resolve_checkpoint, resolve_model
 
     if backend == "torch":
         if checkpoint is not None or export_dir is not None:
-            return Path(checkpoint or export_dir), False
+            return resolve_checkpoint(checkpoint or export_dir), False
         return ensure_default_export("torch"), True
     if export_dir is None:
         return ensure_default_export(backend), True
-    return _export_folder(Path(export_dir), backend), False
+    if not export_checkpoints:
+        return _export_folder(Path(export_dir), backend), False
+    return resolve_model(export_dir, backend), False
 
 
 def _load(path: Path, backend: str):
@@ -222,6 +228,9 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
     skipped = "validation: skipped (needs torch and transformers: pip install 'dgport[export]'; --no-validate skips it)"
     if not no_validate and not can_validate:
         console.print("dgport: " + skipped, markup=False, highlight=False, soft_wrap=True)
+    from .resolve import resolve_checkpoint
+
+    src = resolve_checkpoint(src)  # a folder, or a Hub id fetched into the Hugging Face cache
     try:
         with RichProgress(console) as progress:
             summary = run_export(src, out, opts, progress)
@@ -488,7 +497,7 @@ def check(export_dir, backends, prompts, raw, as_json, seed, max_new_tokens, **s
     if export_dir is None:  # the shipped model: one cached export per format
         target = {name: ensure_default_export(name) for name, _ in chosen if name != "torch"}
     else:
-        target = {name: _export_folder(Path(export_dir), name) for name, _ in chosen if name != "torch"}
+        target = {name: _resolve(export_dir, name)[0] for name, _ in chosen if name != "torch"}
     with RichProgress(Console(stderr=True)) as progress:
         report = run_check(target, chosen, list(prompts) or None, raw=raw,
                            seed=0 if seed is None else seed, max_new_tokens=max_new_tokens,
@@ -512,7 +521,7 @@ def info(export_dir, verify, as_json):
     quantization, sizes."""
     from .manifest import read_manifest
 
-    path, _ = _resolve(export_dir, "cpu")
+    path, _ = _resolve(export_dir, "cpu", export_checkpoints=False)
     export = read_manifest(path)
     export.verify(checksums=verify, use_cache=False)
     m = export.manifest
@@ -667,6 +676,11 @@ def _error(message: str) -> None:
         click.echo(f"dgport: error: {_one_line(message)}", err=True)
     except OSError:
         pass  # stderr itself is unusable: the exit code still says it failed
+
+
+from .serve import serve as _serve  # noqa: E402  (the module imports only click at load)
+
+cli.add_command(_serve)
 
 
 def main(argv=None) -> int:

@@ -108,7 +108,6 @@ def test_chat_command_runs_two_turns(checkpoints):
 
 @pytest.mark.parametrize("args,message", [
     (["run", "{missing}", "--prompt", "x"], "no such folder"),
-    (["run", "{ckpt}", "--prompt", "x"], "not a dgport export, no dgport.json"),
     (["info", "{ckpt}"], "not a dgport export"),
     (["run", "{ckpt}", "--backend", "tpu", "--prompt", "x"], "Invalid value for '--backend'"),
     (["run", "{ckpt}", "--backend", "torch", "--prompt", ""], "the prompt is empty"),
@@ -236,3 +235,22 @@ def test_export_quantize_int4_and_what_validation_says(capsys, checkpoints, tmp_
     code, _, err = dg(capsys, "export", checkpoints["tiny"], tmp_path / "o", "--format", "onnx")
     assert code == 0, err
     assert "needs torch and transformers: pip install 'dgport[export]'" in " ".join(err.split())
+
+
+def test_run_chat_export_and_serve_take_a_checkpoint_folder(capsys, checkpoints, tmp_path, monkeypatch):
+    """MODEL may be a Hugging Face checkpoint folder: `run` exports it once into dgport's cache
+    (keyed by fingerprint, format, dtype, quantization) and reuses it; `serve` is a command."""
+    monkeypatch.setenv("DGPORT_CACHE_DIR", str(tmp_path / "cache"))
+    args = ("run", checkpoints["tiny"], "--backend", "cpu", "--prompt", "Hi", "--seed", "3", "--max-new-tokens", "16",
+            "--json")
+    code, out, err = dg(capsys, *args)
+    assert code == 0, err
+    exported = list((tmp_path / "cache" / "exports").iterdir())
+    assert len(exported) == 1 and (exported[0] / "dgport.json").exists()
+    stamp = (exported[0] / "dgport.json").stat().st_mtime_ns
+    code, again, err = dg(capsys, *args)
+    assert code == 0, err
+    assert json.loads(again)["token_ids"] == json.loads(out)["token_ids"]
+    assert (exported[0] / "dgport.json").stat().st_mtime_ns == stamp  # reused, not exported again
+    code, out, err = dg(capsys, "serve", "--help")
+    assert code == 0 and "--api-key" in out
