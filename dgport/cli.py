@@ -205,12 +205,22 @@ def cli():
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-validate", is_flag=True,
               help="Skip the comparison against the source model (which needs torch and transformers).")
+@click.option("--plan", is_flag=True, help="ONNX: print the export's size (from config.json alone) and exit.")
 @debug_option
 @click.pass_context
 def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, encoder_moe, denoise_moe, attention,
-           force, no_validate):
+           force, no_validate, plan=False):
     """Export the Hugging Face DiffusionGemma checkpoint folder CHECKPOINT to the folder OUT."""
     import importlib.util
+
+    if plan:  # nothing is read but config.json, nothing written
+        from .exporters.export import ExportOptions as Opts, check_options
+        from .exporters.plan import format_plan, plan as make_plan
+
+        popts = Opts(formats=("onnx",), dtype=dtype, quantize=quantize, group_size=group_size)
+        check_options(popts)
+        click.echo(format_plan(make_plan(src, popts), popts))
+        return
 
     from rich.console import Console
     from rich.table import Table

@@ -211,3 +211,56 @@ def test_manifest_rejects_bad_uint4_size(qexports):
     t["nbytes"] += 1
     with pytest.raises(S.SchemaError):
         _onnx_weights(entry["weights"], "formats.onnx.weights", {})
+
+
+# -- the size plan (dgport export --plan) -------------------------------------------------------
+REAL_CONFIG = "diffusiongemma-26B-A4B-it.config.json"
+
+
+def _plan_for(checkpoint, **kw):
+    from dgport.exporters.plan import plan
+
+    return plan(checkpoint, ExportOptions(**kw))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["q4", "q8", "fp32", "bf16"])
+def test_plan_matches_real_export(kind, qexports, onnx_exports, checkpoints):
+    if kind.startswith("q"):
+        bits = int(kind[1])
+        out, summary = qexports("tiny", bits, validate=False)
+        p = _plan_for(checkpoints["tiny"], quantize=bits, group_size=32)
+    else:
+        summary = onnx_exports.summary(("tiny", kind))
+        p = _plan_for(checkpoints["tiny"], dtype=kind)
+    actual = summary.files["weights.bin"]
+    assert p["weights_bytes"] <= actual <= p["weights_bytes"] + p["padding_max"], (actual, p["weights_bytes"])
+
+
+def test_plan_of_the_real_config(tmp_path):
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    (tmp_path / "config.json").write_text((data / REAL_CONFIG).read_text())
+    p4 = _plan_for(tmp_path, quantize=4, group_size=64)
+    bf16 = _plan_for(tmp_path, dtype="bf16")
+    assert p4["weights_bytes"] <= 16e9  # the size target for the int4 export
+    assert 48e9 < bf16["weights_bytes"] < 53e9  # the released checkpoint is ~52 GB of bf16 (with the vision tower)
+    with pytest.raises(DgportError) as e:
+        _plan_for(tmp_path, quantize=4, group_size=128)  # 2112 and 704 are not multiples of 128
+    assert "2112" in _one_line(e.value) and "--group-size 32 or 64" in str(e.value)
+
+
+def test_cli_plan_writes_nothing(tmp_path):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from dgport.cli import cli
+
+    data = Path(__file__).parent / "data"
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text((data / REAL_CONFIG).read_text())
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "src"), str(tmp_path / "out"), "--plan", "--quantize", "int4"])
+    assert r.exit_code == 0, r.output
+    assert "weights.bin" in r.output and "experts" in r.output and not (tmp_path / "out").exists()

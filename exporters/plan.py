@@ -1,0 +1,100 @@
+"""`dgport export SRC OUT --plan`: the ONNX export's size, computed from config.json alone (no weights
+read, nothing written), and an estimate of a CPU-EP run's peak memory.
+
+The weights file is exact up to alignment: every tensor the ONNX exporter stores (each transformers
+tensor once, q/k/v and gate/up fused, plus the encoder's last layer's own k (and v) projection; in
+a quantized export each quantized tensor as integers, bf16 scales and zero points, exporters/quantize.py)
+with its byte count, each tensor starting on a 64-byte boundary. The graphs (.onnx, a few hundred
+KB) and tokenizer files are not counted.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from dgport.config import TextConfig
+
+from .checkpoint import expected_tensors, read_config
+from .onnx_graph import ALIGN
+from .quantize import DEC, check, quantized_tensors, tensor_bytes
+
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+FP32_SUFFIXES = ("layernorm.weight", "layernorm_1.weight", "layernorm_2.weight", "q_norm.weight", "k_norm.weight",
+                 "norm.weight", "pre_norm.weight", "per_expert_scale")
+
+
+def _role(name: str) -> str:
+    for key, role in (("experts.", "experts"), ("self_attn.", "attention"), (".mlp.", "dense MLP"),
+                      ("self_conditioning.", "self-conditioning MLP"), ("embed_tokens", "embedding"),
+                      ("router.", "router")):
+        if key in name and not name.endswith(("norm.weight",)):
+            return role
+    return "norms and scalars"
+
+
+def stored_tensors(cfg: TextConfig, dtype: str, bits: int | None, group: int) -> list[tuple[str, str, int, int]]:
+    """(transformers name, role, stored tensors, bytes) for everything the ONNX weights file holds."""
+    shapes = expected_tensors(cfg)
+    quant = quantized_tensors(cfg, bits) if bits else {}
+    md = "fp32" if bits else dtype
+    last = cfg.num_layers - 1
+    extra = [f"{DEC}layers.{last}.self_attn.k_proj.weight"]  # the encoder's last layer: K (and V) only
+    if cfg.is_sliding(last):
+        extra.append(f"{DEC}layers.{last}.self_attn.v_proj.weight")
+    rows = []
+    for name in list(shapes) + extra:
+        shape = shapes[name]
+        if name in quant:
+            b = quant[name][1]
+            gathered = "experts." in name or "embed_tokens" in name
+            rows.append((name, quant[name][0], 3, tensor_bytes(shape, b, group, gathered)))
+        else:
+            size = ITEMSIZE["fp32" if name.endswith(FP32_SUFFIXES) else md]
+            rows.append((name, _role(name), 1, math.prod(shape) * size))
+    return rows
+
+
+def plan(src, opts) -> dict:
+    """{"rows": [(component, bytes)], "weights_bytes": int, "padding_max": int, "rss": [(component, bytes)],
+    "rss_bytes": int} for exporting the checkpoint (or config.json) at `src` to ONNX with `opts`."""
+    src = Path(src)
+    cfg, _, _ = read_config(src.parent if src.name == "config.json" else src)
+    bits = opts.quantize
+    if bits:
+        check(cfg, bits, opts.group_size)
+    rows = stored_tensors(cfg, opts.dtype, bits, opts.group_size)
+    by_role: dict[str, int] = {}
+    for _, role, _, nbytes in rows:
+        by_role[role] = by_role.get(role, 0) + nbytes
+    # each stored tensor starts on an ALIGN boundary; fused parts share stored tensors, so this bounds it
+    weights = sum(n for *_, n in rows)
+    padding_max = sum(k for _, _, k, _ in rows) * (ALIGN - 1)
+    # a CPU-EP run of the denoise step (sparse experts), canvas C: every weight page is read once a step;
+    # onnxruntime repacks the constant 4-bit/8-bit weights for MatMulNBits once per session (encoder
+    # and denoiser); the tied lm_head and the self-conditioning expectation read the embedding
+    # table dequantized to fp32 (or cast, for half exports); the vocabulary-wide tensors of the
+    # sampler (logits, probabilities, log-probabilities, CDF, ...) are ~8 [C, V] fp32 arrays
+    V, H, C = cfg.vocab_size, cfg.hidden_size, cfg.canvas_length
+    constant_2d = sum(n for name, role, _, n in rows if role in ("attention", "dense MLP", "self-conditioning MLP"))
+    rss = [("weights.bin, memory-mapped", weights)]
+    if bits:
+        rss.append(("MatMulNBits packed copies (2 sessions)", 2 * constant_2d))
+    if bits or opts.dtype != "fp32":
+        rss.append(("embedding table in fp32 (lm_head, self-conditioning)", V * H * 4))
+    rss.append(("sampler's vocabulary-wide arrays (8 x [canvas, V] fp32)", 8 * C * V * 4))
+    return {"config": cfg, "rows": sorted(by_role.items(), key=lambda kv: -kv[1]), "weights_bytes": weights,
+            "padding_max": padding_max, "rss": rss, "rss_bytes": sum(n for _, n in rss)}
+
+
+def format_plan(p: dict, opts) -> str:
+    what = f"int{opts.quantize} group {opts.group_size}" if opts.quantize else opts.dtype
+    lines = [f"ONNX export plan ({what}), from config.json; nothing written"]
+    for role, n in p["rows"]:
+        lines.append(f"  {role:<40} {n / 1e9:10.3f} GB")
+    lines.append(f"  {'weights.bin':<40} {p['weights_bytes'] / 1e9:10.3f} GB  ({p['weights_bytes']} bytes "
+                 f"+ at most {p['padding_max']} bytes of alignment)")
+    lines.append("CPU-EP run, estimated peak resident memory:")
+    for what_, n in p["rss"]:
+        lines.append(f"  {what_:<56} {n / 1e9:8.3f} GB")
+    lines.append(f"  {'total':<56} {p['rss_bytes'] / 1e9:8.3f} GB (+ activations and onnxruntime itself)")
+    return "\n".join(lines)
