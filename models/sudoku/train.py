@@ -170,20 +170,40 @@ def save(model, out: Path, meta: dict | None = None) -> None:
 
 
 # ---------------------------------------------------------------- data
-def sample_givens(rng: random.Random) -> int:
-    """Mostly the target range (36-50 givens), some harder (26-35) and some easy (51-70) puzzles."""
-    u = rng.random()
-    if u < 0.70:
-        return rng.randint(36, 50)
-    if u < 0.90:
-        return rng.randint(26, 35)
-    return rng.randint(51, 70)
+# (low, high, weight): the givens count of a fresh puzzle is drawn from these ranges. The default is
+# phases 1-3's mix (mostly 36-50, some harder and some easier); `--givens-mix` changes it.
+DEFAULT_GIVENS_MIX = ((36, 50, 0.70), (26, 35, 0.20), (51, 70, 0.10))
+
+
+def parse_givens_mix(text: str):
+    """'36-45:0.5,28-35:0.3' -> ((36, 45, 0.5), (28, 35, 0.3)); weights are normalised by their sum."""
+    mix = []
+    for part in text.split(","):
+        rng_text, _, w = part.partition(":")
+        lo, _, hi = rng_text.partition("-")
+        lo, hi, w = int(lo), int(hi or lo), float(w or 1)
+        if not 23 <= lo <= hi <= 80 or w <= 0:
+            raise SystemExit(f"--givens-mix: bad part {part!r} (want LOW-HIGH:WEIGHT with 23 <= LOW <= HIGH <= 80)")
+        mix.append((lo, hi, w))
+    total = sum(w for _, _, w in mix)
+    return tuple((lo, hi, w / total) for lo, hi, w in mix)
+
+
+def sample_givens(rng: random.Random, mix=DEFAULT_GIVENS_MIX) -> int:
+    u, acc = rng.random(), 0.0
+    for lo, hi, w in mix:
+        acc += w
+        if u < acc:
+            return rng.randint(lo, hi)
+    lo, hi, _ = mix[-1]
+    return rng.randint(lo, hi)
 
 
 class PuzzleStream:
     """Fresh puzzles from training seeds, mixed with symmetry-transformed copies of a growing pool."""
 
-    def __init__(self, seed: int, fresh_fraction: float = 0.25):
+    def __init__(self, seed: int, fresh_fraction: float = 0.25, givens_mix=DEFAULT_GIVENS_MIX):
+        self.givens_mix = givens_mix
         self.rng = random.Random(TRAIN_SEED_BASE + seed)
         self.pool: list[tuple[str, str]] = []
         self.fresh_fraction = fresh_fraction
@@ -192,7 +212,7 @@ class PuzzleStream:
     def fresh(self):
         r = random.Random(self.next_seed)
         self.next_seed += 1
-        p = make_puzzle(r, sample_givens(r))
+        p = make_puzzle(r, sample_givens(r, self.givens_mix))
         self.pool.append(p)
         return p
 
@@ -224,6 +244,25 @@ def main(argv=None):
     ap.add_argument("--given-weight", type=float, default=1.0,
                     help="loss weight of cells given in the puzzle (blanks and <eos> weigh 1)")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", default=None,
+                    help="start from this checkpoint folder's weights (e.g. models/sudoku) instead of a fresh model")
+    ap.add_argument("--init-steps", type=int, default=0,
+                    help="steps already trained into --init's weights: its data and noise streams continue after them")
+    ap.add_argument("--init-minutes", type=float, default=0.0, help="minutes already trained into --init's weights")
+    ap.add_argument("--givens-mix", default=None,
+                    help="givens ranges of fresh puzzles, e.g. '36-45:0.5,28-35:0.3,46-60:0.2' (default: 70%% 36-50, "
+                         "20%% 26-35, 10%% 51-70)")
+    ap.add_argument("--sc-temp", default=None,
+                    help="TMIN,TMAX: divide the self-conditioning logits by T ~ U(TMIN, TMAX) before passing them, "
+                         "as the sampler does (it passes logits / temperature; default: no division)")
+    ap.add_argument("--sampler-noise", type=float, default=0.0,
+                    help="probability per step of a canvas shaped like the sampler's: a no-grad pass on the "
+                         "noised canvas, its entropy-bound accepted samples at temperature T kept and the rest "
+                         "renoised uniformly, its logits / T as self-conditioning")
+    ap.add_argument("--entropy-bound", default="1,6", help="LO,HI: accept bound ~ U(LO, HI) for --sampler-noise")
+    ap.add_argument("--sc-prob", type=float, default=0.5,
+                    help="probability per step of the plain self-conditioning pass (when not --sampler-noise)")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (weights fp32)")
     ap.add_argument("--speed-test", type=int, default=0, help="run N steps, print timings, exit")
     args = ap.parse_args(argv)
 
@@ -237,12 +276,19 @@ def main(argv=None):
     # replaying them: every stream is seeded with seed + the steps already trained
     state_file = out / "train_state.json"
     before = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {}
+    if args.init and not args.resume:
+        before = {"total_steps": args.init_steps, "total_minutes": args.init_minutes}
     done, done_minutes = before.get("total_steps", 0), before.get("total_minutes", 0.0)
     torch.manual_seed(args.seed + done)
-    if args.resume:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
+    if args.resume or args.init:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(out if args.resume else args.init,
+                                                                dtype=torch.float32, use_safetensors=True)
     else:
         model = build_model(args.seed)
+    mix = parse_givens_mix(args.givens_mix) if args.givens_mix else DEFAULT_GIVENS_MIX
+    sc_temp = tuple(float(x) for x in args.sc_temp.split(",")) if args.sc_temp else None
+    bound_lo, bound_hi = (float(x) for x in args.entropy_bound.split(","))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
     model.config._attn_implementation = "eager"  # faster than CPU sdpa at these sizes; not saved
     model.train()
     enc = model.model.encoder
@@ -272,7 +318,7 @@ def main(argv=None):
         m = args.min_lr_frac
         return args.lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    stream = PuzzleStream(args.seed + done)
+    stream = PuzzleStream(args.seed + done, givens_mix=mix)
     coin = random.Random(args.seed + done + 7)  # self-conditioning coin flips
     B, R = args.batch, args.draws
     eos = torch.full((B, 1), EOS_ID)
@@ -292,7 +338,7 @@ def main(argv=None):
         elapsed = time.time() - t_start
         if elapsed > budget or (args.speed_test and step >= args.speed_test):
             break
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         batch = stream(B)
         t_data = time.time() - t0
         puzzles = torch.tensor([[digit_id[ch] for ch in p] for p, _ in batch])
@@ -303,11 +349,12 @@ def main(argv=None):
 
         # encoder: fixed prefix once (batch 1), then the puzzle + suffix for the batch
         cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-        enc(input_ids=prefix_ids, past_key_values=cache, position_ids=torch.arange(P0)[None])
-        cache.batch_repeat_interleave(B)
-        rest = torch.cat([puzzles, torch.tensor(suffix_ids).expand(B, -1)], dim=1)
-        enc(input_ids=rest, past_key_values=cache,
-            position_ids=torch.arange(P0, prompt_len)[None].expand(B, -1))
+        with autocast:
+            enc(input_ids=prefix_ids, past_key_values=cache, position_ids=torch.arange(P0)[None])
+            cache.batch_repeat_interleave(B)
+            rest = torch.cat([puzzles, torch.tensor(suffix_ids).expand(B, -1)], dim=1)
+            enc(input_ids=rest, past_key_values=cache,
+                position_ids=torch.arange(P0, prompt_len)[None].expand(B, -1))
         if R > 1:
             cache.batch_repeat_interleave(R)
         tgt = target.repeat_interleave(R, dim=0)
@@ -318,11 +365,37 @@ def main(argv=None):
         canvas = torch.where(torch.rand(n, C) < tlev, noise, tgt)
         dec_pos = torch.arange(prompt_len, prompt_len + C)[None].expand(n, -1)
         sc = None
-        if coin.random() < 0.5:
-            with torch.no_grad():
+        u = coin.random()
+        mode = "plain"
+        if u < args.sampler_noise:
+            # what the entropy-bound sampler shows the model from its second step on: the samples it
+            # accepted (possibly wrong) plus uniform renoise, and the previous logits / T
+            with torch.no_grad(), autocast:
+                first = model(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=dec_pos).logits
+            first = first.float()
+            lo, hi = sc_temp or (1.0, 1.0)
+            temp = torch.rand(n, 1, 1) * (hi - lo) + lo
+            sc = first / temp
+            probs = sc.softmax(-1)
+            sampled = torch.multinomial(probs.view(-1, V), 1).view(n, C)
+            ent = -(probs * torch.log_softmax(sc, -1)).sum(-1)
+            sorted_e, order = ent.sort(dim=-1, stable=True)
+            before_e = sorted_e.cumsum(-1) - sorted_e
+            bound = torch.rand(n, 1) * (bound_hi - bound_lo) + bound_lo
+            accepted = torch.zeros(n, C, dtype=torch.bool).scatter(1, order, before_e <= bound)
+            canvas = torch.where(accepted, sampled, torch.randint(0, V, (n, C)))
+            mode = f"sampler(acc {accepted[:, :81].float().mean().item():.2f})"
+        elif u < args.sampler_noise + (1 - args.sampler_noise) * args.sc_prob:
+            with torch.no_grad(), autocast:
                 sc = model(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=dec_pos).logits
-        logits = model(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=dec_pos,
-                       self_conditioning_logits=sc).logits
+            sc = sc.float()
+            mode = "sc"
+            if sc_temp:
+                sc = sc / (torch.rand(n, 1, 1) * (sc_temp[1] - sc_temp[0]) + sc_temp[0])
+        with autocast:
+            logits = model(decoder_input_ids=canvas, past_key_values=cache, decoder_position_ids=dec_pos,
+                           self_conditioning_logits=sc).logits
+        logits = logits.float()
         per_cell = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1), reduction="none").view(n, C)
         weight = torch.ones(n, C)
         weight[:, :81][given.repeat_interleave(R, dim=0)] = args.given_weight
@@ -341,7 +414,8 @@ def main(argv=None):
         if step % args.log_every == 0 or args.speed_test:
             print(f"step {step} t={time.time() - t_start:.0f}s loss {loss.item():.4f} ema {ema:.4f} "
                   f"acc {cell_acc:.3f} acc(t>0.9) {acc_hi:.3f} lr {lr_at(step):.2e} "
-                  f"step_s {time.time() - t0:.2f} data_s {t_data:.2f} sc {sc is not None}", flush=True)
+                  f"step_s {time.time() - t0:.2f} cpu_s {time.process_time() - cpu0:.2f} data_s {t_data:.2f} {mode}",
+                  flush=True)
         if time.time() - last_save > args.save_every * 60:
             model.eval()
             save(model, out, state(step))
