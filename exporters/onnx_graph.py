@@ -433,7 +433,7 @@ class Model:
         if self.quant is not None:  # (tensor name, handle): dequantized where each expert is used
             wgu = ("q", f"layers.{i}.experts.gate_up", p + "experts.gate_up_proj")
             wd = ("q", f"layers.{i}.experts.down", p + "experts.down_proj")
-            moe = self.sparse_experts(y2, topi, topw, wgu, wd) if self.sparse_moe else \
+            moe = self.unrolled_experts(y2, topi, topw, wgu, wd) if self.sparse_moe else \
                 self.dense_experts(y2, probs, topi, topw, wgu, wd)
             moe = b.op("Reshape", moe, b.op("Shape", r))
             h2 = self.rms(moe, self.vec32(p + "post_feedforward_layernorm_2.weight"))
@@ -462,8 +462,10 @@ class Model:
         M, E = cfg.moe_intermediate_size, cfg.num_experts
         dense_w = b.op("ScatterElements", b.op("Mul", probs, b.const(np.float32(0), FLOAT)), topi, topw, axis=-1)
         y3 = b.op("Unsqueeze", y2, b.const(np.array([0], np.int64), INT64))  # [1,N,H]
-        if isinstance(wgu, tuple):
-            wgu, wd = self.quant.experts(b, *wgu[1:]), self.quant.experts(b, *wd[1:])
+        if isinstance(wgu, tuple):  # every expert's constant weights dequantized, stacked [E, in, out]
+            ax0 = b.const(np.array([0], np.int64), INT64)
+            wgu, wd = (b.op("Concat", *[b.op("Unsqueeze", self.quant.expert(b, *w[1:], e), ax0)
+                                        for e in range(cfg.num_experts)], axis=0) for w in (wgu, wd))
         egu = b.op("MatMul", y3, wgu)  # [E,N,2M]
         eg, eu = b.op("Split", egu, b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
         eo = b.op("MatMul", b.op("Mul", self.gelu(eg), eu), wd)  # [E,N,H]
@@ -492,9 +494,7 @@ class Model:
         w_e = b.op("ReduceSum", b.op("Where", hit, topw, b.const(np.float32(0), FLOAT)), self.ax_last, keepdims=0)
         x = b.op("Gather", y2, rows, axis=0)  # [n,H]
 
-        def expert(w):  # one expert's weights, gathered, then cast (emulate mode) or dequantized (quantized)
-            if isinstance(w, tuple):
-                return self.quant.experts(b, *w[1:], index=e)
+        def expert(w):  # one expert's weights, gathered, then cast (emulate mode)
             return b.compute(b.op("Gather", w, e, axis=0))
 
         g, u = b.op("Split", b.op("MatMul", x, expert(wgu)),
@@ -517,6 +517,34 @@ class Model:
         out = b.op("Loop", b.const(np.int64(E), INT64), b.const(np.bool_(True), BOOL), acc0,
                    body=body)  # [N,H] fp32, md-rounded
         return out if b.cdt == FLOAT else b.cast(out, b.md)
+
+    def unrolled_experts(self, y2: str, topi: str, topw: str, wgu, wd) -> str:
+        """Quantized exports' sparse form: the reference's loop over experts, unrolled (one block of
+        nodes per expert, in expert order, so the sums round as the Loop's do). Each expert's weights
+        are then constant initializers, so onnxruntime fuses their DequantizeLinear -> MatMul into
+        MatMulNBits with prepacked 4/8-bit blocks; inside a Loop they are gathered, and dequantizing
+        a gathered expert costs ~20x its 16-row matmul (bench/bench_quant.py --experts-only)."""
+        b, cfg = self.b, self.cfg
+        M, E, K = cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
+        flat = b.const(np.array([-1, K], np.int64), INT64)
+        topi, topw = b.op("Reshape", topi, flat), b.op("Reshape", topw, flat)  # [N,K]
+        acc = b.op("ConstantOfShape", b.op("Shape", y2), value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
+        zero_i, zero_f = b.const(np.int64(0), INT64), b.const(np.float32(0), FLOAT)
+        sq0 = b.const(np.array([0], np.int64), INT64)
+        split = b.const(np.array([M, M], np.int64), INT64)
+        for e in range(E):
+            hit = b.op("Equal", topi, b.const(np.int64(e), INT64))  # [N,K]
+            routed = b.op("Greater", b.op("ReduceSum", b.cast(hit, INT64), self.ax_last, keepdims=0), zero_i)
+            rows = b.op("Squeeze", b.op("NonZero", routed), sq0)  # [n]
+            w_e = b.op("ReduceSum", b.op("Where", hit, topw, zero_f), self.ax_last, keepdims=0)
+            x = b.op("Gather", y2, rows, axis=0)  # [n,H]
+            g, u = b.op("Split", b.op("MatMul", x, self.quant.expert(b, *wgu[1:], e)), split, axis=-1, n_out=2)
+            o = b.op("MatMul", b.op("Mul", self.gelu(g), u), self.quant.expert(b, *wd[1:], e))  # [n,H]
+            scaled = self.round32(b.op("Mul", b.f32(o), b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0),
+                                                                 self.ax_last)))
+            added = self.round32(b.op("Add", b.op("Gather", acc, rows, axis=0), scaled))
+            acc = b.op("ScatterND", acc, b.op("Unsqueeze", rows, self.ax_last), added)
+        return acc if b.cdt == FLOAT else b.cast(acc, b.md)
 
     def round32(self, x32: str) -> str:
         """Round an fp32 tensor to the model dtype and keep it in fp32 (accumulators)."""
@@ -683,16 +711,18 @@ class QuantSpec:
     dequantized with a blocked `DequantizeLinear` (opset 21) where it is used:
     - constant 2-D weights [in, out]: uint4 (or uint8) initializers into `DequantizeLinear(axis=0)`
       -> `MatMul`, the pattern onnxruntime fuses into its MatMulNBits kernel;
-    - experts [E, in, out]: uint8 bytes (4-bit: two values a byte), because ONNX `Gather` has no
-      4-bit types: the sparse loop gathers one expert's bytes, unpacks the nibbles with
-      BitwiseAnd/BitShift, then dequantizes (the dense form dequantizes all experts at once);
-    - the embedding table [V, H] (8 bits): rows gathered then dequantized for the input embedding,
+    - experts: one constant [in, out] weight per expert (`layers.{i}.experts.gate_up.{e}`), used by an
+      unrolled expert loop (Model.unrolled_experts), so each fuses into MatMulNBits like the dense
+      weights (the dense form stacks the dequantized experts);
+    - the embedding table [V, H] (8 bits, uint8: Gather has no 4-bit types): rows gathered then
+      dequantized for the input embedding,
       the whole table dequantized for the tied lm_head and the self-conditioning expectation."""
 
     def __init__(self, bits: int, group: int, tensors: dict):
         self.bits, self.group, self.tensors = bits, group, tensors
         self._made: dict = {}
         self.errors: dict = {}  # transformers tensor name -> relative Frobenius error of its weights
+        self._expert_err: dict = {}
 
     def _one(self, w, bits: int):
         from .quantize import dequantize, quantize
@@ -702,22 +732,32 @@ class QuantSpec:
         n = float(np.linalg.norm(w))
         return t, float(np.linalg.norm(dequantize(*t, self.group) - w)) / (n if n > 0 else 1.0)
 
-    def _quantized(self, store, key: str, parts, transpose: bool):
+    def _quantized(self, store, key: str, parts, transpose: bool, index: int | None = None):
         """(q [.., in, out] uint8 unpacked, scale float32 [.., in/g, out], zp uint8) of the parts
-        concatenated along the output axis; computed once per key (three stored tensors use it)."""
+        (or of expert `index` of each) concatenated along the output axis; computed once per key
+        (three stored tensors use it)."""
         if key not in self._made:
             self._made.clear()  # one key's arrays at a time: the store writes all three before the next
             bits = self.tensors[parts[0]][1]
             qs = []
             for p in parts:
-                t, self.errors[p] = self._one(store.raw(p), bits)
+                w = store.raw(p) if index is None else store.raw(p)[index]
+                t, err = self._one(w, bits)
+                if index is None:
+                    self.errors[p] = err
+                else:  # experts: the error over all of them, from each one's squared error and norm
+                    n2 = float(np.linalg.norm(np.asarray(w, np.float32))) ** 2
+                    acc = self._expert_err.setdefault(p, [0.0, 0.0])
+                    acc[0] += err * err * (n2 if n2 > 0 else 1.0)
+                    acc[1] += n2
+                    self.errors[p] = float(np.sqrt(acc[0] / (acc[1] if acc[1] > 0 else 1.0)))
                 qs.append(t)
             if transpose:
                 qs = [tuple(np.swapaxes(a, -1, -2) for a in t) for t in qs]
             self._made[key] = tuple(np.concatenate([t[k] for t in qs], axis=-1) for k in range(3))
         return self._made[key]
 
-    def _store(self, b: Builder, key: str, parts, transpose: bool, packed: str):
+    def _store(self, b: Builder, key: str, parts, transpose: bool, packed: str, index: int | None = None):
         """Stores key.q / key.scale / key.zp; `packed` is the dtype label of 4-bit integers
         ("uint4": ONNX 4-bit tensors, "uint8": bytes holding two values)."""
         from .quantize import pack4, to_bf16
@@ -726,43 +766,28 @@ class QuantSpec:
         bits = self.tensors[parts[0]][1]
         ints = (lambda a: pack4(a)) if bits == 4 else (lambda a: a)
         label = packed if bits == 4 else "uint8"
-        q = b.weight(f"{key}.q", lambda: ints(self._quantized(st, key, parts, transpose)[0]), dtype=label)
-        s = b.weight(f"{key}.scale", lambda: to_bf16(self._quantized(st, key, parts, transpose)[1]), dtype="bf16")
-        zlabel = label if packed == "uint4" else "uint8"
-        z = b.weight(f"{key}.zp", lambda: (ints if zlabel == "uint4" else (lambda a: a))(
-            self._quantized(st, key, parts, transpose)[2]), dtype=zlabel)
-        return q, s, z, bits
 
-    def _unpack(self, b: Builder, q: str) -> str:
-        """uint8 bytes [..., n/2] -> uint8 values [..., n] (low nibble first)."""
-        lo = b.op("BitwiseAnd", q, b.const(np.uint8(15), UINT8))
-        hi = b.op("BitShift", q, b.const(np.uint8(4), UINT8), direction="RIGHT")
-        pairs = b.op("Concat", b.op("Unsqueeze", lo, b.const(np.array([-1], np.int64), INT64)),
-                     b.op("Unsqueeze", hi, b.const(np.array([-1], np.int64), INT64)), axis=-1)
-        shape = b.op("Concat", b.op("Slice", b.op("Shape", q), b.const(np.array([0], np.int64), INT64),
-                                    b.const(np.array([-1], np.int64), INT64)),
-                     b.const(np.array([-1], np.int64), INT64), axis=0)
-        return b.op("Reshape", pairs, shape)
+        def made(k):
+            return self._quantized(st, key, parts, transpose, index)[k]
+
+        q = b.weight(f"{key}.q", lambda: ints(made(0)), dtype=label)
+        s = b.weight(f"{key}.scale", lambda: to_bf16(made(1)), dtype="bf16")
+        zlabel = label if packed == "uint4" else "uint8"
+        z = b.weight(f"{key}.zp", lambda: (ints if zlabel == "uint4" else (lambda a: a))(made(2)), dtype=zlabel)
+        return q, s, z, bits
 
     def constant(self, b: Builder, key: str, parts) -> str:
         q, s, z, _ = self._store(b, key, parts, transpose=True, packed="uint4")
         return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=0, block_size=self.group)
 
-    def experts(self, b: Builder, key: str, hf_name: str, index: str | None = None) -> str:
-        """All experts [E, in, out] fp32, or (index given) one gathered expert [in, out]."""
-        q, s, z, bits = self._store(b, key, [hf_name], transpose=True, packed="uint8")
-        if index is not None:
-            q, s, z = (b.op("Gather", t, index, axis=0) for t in (q, s, z))
-        if bits == 4:
-            q = self._unpack(b, q)
-        return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=0 if index is not None else 1,
-                    block_size=self.group)
+    def expert(self, b: Builder, key: str, hf_name: str, e: int) -> str:
+        """Expert e's weights [in, out] fp32: its own constant initializers, dequantized (-> MatMulNBits)."""
+        q, s, z, _ = self._store(b, f"{key}.{e}", [hf_name], transpose=True, packed="uint4", index=e)
+        return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=0, block_size=self.group)
 
     def table(self, b: Builder, key: str, hf_name: str, rows: str | None = None) -> str:
         """The embedding table [V, H] fp32, or (rows given: ids [B, T]) its rows [B, T, H]."""
-        q, s, z, bits = self._store(b, key, [hf_name], transpose=False, packed="uint8")
+        q, s, z, _ = self._store(b, key, [hf_name], transpose=False, packed="uint8")  # always 8 bits
         if rows is not None:
             q, s, z = (b.op("Gather", t, rows, axis=0) for t in (q, s, z))
-        if bits == 4:
-            q = self._unpack(b, q)
         return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=-1, block_size=self.group)

@@ -3,7 +3,8 @@ read, nothing written), and an estimate of a CPU-EP run's peak memory.
 
 The weights file is exact up to alignment: every tensor the ONNX exporter stores (each transformers
 tensor once, q/k/v and gate/up fused, plus the encoder's last layer's own k (and v) projection; in
-a quantized export each quantized tensor as integers, bf16 scales and zero points, exporters/quantize.py)
+a quantized export each quantized tensor, each expert on its own, as integers, bf16 scales and zero
+points, exporters/quantize.py)
 with its byte count, each tensor starting on a 64-byte boundary. The graphs (.onnx, a few hundred
 KB) and tokenizer files are not counted.
 """
@@ -46,8 +47,11 @@ def stored_tensors(cfg: TextConfig, dtype: str, bits: int | None, group: int) ->
         shape = shapes[name]
         if name in quant:
             b = quant[name][1]
-            gathered = "experts." in name or "embed_tokens" in name
-            rows.append((name, quant[name][0], 3, tensor_bytes(shape, b, group, gathered)))
+            if "experts." in name:  # one constant tensor per expert (three stored tensors each)
+                E = shape[0]
+                rows.append((name, quant[name][0], 3 * E, E * tensor_bytes(shape[1:], b, group, False)))
+            else:
+                rows.append((name, quant[name][0], 3, tensor_bytes(shape, b, group, "embed_tokens" in name)))
         else:
             size = ITEMSIZE["fp32" if name.endswith(FP32_SUFFIXES) else md]
             rows.append((name, _role(name), 1, math.prod(shape) * size))
@@ -75,7 +79,8 @@ def plan(src, opts) -> dict:
     # table dequantized to fp32 (or cast, for half exports); the vocabulary-wide tensors of the
     # sampler (logits, probabilities, log-probabilities, CDF, ...) are ~8 [C, V] fp32 arrays
     V, H, C = cfg.vocab_size, cfg.hidden_size, cfg.canvas_length
-    constant_2d = sum(n for name, role, _, n in rows if role in ("attention", "dense MLP", "self-conditioning MLP"))
+    constant_2d = sum(n for name, role, _, n in rows if role in ("attention", "dense MLP", "self-conditioning MLP",
+                                                                 "experts"))
     rss = [("weights.bin, memory-mapped", weights)]
     if bits:
         rss.append(("MatMulNBits packed copies (2 sessions)", 2 * constant_2d))

@@ -102,13 +102,18 @@ def test_quantized_export_validates_against_dequantized_model(qexports, bits):
     tensors = entry["weights"]["tensors"]
     assert tensors["layers.0.router"]["dtype"] == "fp32"
     assert tensors["layers.0.attn.qkv.q"]["dtype"] == ("uint4" if bits == 4 else "uint8")
-    assert tensors["layers.0.experts.gate_up.q"]["dtype"] == "uint8"
-    assert tensors["layers.0.experts.gate_up.scale"]["dtype"] == "bf16"
+    assert tensors["layers.0.experts.gate_up.3.q"]["dtype"] == ("uint4" if bits == 4 else "uint8")
+    assert tensors["layers.0.experts.gate_up.3.scale"]["dtype"] == "bf16"
+    assert tensors["embed_tokens.q"]["dtype"] == "uint8"
     # onnxruntime fuses the constant weights' DequantizeLinear -> MatMul into MatMulNBits on the CPU EP:
-    # q/k/v, o, gate_up and down per layer, the self-conditioning MLP's two
+    # q/k/v, o, gate_up and down per layer, the self-conditioning MLP's two, and every expert's two
+    # (the sparse form is unrolled: no Loop)
+    cfg = m.config
     ops = _ops(out / entry["cpu_graphs"]["denoise_step"]["file"])
-    assert ops["MatMulNBits"] == 4 * m.config.num_layers + 2, ops
-    assert ops["Loop"] == m.config.num_layers  # the sparse experts, dequantized after the gather
+    assert ops["MatMulNBits"] == 4 * cfg.num_layers + 2 + 2 * cfg.num_experts * cfg.num_layers, ops
+    # only the embedding's: its rows, and the table for lm_head and for the expectation (onnxruntime gives
+    # each consumer its own DequantizeLinear)
+    assert ops["Loop"] == 0 and ops["DequantizeLinear"] == 3, ops
 
 
 @pytest.mark.slow
