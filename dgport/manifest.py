@@ -403,9 +403,11 @@ def _load(path) -> tuple[Path, dict]:
         raise ExportError(f"{path}: not a folder; give the folder `dgport export` wrote")
     mpath = path / MANIFEST
     if not os.path.lexists(mpath):
-        hint = " (it looks like a Hugging Face checkpoint: export it first, or use --backend torch)" \
-            if (path / "config.json").exists() else ""
-        raise ExportError(f"{path}: not a dgport export, no {MANIFEST}{hint}; run `dgport export SRC {path}`")
+        if (path / "config.json").exists():
+            raise ExportError(f"{path}: not a dgport export, no {MANIFEST} (it looks like a Hugging Face checkpoint): "
+                              f"export it with `dgport export {path} OUT` and use OUT, or use --backend torch")
+        raise ExportError(f"{path}: not a dgport export, no {MANIFEST}; give a folder written by "
+                          "`dgport export CHECKPOINT OUT`")
     st = os.lstat(mpath)
     if not stat.S_ISREG(st.st_mode):
         raise ExportError(f"{mpath}: not a regular file; export again")
@@ -450,7 +452,7 @@ def open_export(path, backend: str | None = None, checksums: bool = True) -> Exp
         if fmt not in manifest["formats"]:
             raise ExportError(
                 f"{path}: has no {fmt} weights (it holds: {', '.join(manifest['formats']) or 'none'}), which "
-                f"--backend {backend} needs; export with `dgport export SRC OUT --format {fmt}`")
+                f"--backend {backend} needs; export with `dgport export CHECKPOINT OUT --format {fmt}`")
     export = _validated(path, manifest)
     export.verify(checksums=checksums)
     return export

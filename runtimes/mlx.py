@@ -39,7 +39,7 @@ def load_weights(folder: Path, entry: dict) -> dict:
             weights.update(mx.load(str(path)))
         except Exception as e:  # mlx raises RuntimeError/ValueError with its own wording
             raise ExportError(f"{path}: cannot read the MLX weights ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                              "the file is damaged or incomplete. Export again with `dgport export SRC OUT --format mlx`") from e
+                              "the file is damaged or incomplete. Export again with `dgport export CHECKPOINT OUT --format mlx`") from e
     return weights
 
 

@@ -92,7 +92,7 @@ class OnnxBackend:
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailable(f"--backend cuda: this onnxruntime has no CUDAExecutionProvider; {CUDA_FIX}")
         if "onnx" not in export.formats:
-            raise ExportError(f"{export.path}: has no onnx weights; export with `dgport export SRC OUT --format onnx`")
+            raise ExportError(f"{export.path}: has no onnx weights; export with `dgport export CHECKPOINT OUT --format onnx`")
         self.export = export
         self.entry = entry = export.format("onnx")
         self.config: TextConfig = export.config

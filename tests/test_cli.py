@@ -148,6 +148,7 @@ def test_user_mistakes_are_one_line_errors(capsys, tmp_path, checkpoints, args, 
 def test_backend_package_missing_names_the_fix(tmp_path):
     code = ("import sys; sys.modules['onnxruntime'] = None; sys.modules['mlx'] = None; sys.modules['mlx.core'] = None\n"
             "from dgport.cli import main; sys.exit(main(sys.argv[1:]))")
+    (tmp_path / "dgport.json").write_text("{}")  # looks like an export: the missing package is named first
     for backend, extra in (("cpu", "dgport[cpu]"), ("mlx", "dgport[mlx]")):
         out = subprocess.run([sys.executable, "-c", code, "run", str(tmp_path), "--backend", backend, "--prompt", "x"],
                              capture_output=True, text=True)
