@@ -192,6 +192,7 @@ def test_real_geometry_slice_exports_validates_and_runs(tmp_path):
     assert out["peak_rss_gb"] < 11.5, out["peak_rss_gb"]
 
 
+@pytest.mark.slow
 def test_fused_attention_export_generates_like_torch(checkpoints, torch_gens, tmp_path):
     """--attention fused: one ONNX Attention node per layer (opset 23); the driver validates it and it
     generates the reference's tokens (prompt past the sliding window, several canvases)."""
