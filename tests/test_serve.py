@@ -17,6 +17,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from bench.serve_process import ServerProcess  # noqa: E402
+
 KEY = "test-key"
 PUZZLES = [  # held-out streams of the shipped model's puzzle generator (40 givens)
     ".741......3.67.5.22.53..47..1....8....842.163356..8.2....83..466...9.21.1..24.357",
@@ -29,43 +31,9 @@ PUZZLES = [  # held-out streams of the shipped model's puzzle generator (40 give
 LONG = {"max_denoising_steps": 3000, "stability_threshold": 1000}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, export: Path, *args: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "dgport.serve", str(export), "--port", str(self.port),
-               "--served-model-name", "sudoku", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     cwd=Path(__file__).resolve().parents[1])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not start in 60 s")
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health").json()
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            out, _ = self.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
+        super().__init__(export, "--served-model-name", "sudoku", *args)
 
 
 @pytest.fixture(scope="module")
