@@ -221,8 +221,9 @@ def test_options_that_would_do_nothing(capsys, checkpoints, tmp_path):
     assert "no effect with --raw" in err
 
 
-def test_a_checkpoint_given_to_run_gets_the_right_export_command(capsys, checkpoints):
-    code, _, err = dg(capsys, "run", checkpoints["tiny"], "--prompt", "hi")
+def test_a_checkpoint_given_where_an_export_is_needed_gets_the_right_export_command(capsys, checkpoints):
+    """`info` takes only an export (run, chat, check and serve export a checkpoint into the cache)."""
+    code, _, err = dg(capsys, "info", checkpoints["tiny"])
     line = one_error_line(err)
     assert f"dgport export {checkpoints['tiny']} OUT" in line and "--backend torch" in line
 
