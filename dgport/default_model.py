@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 from .errors import DgportError
-from .manifest import BACKEND_FORMAT, FORMAT_VERSION, MANIFEST
+from .manifest import BACKEND_FORMAT, FORMAT_VERSION
 
 # What an export is made from: a change to any of them must not reuse an older cached export.
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json")
-EXTRA_FOR = {"onnx": "cpu", "mlx": "mlx"}
 
 
 def cache_dir() -> Path:
@@ -53,55 +51,12 @@ def default_export_path(backend: str) -> Path:
     return cache_dir() / "exports" / f"sudoku-{_shipped_digest(default_checkpoint())}-{fmt}-v{FORMAT_VERSION}"
 
 
-def _usable(out: Path, backend: str) -> str | None:
-    """None when the cached export opens and verifies; otherwise what is wrong with it."""
-    from .manifest import open_export
-
-    if not (out / MANIFEST).exists():
-        return "missing"
-    try:
-        open_export(out, backend)
-    except (DgportError, KeyError, TypeError, ValueError, AttributeError) as e:  # a damaged manifest too
-        return " ".join(str(e).split()) or e.__class__.__name__
-    return None
-
-
 def ensure_default_export(backend: str, console=None) -> Path:
-    """The folder of the shipped model for `backend` ('torch': the checkpoint itself), exporting it
-    into the cache when it is missing or damaged (dgport wrote that folder, so it may replace it)."""
+    """The folder of the shipped model for `backend` ('torch': the checkpoint itself), exported into
+    the cache when it is missing or damaged (dgport wrote that folder, so it may replace it)."""
+    from .cache_export import ensure_cached_export
+
     if backend == "torch":
         return default_checkpoint()
-    out = default_export_path(backend)
-    problem = _usable(out, backend)
-    if problem is None:
-        return out
-    from rich.console import Console
-
-    from .exporters.export import ExportOptions, export
-    from .progress import RichProgress
-
-    console = console or Console(stderr=True)
-    if problem == "missing":
-        console.print(f"first run: exporting the shipped Sudoku model to {out} (once; later runs reuse it)",
-                      highlight=False, markup=False, soft_wrap=True)
-    else:
-        console.print(f"the cached export of the shipped Sudoku model is damaged ({problem}); exporting it "
-                      f"again to {out}", highlight=False, markup=False, soft_wrap=True)
-    fmt = BACKEND_FORMAT[backend]
-    damaged = None
-    try:
-        if out.exists():  # dgport's own cache folder: moved aside, then removed, whatever it holds
-            damaged = out.parent / f".{out.name}.damaged-{os.getpid()}"
-            out.rename(damaged)
-        with RichProgress(console) as progress:
-            export(default_checkpoint(), out, ExportOptions(formats=(fmt,), validate=False, force=True), progress)
-    except ImportError as e:
-        raise DgportError(f"exporting the shipped model to {fmt} needs the {e.name} package, which is not "
-                          f"installed: pip install 'dgport[{EXTRA_FOR[fmt]}]'") from e
-    except OSError as e:
-        raise DgportError(f"cannot write the default export to {out} ({e.strerror or e}); set DGPORT_CACHE_DIR "
-                          "(or XDG_CACHE_HOME) to a writable folder, or pass an EXPORT folder") from e
-    finally:
-        if damaged is not None:
-            shutil.rmtree(damaged, ignore_errors=True)
-    return out
+    return ensure_cached_export(default_checkpoint(), default_export_path(backend), backend,
+                                what="the shipped Sudoku model", console=console)

@@ -122,35 +122,7 @@ def resolve_model(model, backend: str, dtype: str = "fp32", quantize: int | None
     checkpoint = resolve_checkpoint(text)
     if backend == "torch":
         return checkpoint
-    out = cached_export_path(checkpoint, backend, dtype, quantize)
-    if not _usable(out, backend):
-        from .exporters.export import ExportOptions, export
-        from .progress import RichProgress
+    from .cache_export import ensure_cached_export
 
-        fmt = BACKEND_FORMAT[backend]
-        try:
-            with RichProgress() as progress:
-                progress.log(f"{text}: exporting it ({fmt}, {dtype}) to {out} (once; later runs reuse it)")
-                export(checkpoint, out, ExportOptions(formats=(fmt,), dtype=dtype, quantize=quantize, validate=False,
-                                                      force=True), progress)
-        except ImportError as e:
-            raise DgportError(f"{text}: exporting a checkpoint needs the {e.name} package: pip install "
-                              f"'dgport[{'mlx' if fmt == 'mlx' else 'cpu'}]', or give a folder written by "
-                              "`dgport export`") from e
-        except OSError as e:
-            raise DgportError(f"cannot write the export to {out} ({e.strerror or e}); set DGPORT_CACHE_DIR to a "
-                              "writable folder, or export it yourself with `dgport export`") from e
-    return out
-
-
-def _usable(out: Path, backend: str) -> bool:
-    """The cached export opens and verifies (else it is exported again: dgport wrote that folder)."""
-    from .manifest import open_export
-
-    if not (out / MANIFEST).exists():
-        return False
-    try:
-        open_export(out, backend)
-    except (DgportError, KeyError, TypeError, ValueError, AttributeError):
-        return False
-    return True
+    return ensure_cached_export(checkpoint, cached_export_path(checkpoint, backend, dtype, quantize), backend,
+                                what=text, dtype=dtype, quantize=quantize)

@@ -272,7 +272,7 @@ def test_chat_survives_ctrl_c_and_empty_lines(capsys, monkeypatch):
 def test_first_run_line_and_canvas_count(capsys, fresh_cache):
     code, out, err = dg(capsys, "run", "--prompt", PUZZLE, "--seed", "0")
     assert code == 0, err
-    assert "first run: exporting the shipped Sudoku model to" in err and "progress.py" not in err
+    assert "first run: exporting the shipped Sudoku model (onnx, fp32) to" in err and "progress.py" not in err
     assert re.search(r"\| 1 canvas, steps", err)
 
 
@@ -407,4 +407,21 @@ def test_a_damaged_cached_default_export_is_exported_again(capsys, fresh_cache):
     (export / "dgport.json").write_text("{")
     code, out, err = dg(capsys, "run", "--prompt", PUZZLE, "--seed", "0")
     assert code == 0 and "is damaged" in err and out == first
-    assert [p.name for p in export.parent.iterdir()] == [export.name]  # nothing left beside it
+    # nothing left beside it but the (empty) lock that makes processes take turns
+    assert sorted(p.name for p in export.parent.iterdir()) == [f".{export.name}.cache-lock", export.name]
+
+
+def test_processes_that_need_the_same_cached_export_take_turns(tmp_path):
+    """Two `dgport run` processes on a fresh cache: one exports the shipped model, the other waits for
+    it and reuses the result (before, the second failed on the export's lock, or replaced the first)."""
+    env = {**os.environ, "DGPORT_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "dgport.cli", "run", "--backend", "cpu", "--seed", "0", "--json", "--prompt", PUZZLE]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert json.loads(outs[0][0])["token_ids"] == json.loads(outs[1][0])["token_ids"]
+    assert sum("first run: exporting" in err for _, err in outs) == 1, [err for _, err in outs]
+    exports = [p for p in (tmp_path / "cache" / "exports").iterdir() if not p.name.startswith(".")]
+    assert len(exports) == 1
+    assert not [p for p in exports[0].parent.iterdir() if ".partial-" in p.name or ".damaged-" in p.name]
