@@ -7,6 +7,7 @@ measured in the same run so each step can be read as a share of it.
     python -m bench.bench_quant                        # real-slice geometry, canvas 256 (builds it: 3 GB)
     python -m bench.bench_quant --checkpoint PATH --runs 3 --threads 2
     python -m bench.bench_quant --experts-only         # one expert: standard DQ form vs contrib MatMulNBits
+    python -m bench.bench_quant --sudoku               # the shipped Sudoku model: fp32 vs int8 vs int4 quality
 
 Every variant runs in its own subprocess (its peak RSS is its own): a 16-token prompt is encoded, then
 one denoise step over a fresh canvas is timed (median of --runs after a warm-up).
@@ -200,6 +201,41 @@ def experts_micro(threads: int, runs: int, H=2816, M=704, n=16, group=64) -> dic
     return res
 
 
+def sudoku(work: Path, puzzles: int, threads: int, min_givens: int, max_givens: int) -> dict:
+    """Blank-cell accuracy, solve rate and token agreement with fp32 of the shipped Sudoku model's ONNX
+    exports (fp32, int8, int4; group 64; both MatMulNBits accuracy levels) on held-out puzzles."""
+    import dgport
+    from bench.sudoku import run
+    from dgport.exporters.export import ExportOptions, export
+
+    src = Path(__file__).resolve().parent.parent / "models" / "sudoku"
+    res = {}
+    for name, opts, acc in (("fp32", {}, None), ("int8", dict(quantize=8), 0), ("int8 acc4", dict(quantize=8), 4),
+                            ("int4", dict(quantize=4), 0), ("int4 acc4", dict(quantize=4), 4)):
+        out = work / f"sudoku-{opts.get('quantize', 32)}"
+        if not (out / "dgport.json").exists():
+            export(src, out, ExportOptions(validate=False, force=True, group_size=64, **opts))
+        kw = {} if acc is None else {"accuracy_level": acc}
+        gen = dgport.load(out, backend="cpu", threads=threads, **kw)
+        r = run(out, "cpu", puzzles=puzzles, seed=0, min_givens=min_givens, max_givens=max_givens, generator=gen)
+        res[name] = {k: r[k] for k in ("solve_rate", "blank_cell_accuracy", "passes_per_puzzle", "seconds")}
+        res[name]["tokens"] = [row["token_ids"] for row in r["rows"]]
+    base = res["fp32"]["tokens"]
+    print(f"Sudoku model, {puzzles} held-out puzzles (seed 0), {min_givens}-{max_givens} givens, CPU EP")
+    print("| export | solve rate | blank cells right | token agreement with fp32 | passes/puzzle |")
+    print("|---|---|---|---|---|")
+    for name, r in res.items():
+        same = total = 0
+        for a, b in zip(base, r["tokens"]):
+            n = min(len(a), len(b))
+            same += int(np.sum(np.array(a[:n]) == np.array(b[:n])))
+            total += max(len(a), len(b))
+        r["token_agreement"] = same / total
+        print(f"| {name} | {100 * r['solve_rate']:.1f} % | {100 * r['blank_cell_accuracy']:.2f} % | "
+              f"{100 * r['token_agreement']:.2f} % | {r['passes_per_puzzle']:.2f} |")
+    return {k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in res.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="HF DiffusionGemma folder (default: build the real-slice fixture, canvas 256)")
@@ -208,6 +244,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=",".join(list(VARIANTS) + ["transformers bf16"]))
     ap.add_argument("--experts-only", action="store_true")
+    ap.add_argument("--sudoku", action="store_true")
+    ap.add_argument("--puzzles", type=int, default=100)
+    ap.add_argument("--givens", default="50,60", help="Sudoku: min,max givens")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--acc", type=int, default=None, help=argparse.SUPPRESS)
@@ -215,6 +254,13 @@ def main(argv=None):
     if a.side:
         r = side_torch(a.side, a.runs, a.threads) if a.acc == -1 else side_onnx(a.side, a.runs, a.threads, a.acc)
         print(json.dumps(r))
+        return
+    if a.sudoku:
+        lo, hi = (int(v) for v in a.givens.split(","))
+        Path(a.workdir).mkdir(parents=True, exist_ok=True)
+        r = sudoku(Path(a.workdir), a.puzzles, a.threads, lo, hi)
+        if a.json:
+            Path(a.json).write_text(json.dumps(r, indent=1))
         return
     if a.experts_only:
         print(json.dumps(experts_micro(a.threads, max(a.runs, 20)), indent=1))

@@ -12,8 +12,10 @@ Layout (entry["layout"] == "dgport-mlx/1"), under `mlx/` in the export folder:
       layers.{i}.layer_scalar (decoder scalar), layers.{i}.encoder_layer_scalar (encoder scalar).
 All tensors are cast to the export dtype. With --quantize 4|8 every projection, the stacked
 experts, the self-conditioning MLP and the embedding table (also the tied lm_head and the
-self-conditioning expectation p @ E) are affine-quantized with mx.quantize (`<name>.weight` packed
-uint32, `<name>.scales`, `<name>.biases`); norms, scalars and the router stay in the export dtype
+self-conditioning expectation p @ E; 8 bits in 4-bit exports) are affine-quantized in MLX's layout
+(`<name>.weight` packed uint32, `<name>.scales`, `<name>.biases`) with the scheme ONNX exports use
+(exporters/quantize.py: bf16-valued scales, biases = -zero_point * scale), so in fp32 exports both
+formats dequantize to the same numbers bit for bit; norms, scalars and the router stay in the export dtype
 (the router decides which experts run: it is 0.01 % of the weights). A tensor whose input width
 is not a multiple of the group size falls back to the largest of 64/32 that divides it, else stays
 unquantized; the entry lists those fallbacks.
@@ -26,6 +28,7 @@ import numpy as np
 
 from dgport.errors import BackendUnavailable
 
+from .quantize import SCHEME, mlx_quantize
 from .validation import max_abs_rel_err
 
 DEC = "model.decoder."
@@ -46,6 +49,11 @@ def _quantizable(name: str) -> bool:
     return name.endswith(QUANTIZED_SUFFIXES) and ".router." not in name
 
 
+def _bits(name: str, bits: int) -> int:
+    """The embedding table (input embedding, tied lm_head) stays at 8 bits in 4-bit exports, as in ONNX."""
+    return 8 if name.endswith("embed_tokens.weight") else bits
+
+
 def _group_size(in_dims: int, requested: int) -> int | None:
     for g in (requested, 64, 32):
         if g <= requested and in_dims % g == 0:
@@ -63,10 +71,11 @@ def _convert(tensors: dict, dtype, opts, fallbacks: dict) -> dict:
             g = _group_size(a.shape[-1], opts.group_size)
             if g != opts.group_size:
                 fallbacks[name] = g
-            if g is not None:
+            if g is not None:  # the scheme ONNX exports use (exporters/quantize.py): same dequantized values
                 base = name[: -len(".weight")]
-                out[f"{base}.weight"], out[f"{base}.scales"], out[f"{base}.biases"] = mx.quantize(
-                    a, group_size=g, bits=opts.quantize)
+                wq, sc, bi = mlx_quantize(np.asarray(t, np.float32), _bits(name, opts.quantize), g)
+                out[f"{base}.weight"] = mx.array(wq)
+                out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(sc).astype(dtype), mx.array(bi).astype(dtype)
                 continue
         out[name] = a
     return out
@@ -126,7 +135,8 @@ def export(ckpt, out_dir, opts, progress) -> dict:
                      + (f"quantized with group size {g}" if g else "kept unquantized"))
     quant = None
     if opts.quantize:
-        quant = {"bits": opts.quantize, "group_size": opts.group_size, "mode": "affine",
+        quant = {"bits": opts.quantize, "group_size": opts.group_size, "mode": "affine", "scheme": SCHEME,
+                 "embedding_bits": _bits("embed_tokens.weight", opts.quantize),
                  "quantized": "projections, experts, self-conditioning MLP, embedding (tied lm_head)",
                  "unquantized": "norms, layer scalars, router",
                  "group_size_fallbacks": fallbacks}

@@ -113,7 +113,7 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     if cpu_graphs != graphs:
         entry["cpu_graphs"] = cpu_graphs
     if quant is not None:
-        entry["quantization"] = quantization_entry(quant)
+        entry["quantization"], entry["quantized_tensors"] = quantization_entry(quant)
     if opts.dtype == "bf16":
         entry["cpu_note"] = ("onnxruntime's CPU EP has no bf16 kernels: on CPU the fp32-compute graphs read the "
                              "bf16 weights and cast each to fp32 where it is used (bf16 rounding kept at the "
@@ -121,16 +121,21 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     return entry
 
 
-def quantization_entry(quant: QuantSpec) -> dict:
-    """The manifest's record of a quantized export: the scheme and, per quantized transformers
-    tensor, its bits and measured relative weight error (everything not listed stays fp32)."""
+def quantization_entry(quant: QuantSpec) -> tuple[dict, dict]:
+    """The manifest's record of a quantized export: the scheme with a summary per role, and per
+    quantized transformers tensor its bits and measured relative weight error (relative Frobenius
+    norm of dequantized - original; everything not listed stays fp32)."""
     from .quantize import SCHEME
 
     tensors = {name: {"role": role, "bits": bits, "rel_error": round(quant.errors[name], 6)}
                for name, (role, bits) in quant.tensors.items()}
+    roles: dict = {}
+    for t in tensors.values():
+        r = roles.setdefault(t["role"], {"bits": t["bits"], "max_rel_error": 0.0})
+        r["max_rel_error"] = max(r["max_rel_error"], t["rel_error"])
+    # `roles` is the summary `dgport info` shows; per tensor in the entry's `quantized_tensors`
     return {"bits": quant.bits, "group_size": quant.group, "scheme": SCHEME,
-            "kept": "fp32: router, norms, layer scalars, per-expert scales; embedding at 8 bits in int4 exports",
-            "tensors": tensors}
+            "kept": "fp32: router, norms, layer scalars, per-expert scales", "roles": roles}, tensors
 
 
 class _ReadOnlyStore:

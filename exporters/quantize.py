@@ -169,3 +169,20 @@ def write_dequantized_checkpoint(ckpt, bits: int, group: int, out_dir) -> None:
             if key in d:
                 d[key] = "float32"
     cfg.write_text(json.dumps(raw, indent=2))
+
+
+def pack_mlx(q: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values [..., n] -> MLX's packed uint32 [..., n * bits / 32] (element j of a word at bit j * bits)."""
+    per = 32 // bits
+    q32 = np.asarray(q, np.uint32).reshape(*q.shape[:-1], q.shape[-1] // per, per)
+    out = np.zeros(q32.shape[:-1], np.uint32)
+    for j in range(per):
+        out |= q32[..., j] << np.uint32(bits * j)
+    return out
+
+
+def mlx_quantize(w, bits: int, group: int):
+    """This scheme in MLX's affine form (packed uint32 weight, scales, biases = -z * s, float32) for
+    mx.quantized_matmul / gather_qmm: mx.dequantize gives exactly `dequantize(*quantize(w))`."""
+    q, s, z = quantize(w, bits, group)
+    return pack_mlx(q, bits), s, -(z.astype(np.float32) * s)

@@ -417,8 +417,8 @@ def build(cfg: TextConfig, weights: dict, dtype, bits: int | None) -> DiffusionG
             if s is None:
                 return False
             w = weights[f"{path}.weight"]
-            in_dims = w.shape[-1] * 32 // bits
-            return {"group_size": in_dims // s.shape[-1], "bits": bits, "mode": "affine"}
+            in_dims = module.weight.shape[-1]  # per tensor: 4-bit exports keep the embedding at 8 bits
+            return {"group_size": in_dims // s.shape[-1], "bits": w.shape[-1] * 32 // in_dims, "mode": "affine"}
 
         nn.quantize(model, class_predicate=predicate)
     model.load_weights(list(weights.items()), strict=True)
