@@ -12,7 +12,7 @@ Layout (entry["layout"] == "dgport-mlx/1"), under `mlx/` in the export folder:
       layers.{i}.layer_scalar (decoder scalar), layers.{i}.encoder_layer_scalar (encoder scalar).
 All tensors are cast to the export dtype. With --quantize 4|8 every projection, the stacked
 experts, the self-conditioning MLP and the embedding table (also the tied lm_head and the
-self-conditioning expectation p @ E; 8 bits in 4-bit exports) are affine-quantized in MLX's layout
+self-conditioning expectation p @ E; it and attention stay 8-bit in 4-bit exports) are affine-quantized in MLX's layout
 (`<name>.weight` packed uint32, `<name>.scales`, `<name>.biases`) with the scheme ONNX exports use
 (exporters/quantize.py: bf16-valued scales, biases = -zero_point * scale), so in fp32 exports both
 formats dequantize to the same numbers bit for bit; norms, scalars and the router stay in the export dtype
@@ -50,8 +50,9 @@ def _quantizable(name: str) -> bool:
 
 
 def _bits(name: str, bits: int) -> int:
-    """The embedding table (input embedding, tied lm_head) stays at 8 bits in 4-bit exports, as in ONNX."""
-    return 8 if name.endswith("embed_tokens.weight") else bits
+    """The embedding table (input embedding, tied lm_head) and the attention projections stay at 8 bits
+    in 4-bit exports, as in ONNX (exporters/quantize.py says why)."""
+    return 8 if name.endswith("embed_tokens.weight") or ".self_attn." in name else bits
 
 
 def _group_size(in_dims: int, requested: int) -> int | None:
@@ -137,6 +138,7 @@ def export(ckpt, out_dir, opts, progress) -> dict:
     if opts.quantize:
         quant = {"bits": opts.quantize, "group_size": opts.group_size, "mode": "affine", "scheme": SCHEME,
                  "embedding_bits": _bits("embed_tokens.weight", opts.quantize),
+                 "attention_bits": _bits("layers.0.self_attn.q_proj.weight", opts.quantize),
                  "quantized": "projections, experts, self-conditioning MLP, embedding (tied lm_head)",
                  "unquantized": "norms, layer scalars, router",
                  "group_size_fallbacks": fallbacks}

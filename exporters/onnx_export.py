@@ -168,7 +168,8 @@ def validation_backends(ckpt, out_dir, entry):
     sets = [(None, None)]
     if "cpu_graphs" in entry and entry["dtype"] != "bf16":
         sets.append(("gpu graphs", "graphs"))
-    return [(label, lambda g=graphs: OnnxBackend(read_manifest(out_dir), device="cpu", graph_set=g))
+    # accuracy level 0: quantized weights' products in fp32, so the graph can be checked tightly
+    return [(label, lambda g=graphs: OnnxBackend(read_manifest(out_dir), device="cpu", graph_set=g, accuracy_level=0))
             for label, graphs in sets]
 
 

@@ -16,8 +16,11 @@ is built per transformers tensor.
 
 What stays in higher precision (fp32 in the ONNX export): the router (it chooses the experts), every
 norm, layer scalars and per-expert scales (0.01 % of the parameters). Int4 exports keep the
-embedding table (input embedding, tied lm_head, self-conditioning expectation) at 8 bits, as
-mlx-community's mixed 4-bit does: its rows feed every position unscaled by any norm.
+attention projections and the embedding table (input embedding, tied lm_head, self-conditioning
+expectation) at 8 bits, as mlx-community's mixed 4-bit recipe does; chosen by measurement on the
+shipped Sudoku model (100 held-out puzzles, 50-60 givens, group 64; fp32 46 % solved, 91.7 % of blank
+cells right): everything but the embedding at 4 bits solved 39 % (90.6 %), 42 % with group 32; with
+attention at 8 bits 47 % (91.9 %). On the 26B-A4B config that costs 0.57 GB (14.8 GB, `--plan`).
 """
 from __future__ import annotations
 
@@ -86,9 +89,13 @@ def to_bf16(s: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------- which tensors
 
 
+EIGHT_BIT_ROLES = ("embedding", "attention")
+
+
 def quantized_tensors(cfg: TextConfig, bits: int) -> dict[str, tuple[str, int]]:
     """transformers tensor name -> (role, bits) for every tensor a `bits`-bit export quantizes.
-    Every other text-model tensor stays in the export's float dtype."""
+    Every other text-model tensor stays in the export's float dtype. Attention and the embedding
+    are 8-bit in either (EIGHT_BIT_ROLES)."""
     out = {f"{DEC}embed_tokens.weight": ("embedding", 8)}
     for part in ("gate_proj", "up_proj", "down_proj"):
         out[f"{DEC}self_conditioning.{part}.weight"] = ("self-conditioning MLP", bits)
@@ -96,7 +103,7 @@ def quantized_tensors(cfg: TextConfig, bits: int) -> dict[str, tuple[str, int]]:
         p = f"{DEC}layers.{i}."
         projs = ("q_proj", "k_proj", "v_proj", "o_proj") if cfg.is_sliding(i) else ("q_proj", "k_proj", "o_proj")
         for part in projs:
-            out[f"{p}self_attn.{part}.weight"] = ("attention", bits)
+            out[f"{p}self_attn.{part}.weight"] = ("attention", 8)
         for part in ("gate_proj", "up_proj", "down_proj"):
             out[f"{p}mlp.{part}.weight"] = ("dense MLP", bits)
         out[f"{p}experts.gate_up_proj"] = ("experts", bits)

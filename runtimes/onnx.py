@@ -83,9 +83,11 @@ class OnnxBackend:
                  accuracy_level: int | None = None, **session_options):
         """`graph_set`: the manifest's graph set to run ("graphs" or "cpu_graphs"); by default the
         device's own (the CPU EP runs `cpu_graphs` where the export has them). `accuracy_level`
-        (quantized exports): onnxruntime's MatMulNBits compute type for the 4-bit weights it fuses,
-        0 = fp32 activations (the default here: the dequantized weights' exact products), 4 = int8
-        activations (integer dot products; faster on the CPU, see bench/RESULTS.md, less exact)."""
+        (quantized exports): onnxruntime's MatMulNBits compute type for the weights it fuses,
+        4 = int8 activations (the default: integer dot products, 1.3x faster per step for int4 and
+        10x for int8 on the CPU EP, bench/RESULTS.md; the Sudoku model's tokens agree with fp32
+        as closely), 0 = fp32 activations (the dequantized weights' exact products: what
+        the export's validation runs). Also $DGPORT_ORT_ACCURACY_LEVEL."""
         if device not in ("cpu", "cuda"):
             raise DgportError(f"device {device!r}: the ONNX backend runs on 'cpu' or 'cuda'")
         ort = _ort()
@@ -112,7 +114,11 @@ class OnnxBackend:
         self._quiet = device == "cpu" and self.dtype == "bf16" and graph_set == "cpu_graphs"
         self.quantization = entry.get("quantization")
         if accuracy_level is None:
-            accuracy_level = int(os.environ.get("DGPORT_ORT_ACCURACY_LEVEL", "0"))
+            text = os.environ.get("DGPORT_ORT_ACCURACY_LEVEL", "4")
+            if text not in ("0", "1", "2", "3", "4"):
+                raise DgportError(f"DGPORT_ORT_ACCURACY_LEVEL={text!r}: choose 0 (fp32 activations) .. 4 "
+                                  "(int8 activations)")
+            accuracy_level = int(text)
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise DgportError(f"accuracy_level {accuracy_level}: choose 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
         self.accuracy_level = accuracy_level
