@@ -32,7 +32,10 @@ def moe_forms(opts) -> dict:
     each device run its faster one: sparse on CPUs (compute-bound; 3.8x per step at the real 16:1
     expert ratio, bench/RESULTS.md), dense on GPUs (a 256-token canvas hits nearly every expert,
     and one batched MatMul beats a Loop of 128 iterations, each with a NonZero, per layer)."""
-    den = {"cuda": "sparse" if opts.denoise_moe == "sparse" else "dense",
+    # quantized exports: "auto" means sparse everywhere. Their dense form stacks every dequantized expert in
+    # fp32 each step (2 GB per projection and layer for 26B-A4B), and no GPU has measured either form yet
+    quantized_auto = bool(getattr(opts, "quantize", None)) and opts.denoise_moe == "auto"
+    den = {"cuda": "sparse" if opts.denoise_moe == "sparse" or quantized_auto else "dense",
            "cpu": "dense" if opts.denoise_moe == "dense" else "sparse"}
     return {dev: {"encoder": opts.encoder_moe, "denoise_step": den[dev]} for dev in ("cuda", "cpu")}
 
