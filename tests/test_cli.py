@@ -127,7 +127,7 @@ def test_chat_command_runs_two_turns(checkpoints):
     (["export", "{ckpt}", "{tmp}/out", "--format", "tflite"], "--format 'tflite'"),
     (["export", "{ckpt}", "{tmp}/out", "--format", "mlx", "--quantize", "int3"], "--quantize 3: choose int4 or int8"),
     (["export", "{ckpt}", "{tmp}/out", "--format", "mlx", "--quantize", "four"], "'four': choose int4 or int8"),
-    (["export", "{ckpt}", "{tmp}/out", "--quantize", "int4"], "--quantize applies to the mlx format"),
+    (["export", "{ckpt}", "{tmp}/out", "--quantize", "int4", "--dtype", "bf16"], "--quantize with --dtype bf16"),
     (["export", "{ckpt}", "{tmp}/out", "--denoise-moe", "fast"], "--denoise-moe 'fast': choose auto, sparse or dense"),
     (["export", "{ckpt}", "{tmp}/out", "--attention", "flash"], "--attention 'flash': choose explicit or fused"),
     (["export", "{missing}", "{tmp}/out"], "no such folder"),
