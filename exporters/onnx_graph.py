@@ -757,37 +757,37 @@ class QuantSpec:
             self._made[key] = tuple(np.concatenate([t[k] for t in qs], axis=-1) for k in range(3))
         return self._made[key]
 
-    def _store(self, b: Builder, key: str, parts, transpose: bool, packed: str, index: int | None = None):
-        """Stores key.q / key.scale / key.zp; `packed` is the dtype label of 4-bit integers
-        ("uint4": ONNX 4-bit tensors, "uint8": bytes holding two values)."""
+    def _store(self, b: Builder, key: str, parts, transpose: bool, index: int | None = None):
+        """Stores key.q / key.scale / key.zp: 4-bit integers and zero points as ONNX uint4 (two a byte),
+        8-bit ones as uint8; scales as bf16."""
         from .quantize import pack4, to_bf16
 
         st = b.store
         bits = self.tensors[parts[0]][1]
-        ints = (lambda a: pack4(a)) if bits == 4 else (lambda a: a)
-        label = packed if bits == 4 else "uint8"
+        ints, label = (pack4, "uint4") if bits == 4 else ((lambda a: a), "uint8")
 
         def made(k):
             return self._quantized(st, key, parts, transpose, index)[k]
 
         q = b.weight(f"{key}.q", lambda: ints(made(0)), dtype=label)
         s = b.weight(f"{key}.scale", lambda: to_bf16(made(1)), dtype="bf16")
-        zlabel = label if packed == "uint4" else "uint8"
-        z = b.weight(f"{key}.zp", lambda: (ints if zlabel == "uint4" else (lambda a: a))(made(2)), dtype=zlabel)
+        z = b.weight(f"{key}.zp", lambda: ints(made(2)), dtype=label)
         return q, s, z, bits
 
     def constant(self, b: Builder, key: str, parts) -> str:
-        q, s, z, _ = self._store(b, key, parts, transpose=True, packed="uint4")
+        q, s, z, _ = self._store(b, key, parts, transpose=True)
         return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=0, block_size=self.group)
 
     def expert(self, b: Builder, key: str, hf_name: str, e: int) -> str:
         """Expert e's weights [in, out] fp32: its own constant initializers, dequantized (-> MatMulNBits)."""
-        q, s, z, _ = self._store(b, f"{key}.{e}", [hf_name], transpose=True, packed="uint4", index=e)
+        q, s, z, _ = self._store(b, f"{key}.{e}", [hf_name], transpose=True, index=e)
         return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=0, block_size=self.group)
 
     def table(self, b: Builder, key: str, hf_name: str, rows: str | None = None) -> str:
         """The embedding table [V, H] fp32, or (rows given: ids [B, T]) its rows [B, T, H]."""
-        q, s, z, _ = self._store(b, key, [hf_name], transpose=False, packed="uint8")  # always 8 bits
+        q, s, z, bits = self._store(b, key, [hf_name], transpose=False)
+        if bits != 8:  # exporters/quantize.py keeps it at 8 bits: ONNX Gather has no 4-bit types
+            raise ValueError("the embedding table must be 8-bit: its rows are gathered")
         if rows is not None:
             q, s, z = (b.op("Gather", t, rows, axis=0) for t in (q, s, z))
         return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=-1, block_size=self.group)
