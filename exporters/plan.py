@@ -49,9 +49,9 @@ def stored_tensors(cfg: TextConfig, dtype: str, bits: int | None, group: int) ->
             b = quant[name][1]
             if "experts." in name:  # one constant tensor per expert (three stored tensors each)
                 E = shape[0]
-                rows.append((name, quant[name][0], 3 * E, E * tensor_bytes(shape[1:], b, group, False)))
+                rows.append((name, quant[name][0], 3 * E, E * tensor_bytes(shape[1:], b, group)))
             else:
-                rows.append((name, quant[name][0], 3, tensor_bytes(shape, b, group, "embed_tokens" in name)))
+                rows.append((name, quant[name][0], 3, tensor_bytes(shape, b, group)))
         else:
             size = ITEMSIZE["fp32" if name.endswith(FP32_SUFFIXES) else md]
             rows.append((name, _role(name), 1, math.prod(shape) * size))

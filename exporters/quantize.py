@@ -129,12 +129,12 @@ def check(cfg: TextConfig, bits: int, group: int) -> None:
                               "cannot hold; use --quantize int8")
 
 
-def tensor_bytes(shape, bits: int, group: int, gathered: bool) -> int:
-    """Bytes one quantized tensor takes in an ONNX export: packed integers, bf16 scales and zero
-    points (uint4 for constant 2-D weights, uint8 for tensors gathered in the graph)."""
+def tensor_bytes(shape, bits: int, group: int) -> int:
+    """Bytes one quantized tensor takes in an ONNX export: integers and zero points (uint4, two a
+    byte, at 4 bits; uint8 at 8) and bf16 scales."""
     n = math.prod(shape)
     groups = n // group
-    zp = groups if (gathered or bits == 8) else (groups + 1) // 2
+    zp = groups if bits == 8 else (groups + 1) // 2
     return (n * bits + 7) // 8 + 2 * groups + zp
 
 
