@@ -246,7 +246,7 @@ def test_run_chat_export_and_serve_take_a_checkpoint_folder(capsys, checkpoints,
             "--json")
     code, out, err = dg(capsys, *args)
     assert code == 0, err
-    exported = list((tmp_path / "cache" / "exports").iterdir())
+    exported = [p for p in (tmp_path / "cache" / "exports").iterdir() if not p.name.startswith(".")]
     assert len(exported) == 1 and (exported[0] / "dgport.json").exists()
     stamp = (exported[0] / "dgport.json").stat().st_mtime_ns
     code, again, err = dg(capsys, *args)
