@@ -192,7 +192,7 @@ def cli():
 @click.option("--format", "formats", default="onnx", show_default=True, help="onnx, mlx or onnx,mlx.")
 @click.option("--dtype", default="fp32", show_default=True, help="fp32, fp16 or bf16.")
 @click.option("--quantize", default=None, callback=lambda ctx, param, v: _bits(v),
-              help="MLX weight quantization: int4 or int8 (or 4, 8).")
+              help="Block-wise weight quantization, ONNX and MLX: int4 or int8 (or 4, 8).")
 @click.option("--group-size", type=int, default=64, show_default=True,
               help="Quantization group size (with --quantize).")
 @click.option("--with-logits", is_flag=True, help="ONNX: also output the fp32 logits (parity/debug exports).")
@@ -229,7 +229,7 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
     from .progress import RichProgress
 
     if quantize is None and ctx.get_parameter_source("group_size") == click.core.ParameterSource.COMMANDLINE:
-        raise DgportError("--group-size applies only to quantized MLX exports; add --quantize int4|int8 or drop it")
+        raise DgportError("--group-size applies only to quantized exports; add --quantize int4|int8 or drop it")
     opts = ExportOptions(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size,
                          with_logits=with_logits, encoder_moe=encoder_moe, denoise_moe=denoise_moe,
                          attention=attention, force=force, validate=not no_validate)
