@@ -237,6 +237,8 @@ def test_a_validation_passed_by_the_relative_rule_says_so():
     assert "above the 0.02 target" in line and "relative rule" in line and "2x transformers' own bf16" in line
     assert "encoder_kv 2.00e-02 vs 1.50e-02" in line
     assert "within the 1e-05 target" in _validation_line("onnx", {"encoder_kv": 1e-7}, "fp32", None)
+    assert "not gated" in _validation_line("onnx", {"encoder_kv": 9e-3}, "fp32", 4)  # the quantization's cost
+    assert "within the 1e-05 target" in _validation_line("onnx vs dequantized fp32", {"encoder_kv": 1e-7}, "fp32", 4)
 
 
 def test_chat_survives_ctrl_c_and_empty_lines(capsys, monkeypatch):
