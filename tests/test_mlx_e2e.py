@@ -17,7 +17,9 @@ from dgport.errors import DgportError, ExportError  # noqa: E402
 from dgport.exporters.export import ExportOptions, export  # noqa: E402
 from dgport.manifest import MANIFEST, read_manifest  # noqa: E402
 from dgport.runtimes.mlx import MlxBackend  # noqa: E402
-from backend_checks import PROMPTS, SEEDS, assert_generates_like_torch, assert_keep_cache_like_torch  # noqa: E402
+from backend_checks import (  # noqa: E402
+    PROMPTS, SEEDS, argmax_agreement, assert_generates_like_torch, assert_keep_cache_like_torch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,6 @@ def exports(checkpoints, tmp_path_factory):
             return out
 
     return Lazy()
-
 
 
 @pytest.mark.slow
@@ -85,26 +86,6 @@ ARGMAX_AGREEMENT_MIN = 0.80
 TOKEN_AGREEMENT_MIN = 0.15
 
 
-def _argmax_agreement(f, q, seed):
-    cfg = f.config
-    rng = np.random.default_rng(seed)
-    C, V = cfg.canvas_length, cfg.vocab_size
-    agree = []
-    for _ in range(3):
-        f.reset(), q.reset()
-        ids = np.concatenate([[2], rng.integers(0, V, 12)])[None]
-        for b in (f, q):
-            b.encode(ids, np.arange(13)[None])
-            b.new_canvas()
-        cpos = np.arange(13, 13 + C)[None]
-        for t in (0.8, 0.7, 0.6):
-            canvas = rng.integers(0, V, (1, C))
-            u = rng.random((1, C), dtype=np.float32)
-            agree.append(float(np.mean(f.denoise(canvas, cpos, np.float32(t), u).argmax
-                                       == q.denoise(canvas, cpos, np.float32(t), u).argmax)))
-    return float(np.mean(agree))
-
-
 @pytest.mark.slow
 def test_4bit_export_runs_and_agrees_with_fp32(exports):
     report, gated_tokens, gated_argmax = {}, [], []
@@ -127,7 +108,7 @@ def test_4bit_export_runs_and_agrees_with_fp32(exports):
                 same += int(np.sum(np.array(a[:n]) == np.array(b[:n])))
                 total += max(len(a), len(b))
         tokens = same / total
-        argmax = _argmax_agreement(MlxBackend(read_manifest(exports[(preset, "fp32")])), MlxBackend(q_export), 5)
+        argmax = argmax_agreement(MlxBackend(read_manifest(exports[(preset, "fp32")])), MlxBackend(q_export), 5)
         report[preset] = {"token_agreement": round(tokens, 3), "teacher_forced_argmax_agreement": round(argmax, 3)}
         if preset in ("confident", "eos"):
             gated_tokens.append(tokens)

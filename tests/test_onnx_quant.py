@@ -9,6 +9,7 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
+from backend_checks import argmax_agreement
 
 from dgport.errors import DgportError
 from dgport.exporters.export import ExportOptions, export
@@ -139,26 +140,6 @@ def test_quantized_weights_smaller(qexports, onnx_exports):
     assert sizes[4] < sizes[8] < fp32 / 2, (sizes, fp32)
 
 
-def _argmax_agreement(f, q, seed):
-    cfg = f.config
-    rng = np.random.default_rng(seed)
-    C, V = cfg.canvas_length, cfg.vocab_size
-    agree = []
-    for _ in range(3):
-        f.reset(), q.reset()
-        ids = np.concatenate([[2], rng.integers(0, V, 12)])[None]
-        for b in (f, q):
-            b.encode(ids, np.arange(13)[None])
-            b.new_canvas()
-        cpos = np.arange(13, 13 + C)[None]
-        for t in (0.8, 0.7, 0.6):
-            canvas = rng.integers(0, V, (1, C))
-            u = rng.random((1, C), dtype=np.float32)
-            agree.append(float(np.mean(f.denoise(canvas, cpos, np.float32(t), u).argmax
-                                       == q.denoise(canvas, cpos, np.float32(t), u).argmax)))
-    return float(np.mean(agree))
-
-
 @pytest.mark.slow
 def test_quantized_agreement_with_fp32_reported(qexports, onnx_exports):
     """Teacher-forced argmax and generated-token agreement with the fp32 export, as the MLX 4-bit
@@ -171,7 +152,7 @@ def test_quantized_agreement_with_fp32_reported(qexports, onnx_exports):
         fp_dir = onnx_exports[(preset, "fp32")]
         for bits in (4, 8):
             q_dir = qexports(preset, bits, validate=False)[0]
-            argmax = _argmax_agreement(OnnxBackend(read_manifest(fp_dir), threads=THREADS),
+            argmax = argmax_agreement(OnnxBackend(read_manifest(fp_dir), threads=THREADS),
                                        OnnxBackend(read_manifest(q_dir), threads=THREADS), 5)
             fp, qg = dgport.load(fp_dir, backend="cpu"), dgport.load(q_dir, backend="cpu")
             same = total = 0
