@@ -263,6 +263,7 @@ def main(argv=None):
     ap.add_argument("--sc-prob", type=float, default=0.5,
                     help="probability per step of the plain self-conditioning pass (when not --sampler-noise)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (weights fp32)")
+    ap.add_argument("--steps", type=int, default=0, help="also stop after this many steps (0: only --minutes)")
     ap.add_argument("--speed-test", type=int, default=0, help="run N steps, print timings, exit")
     args = ap.parse_args(argv)
 
@@ -336,7 +337,7 @@ def main(argv=None):
     print(f"prompt {prompt_len} tokens, canvas {C}, params {sum(p.numel() for p in params):,}", flush=True)
     while True:
         elapsed = time.time() - t_start
-        if elapsed > budget or (args.speed_test and step >= args.speed_test):
+        if elapsed > budget or (args.speed_test and step >= args.speed_test) or (args.steps and step >= args.steps):
             break
         t0, cpu0 = time.time(), time.process_time()
         batch = stream(B)
