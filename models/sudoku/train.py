@@ -97,7 +97,13 @@ def build_tokenizer():
 
 
 def write_tokenizer(out: Path) -> None:
+    """tokenizer.json built here; tokenizer_config.json is the shipped one, whose chat template also
+    refuses what is not a puzzle and which carries the model's dgport section (task, check prompts).
+    CHAT_TEMPLATE above renders valid puzzles exactly as it does."""
+    import shutil
+
     save_tokenizer(out, build_tokenizer(), CHAT_TEMPLATE, 4096)
+    shutil.copyfile(Path(__file__).resolve().with_name("tokenizer_config.json"), out / "tokenizer_config.json")
 
 
 def render_prompt(puzzle: str) -> str:
