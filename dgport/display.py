@@ -4,6 +4,23 @@ from __future__ import annotations
 import numpy as np
 
 
+def split_channel(ids, open_id, close_id, pad_id=None) -> tuple[list[int], list[int]]:
+    """(answer ids, thought-channel ids) of generated ids: what lies between `<|channel>` (open_id)
+    and `<channel|>` (close_id) is the thought channel; PAD and the two markers are dropped."""
+    answer, thought, inside = [], [], False
+    for t in ids:
+        t = int(t)
+        if t == pad_id:
+            continue
+        if t == open_id:
+            inside = True
+        elif t == close_id:
+            inside = False
+        else:
+            (thought if inside else answer).append(t)
+    return answer, thought
+
+
 class AnswerText:
     """Decodes generated ids for display. The thought channel (`<|channel>` ... `<channel|>`) is
     hidden unless `show_thinking`; special tokens and PAD are dropped. `delta()` returns the text
@@ -19,18 +36,9 @@ class AnswerText:
         self._shown = ""
 
     def visible_ids(self, ids) -> list[int]:
-        out, hidden = [], False
-        for t in ids:
-            t = int(t)
-            if t == self.pad_id:
-                continue
-            if not self.show_thinking and t == self.open_id:
-                hidden = True
-            elif not self.show_thinking and t == self.close_id:
-                hidden = False
-            elif not hidden:
-                out.append(t)
-        return out
+        if self.show_thinking:
+            return [int(t) for t in ids if int(t) != self.pad_id]
+        return split_channel(ids, self.open_id, self.close_id, self.pad_id)[0]
 
     def text(self, ids=None) -> str:
         return self.tok.decode(self.visible_ids(self.ids if ids is None else ids))

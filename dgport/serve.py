@@ -41,6 +41,7 @@ from typing import Any, Callable, Literal
 import click
 
 from . import __version__
+from .display import split_channel
 from .errors import DgportError
 
 log = logging.getLogger("dgport.serve")
@@ -515,14 +516,7 @@ class TextStream:
     def _split(self, final: bool = True) -> tuple[str, str]:
         if not self.chat:
             return self.tok.decode(self.ids), ""
-        content, thought, inside = [], [], False
-        for t in self.ids:
-            if t == self.open_id:
-                inside = True
-            elif t == self.close_id:
-                inside = False
-            else:
-                (thought if inside else content).append(t)
+        content, thought = split_channel(self.ids, self.open_id, self.close_id)
         reasoning = self.tok.decode(thought)
         if reasoning.startswith(CHANNEL_NAME):  # the channel's name, as Gemma 4 writes it: not reasoning
             reasoning = reasoning[len(CHANNEL_NAME):]
