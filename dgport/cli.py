@@ -85,22 +85,10 @@ def _fresh_seed(seed: int | None) -> int:
     return secrets.randbits(32) if seed is None else seed
 
 
-def _export_folder(path: Path, backend: str) -> Path:
-    """An export folder for an ONNX/MLX backend; a checkpoint folder gets the command that exports it."""
-    from .manifest import MANIFEST
-
-    if backend != "torch" and path.is_dir() and not (path / MANIFEST).exists() and (path / "config.json").exists():
-        raise DgportError(f"{path}: not a dgport export, no {MANIFEST} (it is a Hugging Face checkpoint): export "
-                          f"it first with `dgport export {path} OUT` and run OUT, or run it as it is with "
-                          "--backend torch")
-    return path
-
-
-def _resolve(export_dir: Path | None, backend: str, checkpoint: Path | None = None,
-             export_checkpoints: bool = True) -> tuple[Path, bool]:
+def _resolve(export_dir: Path | None, backend: str, checkpoint: Path | None = None) -> tuple[Path, bool]:
     """(the folder `backend` opens, whether it is the shipped default model). MODEL may be an export,
     a Hugging Face checkpoint folder or a Hub id: checkpoints are exported once into dgport's cache
-    (dgport.resolve); with `export_checkpoints=False` (info) only an export is accepted."""
+    (dgport.resolve)."""
     from .default_model import ensure_default_export
     from .resolve import resolve_checkpoint, resolve_model
 
@@ -110,8 +98,6 @@ def _resolve(export_dir: Path | None, backend: str, checkpoint: Path | None = No
         return ensure_default_export("torch"), True
     if export_dir is None:
         return ensure_default_export(backend), True
-    if not export_checkpoints:
-        return _export_folder(Path(export_dir), backend), False
     return resolve_model(export_dir, backend), False
 
 
@@ -532,7 +518,8 @@ def info(export_dir, verify, as_json):
     quantization, sizes."""
     from .manifest import read_manifest
 
-    path, _ = _resolve(export_dir, "cpu", export_checkpoints=False)
+    # only an export: read_manifest names the export command for a checkpoint folder
+    path = Path(export_dir) if export_dir is not None else _resolve(None, "cpu")[0]
     export = read_manifest(path)
     export.verify(checksums=verify, use_cache=False)
     m = export.manifest
