@@ -37,6 +37,7 @@ class ChatSession:
         conversation is full (ContextFull)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self._tail: list[int] = []  # ids of the last answer that are not in the cache yet
+        self._stale = False  # a turn stopped mid-answer: the cache holds text the conversation does not
         self.encoded_last_turn = 0
         self.last_stats = ""
         self.gen.backend.reset()
@@ -62,7 +63,7 @@ class ChatSession:
     def next_turn_ids(self, user_text: str) -> tuple[list[int], bool]:
         """(ids to encode for this turn, whether the cache is kept)."""
         new = self.messages + [{"role": "user", "content": user_text}]
-        if not self.messages or not any(m["role"] == "assistant" for m in self.messages):
+        if self._stale or not any(m["role"] == "assistant" for m in self.messages):
             return self.gen.tokenizer.encode(self._render(new, True)), False
         before = self._render(self.messages, False)
         after = self._render(new, True)
@@ -91,8 +92,13 @@ class ChatSession:
                 f"{len(ids)} more plus {self.settings.max_new_tokens} for the answer, and the model's context is "
                 f"{limit} (max_position_embeddings); start a new conversation") from e
         started = time.perf_counter()
-        result = self.gen.generate(ids, max_new_tokens=self.max_new_tokens, rng=self.rng, keep_cache=keep,
-                                   on_canvas=on_canvas, encode_chunk=self.encode_chunk, **self.overrides)
+        try:
+            result = self.gen.generate(ids, max_new_tokens=self.max_new_tokens, rng=self.rng, keep_cache=keep,
+                                       on_canvas=on_canvas, encode_chunk=self.encode_chunk, **self.overrides)
+        except BaseException:  # e.g. Ctrl-C mid-answer: the next turn encodes the conversation afresh
+            self._stale, self._tail = True, []
+            raise
+        self._stale = False
         elapsed = time.perf_counter() - started
         settings = self.settings
         C = self.gen.config.canvas_length

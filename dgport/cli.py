@@ -390,25 +390,6 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
               highlight=False, soft_wrap=True, markup=True)
 
 
-def _chat_session(*args, **kwargs):
-    """A ChatSession whose next turn re-encodes the whole conversation after a stopped turn (the
-    cache then holds part of an answer that is not in the conversation)."""
-    from .chat import ChatSession
-
-    class Session(ChatSession):
-        resync = False
-
-        def next_turn_ids(self, user_text):
-            if not self.resync:
-                return super().next_turn_ids(user_text)
-            self.resync = False
-            self._tail = []
-            messages = self.messages + [{"role": "user", "content": user_text}]
-            return self.gen.tokenizer.encode(self._render(messages, True)), False
-
-    return Session(*args, **kwargs)
-
-
 @cli.command()
 @click.argument("export_dir", metavar="[EXPORT]", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="cpu", show_default=True)
@@ -420,6 +401,7 @@ def _chat_session(*args, **kwargs):
 def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens, **sampler):
     """A multi-turn conversation. The KV cache is kept between turns: only each new turn is encoded.
     Ctrl-C stops the answer being generated and keeps the conversation; Ctrl-D (or /exit) quits."""
+    from .chat import ChatSession
     from .display import AnswerText
 
     tokenizer = _prompt_tokenizer(export_dir)
@@ -428,9 +410,9 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
     path, _ = _resolve(export_dir, backend)
     gen = _load(path, backend)
     seed = _fresh_seed(seed)
-    session = _chat_session(gen, system=system, think=think, seed=seed,
-                            max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
-                            encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
+    session = ChatSession(gen, system=system, think=think, seed=seed,
+                          max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
+                          encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
     err = _Stderr()
     err.write(f"dgport chat (seed {seed}): type a message; Ctrl-C stops an answer, Ctrl-D or /exit quits.\n")
     interactive = sys.stdin is not None and sys.stdin.isatty()
@@ -446,8 +428,7 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
         answer = AnswerText(gen.tokenizer, show_thinking=show_thinking, pad_id=gen.defaults.pad_token_id)
         try:
             session.say(line.strip(), on_canvas=lambda e: _stream(answer, e))
-        except KeyboardInterrupt:
-            session.resync = True
+        except KeyboardInterrupt:  # the session re-encodes the conversation on the next turn
             sys.stdout.write("\n")
             err.write("[stopped; the conversation goes on without this answer]\n")
             continue
@@ -486,15 +467,11 @@ def check(export_dir, backends, prompts, raw, as_json, seed, max_new_tokens, **s
     from rich.console import Console
 
     from .crosscheck import check_packages, parse_backends, run_check
-    from .default_model import ensure_default_export
     from .progress import RichProgress
 
     chosen = parse_backends(backends)
     check_packages(chosen)
-    if export_dir is None:  # the shipped model: one cached export per format
-        target = {name: ensure_default_export(name) for name, _ in chosen if name != "torch"}
-    else:
-        target = {name: _resolve(export_dir, name)[0] for name, _ in chosen if name != "torch"}
+    target = {name: _resolve(export_dir, name)[0] for name, _ in chosen if name != "torch"}  # one export per format
     with RichProgress(Console(stderr=True)) as progress:
         report = run_check(target, chosen, list(prompts) or None, raw=raw,
                            seed=0 if seed is None else seed, max_new_tokens=max_new_tokens,

@@ -72,6 +72,30 @@ def test_thought_channel_hidden_unless_asked(checkpoints):
     assert first + stream.delta() == "Blue light"
 
 
+def test_chat_turn_stopped_mid_answer_reencodes_the_conversation(checkpoints, hf_models):
+    """A turn interrupted mid-answer (Ctrl-C) leaves part of an answer in the cache that the
+    conversation does not hold: the next turn encodes the whole conversation afresh."""
+    gen = dgport.load(checkpoints["eos"], backend="torch", model=hf_models["eos"])
+    session = ChatSession(gen, seed=3, max_new_tokens=32)
+    session.say("Hello")
+    real_denoise = gen.backend.denoise
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    gen.backend.denoise = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        session.say("And again?")
+    gen.backend.denoise = real_denoise
+    ids, keep = session.next_turn_ids("Once more")
+    assert not keep
+    expected = session.messages + [{"role": "user", "content": "Once more"}]
+    assert ids == gen.tokenizer.encode(session._render(expected, True))
+    session.say("Once more")
+    assert "(cache kept)" not in session.last_stats
+    assert session.next_turn_ids("Then?")[1]  # a completed turn keeps the cache again
+
+
 def test_chat_keeps_the_cache_and_encodes_only_the_new_turn(checkpoints, hf_models):
     gen = dgport.load(checkpoints["eos"], backend="torch", model=hf_models["eos"])
     encoded = []
