@@ -129,8 +129,6 @@ def generate_ids(
     C, V = cfg.canvas_length, cfg.vocab_size
     if prompt.min() < 0 or prompt.max() >= V:
         raise DgportError(f"prompt token ids must lie in [0, {V}) (got {prompt.min()}..{prompt.max()})")
-    check_encode_chunk(encode_chunk)
-    check_context(cfg, backend.cache_len, prompt.size, settings.max_new_tokens)
     stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
     result = LoopResult(token_ids=[])
     to_encode = prompt
