@@ -35,6 +35,8 @@ ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "uint8": 1}
 QUANT_DTYPES = ("uint8", "uint4")  # quantized ONNX exports' integer weights (uint4: two a byte)
 MOE_FORMS = ("sparse", "dense")
 GRAPHS = ("encoder", "denoise_step")
+# a graph set is the two graphs, or (quantized exports) one graph that does both: exporters/onnx_graph.build_step
+GRAPH_SETS = (GRAPHS, ("step",))
 # Files the tokenizer reads when they exist (dgport/tokenizer.py): an export must list every one it holds.
 TOKENIZER_READS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -141,8 +143,11 @@ GRAPH_IO = {
     "encoder": (("input_ids", "position_ids"), ()),
     "denoise_step": (("canvas_ids", "position_ids", "sc_embeds", "temperature", "uniforms"),
                      ("argmax_ids", "entropy", "sampled_ids", "next_sc_embeds")),
+    "step": (("input_ids", "position_ids", "sc_embeds", "temperature", "uniforms", "denoise"),
+             ("argmax_ids", "entropy", "sampled_ids", "next_sc_embeds")),
 }
-OPTIONAL_OUTPUTS = {"denoise_step": ("logits",)}
+OPTIONAL_OUTPUTS = {"denoise_step": ("logits",), "step": ("logits",)}
+WITH_CACHE_OUT = ("encoder", "step")
 
 
 def _check_io_names(value, path, graph: str, config: TextConfig) -> None:
@@ -150,7 +155,7 @@ def _check_io_names(value, path, graph: str, config: TextConfig) -> None:
     inputs, outputs = GRAPH_IO[graph]
     want_in = set(inputs) | set(past)
     want_out = set(outputs) | ({f"present_{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")}
-                               if graph == "encoder" else set())
+                               if graph in WITH_CACHE_OUT else set())
     for key, want, optional in (("inputs", want_in, ()), ("outputs", want_out, OPTIONAL_OUTPUTS.get(graph, ()))):
         names = [v["name"] for v in value[key]]
         if len(set(names)) != len(names):
@@ -201,8 +206,12 @@ def _onnx_entry(entry, path, artifacts, config: TextConfig) -> list[str]:
     for key in ("graphs", "cpu_graphs"):
         if key == "cpu_graphs" and key not in entry:
             continue
-        S.obj(entry[key], f"{path}.{key}", required=GRAPHS)
-        for g in GRAPHS:
+        S.obj(entry[key], f"{path}.{key}", extra=True)
+        found = [gs for gs in GRAPH_SETS if set(entry[key]) == set(gs)]
+        if not found:
+            raise S.SchemaError(f"{path}.{key}", f"holds {sorted(entry[key])}; a graph set is "
+                                                 + " or ".join("+".join(gs) for gs in GRAPH_SETS))
+        for g in found[0]:
             _onnx_graph(entry[key][g], f"{path}.{key}.{g}", entry["weights"]["tensors"])
             _check_io_names(entry[key][g], f"{path}.{key}.{g}", g, config)
             named.append(entry[key][g]["file"])

@@ -84,6 +84,12 @@ def check_options(opts: ExportOptions) -> None:
         raise DgportError(f"--encoder-moe {opts.encoder_moe!r}: choose sparse or dense")
     if opts.denoise_moe not in ("auto", "sparse", "dense"):
         raise DgportError(f"--denoise-moe {opts.denoise_moe!r}: choose auto, sparse or dense")
+    dense = opts.encoder_moe != "sparse" or opts.denoise_moe == "dense"
+    if opts.quantize is not None and "onnx" in opts.formats and dense:
+        raise DgportError("--encoder-moe/--denoise-moe dense with --quantize: quantized ONNX exports run each "
+                          "expert as its own constant 4/8-bit weight (the form onnxruntime fuses into "
+                          "MatMulNBits; a dense stack of dequantized experts was 15x slower per step); "
+                          "drop the --*-moe flag")
     if opts.attention not in ("explicit", "fused"):
         raise DgportError(f"--attention {opts.attention!r}: choose explicit or fused")
     if opts.group_size not in (32, 64, 128):

@@ -15,9 +15,11 @@ import onnx
 from dgport.progress import Progress
 
 from .validation import rel_err
-from .onnx_graph import (ONNX_DTYPE, WEIGHTS_FILE, QuantSpec, WeightStore, build_denoise, build_encoder, io_spec)
+from .onnx_graph import (ONNX_DTYPE, WEIGHTS_FILE, QuantSpec, WeightStore, build_denoise, build_encoder, build_step,
+                         io_spec)
 
 ENCODER, DENOISE = "encoder.onnx", "denoise_step.onnx"
+STEP = "step.onnx"  # quantized exports: encoder and denoiser in one graph (onnx_graph.build_step)
 CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
 SPARSE_DENOISE = "denoise_step.sparse.onnx"
 
@@ -28,14 +30,12 @@ def _save(b, path: Path) -> None:
 
 
 def moe_forms(opts) -> dict:
-    """Experts per device and graph. "auto" (the denoise step's default) writes both forms and lets
+    """Experts per device and graph (unquantized exports; quantized ones unroll their experts as
+    constants in one step graph). "auto" (the denoise step's default) writes both forms and lets
     each device run its faster one: sparse on CPUs (compute-bound; 3.8x per step at the real 16:1
     expert ratio, bench/RESULTS.md), dense on GPUs (a 256-token canvas hits nearly every expert,
     and one batched MatMul beats a Loop of 128 iterations, each with a NonZero, per layer)."""
-    # quantized exports: "auto" means sparse everywhere. Their dense form stacks every dequantized expert in
-    # fp32 each step (2 GB per projection and layer for 26B-A4B), and no GPU has measured either form yet
-    quantized_auto = bool(getattr(opts, "quantize", None)) and opts.denoise_moe == "auto"
-    den = {"cuda": "sparse" if opts.denoise_moe == "sparse" or quantized_auto else "dense",
+    den = {"cuda": "sparse" if opts.denoise_moe == "sparse" else "dense",
            "cpu": "dense" if opts.denoise_moe == "dense" else "sparse"}
     return {dev: {"encoder": opts.encoder_moe, "denoise_step": den[dev]} for dev in ("cuda", "cpu")}
 
@@ -57,17 +57,6 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
 
         quant = QuantSpec(opts.quantize, opts.group_size, quantized_tensors(cfg, opts.quantize))
     what = f"int{opts.quantize} (group {opts.group_size})" if quant else opts.dtype
-    built = {}
-    try:
-        with progress.step(f"onnx: encoder graph + {what} weights"):
-            built["encoder"] = build_encoder(cfg, store, md, progress=progress, sparse_moe=sparse["cuda"]["encoder"],
-                                             fused_attention=fused, quant=quant)
-        with progress.step("onnx: denoise_step graph"):
-            built["denoise_step"] = build_denoise(cfg, store, md, opts.with_logits, progress=progress,
-                                                  sparse_moe=sparse["cuda"]["denoise_step"], fused_attention=fused,
-                                                  quant=quant)
-    finally:
-        store.close()
     files = []
 
     def write(b, fname, moe) -> dict:
@@ -77,6 +66,59 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         # written by earlier dgport for bf16 fp32-compute graphs whose weights the backend bound per call
         return {"file": fname, "weights": list(b.weights), "moe": moe, "weights_as_inputs": False, **io_spec(b)}
 
+    if quant is not None:  # one graph for both roles and every device: one packed copy of each weight
+        try:
+            with progress.step(f"onnx: step graph (encoder + denoiser) + {what} weights"):
+                step = build_step(cfg, store, md, opts.with_logits, progress=progress, fused_attention=fused,
+                                  quant=quant)
+        finally:
+            store.close()
+        with progress.step("onnx: writing graphs"):
+            graphs = {"step": write(step, STEP, "sparse")}
+        cpu_graphs = graphs
+        opset = step.opset
+    else:
+        graphs, cpu_graphs, opset = _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progress)
+    files.append(WEIGHTS_FILE)
+    entry = {
+        "files": files,
+        "dtype": opts.dtype,
+        "with_logits": bool(opts.with_logits),
+        "opset": opset,
+        # "explicit": MatMul/Softmax/MatMul; "fused": one ONNX Attention node per layer (opset 23)
+        "attention": opts.attention,
+        "builder": "dgport onnx_graph: built from config + weights with onnx.helper (no tracing)",
+        # experts per device and graph: "sparse" = a Loop over experts, each on the tokens routed to
+        # it (the reference's loop); "dense" = every expert on every token, zero weight for unrouted ones
+        "moe": {dev: {"step": "sparse"} for dev in forms} if quant is not None else forms,
+        "kv_layout": "[batch, kv_heads, seq, head_dim]; encoder returns the updated cache per layer "
+                     "(past + new; sliding layers trimmed to the last sliding_window - 1 positions)",
+        "weights": {"file": WEIGHTS_FILE, "tensors": store.index},
+        "graphs": graphs,
+    }
+    if cpu_graphs != graphs:
+        entry["cpu_graphs"] = cpu_graphs
+    if quant is not None:
+        entry["quantization"], entry["quantized_tensors"] = quantization_entry(quant)
+    if opts.dtype == "bf16":
+        entry["cpu_note"] = ("onnxruntime's CPU EP has no bf16 kernels: on CPU the fp32-compute graphs read the "
+                             "bf16 weights and cast each to fp32 where it is used (bf16 rounding kept at the "
+                             "reference's casts; K/V and sc_embeds stay bf16)")
+    return entry
+
+
+def _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progress) -> tuple[dict, dict, int]:
+    """Unquantized exports: the encoder and denoise_step graphs GPUs run and the CPU's set."""
+    built = {}
+    try:
+        with progress.step(f"onnx: encoder graph + {what} weights"):
+            built["encoder"] = build_encoder(cfg, store, md, progress=progress, sparse_moe=sparse["cuda"]["encoder"],
+                                             fused_attention=fused)
+        with progress.step("onnx: denoise_step graph"):
+            built["denoise_step"] = build_denoise(cfg, store, md, opts.with_logits, progress=progress,
+                                                  sparse_moe=sparse["cuda"]["denoise_step"], fused_attention=fused)
+    finally:
+        store.close()
     with progress.step("onnx: writing graphs"):
         graphs = {key: write(b, fname, forms["cuda"][key])
                   for key, b, fname in (("encoder", built["encoder"], ENCODER),
@@ -94,34 +136,9 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         elif forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
                                                              sparse_moe=sparse["cpu"]["denoise_step"],
-                                                             fused_attention=fused, quant=quant),
+                                                             fused_attention=fused),
                                                SPARSE_DENOISE, forms["cpu"]["denoise_step"])
-    files.append(WEIGHTS_FILE)
-    entry = {
-        "files": files,
-        "dtype": opts.dtype,
-        "with_logits": bool(opts.with_logits),
-        "opset": built["encoder"].opset,
-        # "explicit": MatMul/Softmax/MatMul; "fused": one ONNX Attention node per layer (opset 23)
-        "attention": opts.attention,
-        "builder": "dgport onnx_graph: built from config + weights with onnx.helper (no tracing)",
-        # experts per device and graph: "sparse" = a Loop over experts, each on the tokens routed to
-        # it (the reference's loop); "dense" = every expert on every token, zero weight for unrouted ones
-        "moe": forms,
-        "kv_layout": "[batch, kv_heads, seq, head_dim]; encoder returns the updated cache per layer "
-                     "(past + new; sliding layers trimmed to the last sliding_window - 1 positions)",
-        "weights": {"file": WEIGHTS_FILE, "tensors": store.index},
-        "graphs": graphs,
-    }
-    if cpu_graphs != graphs:
-        entry["cpu_graphs"] = cpu_graphs
-    if quant is not None:
-        entry["quantization"], entry["quantized_tensors"] = quantization_entry(quant)
-    if opts.dtype == "bf16":
-        entry["cpu_note"] = ("onnxruntime's CPU EP has no bf16 kernels: on CPU the fp32-compute graphs read the "
-                             "bf16 weights and cast each to fp32 where it is used (bf16 rounding kept at the "
-                             "reference's casts; K/V and sc_embeds stay bf16)")
-    return entry
+    return graphs, cpu_graphs, built["encoder"].opset
 
 
 def quantization_entry(quant: QuantSpec) -> tuple[dict, dict]:

@@ -38,6 +38,7 @@ QUANT_DTYPE = {"uint4": TensorProto.UINT4, "uint8": TensorProto.UINT8}
 UINT8 = TensorProto.UINT8
 NP_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 WEIGHTS_FILE = "weights.bin"
+EXPECT_CHUNK = 16384  # vocabulary rows per dequantized chunk of a quantized embedding (QuantSpec.expectation)
 ALIGN = 64
 DEC = "model.decoder."
 
@@ -251,13 +252,15 @@ class Builder:
 
 
 class Model:
-    """The DiffusionGemma text stack on a Builder. `mode` is 'encoder' or 'decoder'."""
+    """The DiffusionGemma text stack on a Builder. `mode` is 'encoder', 'decoder' or 'joint' (both,
+    selected by the bool tensor `self.denoise`: build_step)."""
 
     def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False, fused_attention: bool = False,
                  quant: "QuantSpec | None" = None):
         self.b, self.cfg, self.mode, self.sparse_moe = b, cfg, mode, sparse_moe
         self.fused_attention = fused_attention
         self.quant = quant
+        self.denoise = None  # joint mode: the bool scalar input choosing the denoiser
         if fused_attention:
             b.opset = max(b.opset, FUSED_ATTENTION_OPSET)
         self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
@@ -320,16 +323,14 @@ class Model:
         return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rot, sin))
 
     def embedding(self, cast: bool = True) -> str:
-        """The token embedding table [V, H] (also the tied lm_head)."""
+        """The token embedding table [V, H] (also the tied lm_head); quantized exports: QuantSpec."""
         b = self.b
-        if self.quant is not None:
-            return self.quant.table(b, "embed_tokens", f"{DEC}embed_tokens.weight")
         return b.weight("embed_tokens", lambda: b.store.raw(f"{DEC}embed_tokens.weight"), cast=cast)
 
     def embed(self, ids: str) -> str:
         b = self.b
         if self.quant is not None:
-            rows = self.quant.table(b, "embed_tokens", f"{DEC}embed_tokens.weight", rows=ids)
+            rows = self.quant.rows(b, "embed_tokens", f"{DEC}embed_tokens.weight", ids)
         else:
             rows = b.compute(b.op("Gather", self.embedding(cast=False), ids, axis=0))
         return b.op("Mul", rows, b.cconst(math.sqrt(self.cfg.hidden_size)))
@@ -376,9 +377,10 @@ class Model:
         a = self.mm(o, self.lin(f"layers.{i}.attn.o", [p + "self_attn.o_proj.weight"]))
         h = b.op("Add", h, self.rms(a, self.vec32(p + "post_attention_layernorm.weight")))
         h = self.ffn(i, h)
-        scalar = f"{DEC}layers.{i}.layer_scalar" if self.mode == "decoder" else \
-            f"model.encoder.language_model.layers.{i}.layer_scalar"
-        return b.op("Mul", h, self.vec(scalar)), k_all, v_all
+        dec, enc = f"{DEC}layers.{i}.layer_scalar", f"model.encoder.language_model.layers.{i}.layer_scalar"
+        scalar = self.vec(dec) if self.mode == "decoder" else self.vec(enc) if self.mode == "encoder" else \
+            b.op("Where", self.denoise, self.vec(dec), self.vec(enc))
+        return b.op("Mul", h, scalar), k_all, v_all
 
     def attend(self, q: str, k_all: str, v_all: str, sliding: bool, nh: int, nkv: int, d: int) -> str:
         """Grouped-query attention, scaling 1.0, spelled out: scores and softmax in fp32, as SDPA."""
@@ -388,7 +390,7 @@ class Model:
         kT = b.op("Unsqueeze", b.op("Transpose", k_all, perm=[0, 1, 3, 2]), one)  # [B,kv,1,d,S]
         scores = b.op("MatMul", q5, kT)  # [B,kv,g,T,S], scaling 1.0
         sf = b.f32(scores)
-        if self.mode == "encoder":
+        if self.mode != "decoder":  # encoder, joint: masked
             sf = b.op("Where", self.masks[sliding], sf, b.const(np.float32(-np.inf), FLOAT))
         probs = b.op("Softmax", sf, axis=-1)
         probs = probs if b.emulate else b.to_md(probs)  # SDPA keeps fp32 probabilities
@@ -401,7 +403,7 @@ class Model:
         attention on CUDA for half types); the rounding points inside it are the kernel's."""
         b = self.b
         ins = [q, k_all, v_all]
-        if self.mode == "encoder":
+        if self.mode != "decoder":  # encoder, joint: masked
             ins.append(b.op("Squeeze", self.masks[sliding], b.const(np.array([2], np.int64), INT64)))  # [B,1,T,S]
         return b.op("Attention", *ins, scale=1.0)
 
@@ -594,6 +596,41 @@ def cache_inputs(b, cfg: TextConfig, md: int) -> list:
     return pasts
 
 
+def _past_lengths(b: Builder, cfg: TextConfig, pasts) -> tuple[str, str]:
+    """Cached lengths (int64 scalars) of the full and the sliding layers, read off the past K shapes."""
+    two = b.const(np.array([2], np.int64), INT64)
+
+    def plen(i):
+        return b.op("Squeeze", b.op("Slice", b.op("Shape", pasts[i][0]), two, b.const(np.array([3], np.int64), INT64)),
+                    b.const(np.array([0], np.int64), INT64))
+
+    full, slid = cfg.full_layers, cfg.sliding_layers
+    return (plen(full[0]) if full else b.const(np.int64(0), INT64),
+            plen(slid[0]) if slid else b.const(np.int64(0), INT64))
+
+
+def _sliding_tail(b: Builder, cfg: TextConfig):
+    """(k, v) -> their last sliding_window - 1 positions along axis 2 (DynamicSlidingWindowLayer)."""
+    keep = b.const(np.array([cfg.sliding_cache_len], np.int64), INT64)
+    zero = b.const(np.array([0], np.int64), INT64)
+    two = b.const(np.array([2], np.int64), INT64)
+
+    def tail(x, v):
+        # in-range indices: start = max(S - keep, 0), end = S (a negative start beyond the axis is
+        # clamped by the ONNX spec, but not by every runtime)
+        s = b.op("Slice", b.op("Shape", x), two, b.const(np.array([3], np.int64), INT64))
+        start = b.op("Max", b.op("Sub", s, keep), zero)
+        return b.op("Slice", x, start, s, two), b.op("Slice", v, start, s, two)
+
+    return tail
+
+
+def _present(b: Builder, cfg: TextConfig, md: int, i: int, k: str, v: str) -> None:
+    out = "present_seq_s" if cfg.is_sliding(i) else "present_seq_f"
+    b.output(f"present_key_{i}", k, md, kv_dims(cfg, i, out))
+    b.output(f"present_value_{i}", v, md, kv_dims(cfg, i, out))
+
+
 def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None,
                   sparse_moe: bool = True, fused_attention: bool = False, quant: "QuantSpec | None" = None):
     b = Builder("dgport_encoder", store, md, emulate)
@@ -601,37 +638,75 @@ def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = 
     ids = b.input("input_ids", INT64, ["batch", "seq"])
     pos = b.input("position_ids", INT64, ["batch", "seq"])
     pasts = cache_inputs(b, cfg, md)
-    full, slid = cfg.full_layers, cfg.sliding_layers
-    two = b.const(np.array([2], np.int64), INT64)
-
-    def plen(i):
-        return b.op("Squeeze", b.op("Slice", b.op("Shape", pasts[i][0]), two, b.const(np.array([3], np.int64), INT64)),
-                    b.const(np.array([0], np.int64), INT64))
-
-    lf = plen(full[0]) if full else b.const(np.int64(0), INT64)
-    ls = plen(slid[0]) if slid else b.const(np.int64(0), INT64)
-    m.build_masks(pos, lf, ls)
+    m.build_masks(pos, *_past_lengths(b, cfg, pasts))
     rope = m.rope_tables(pos)
     h = m.embed(ids)
-    keep = b.const(np.array([cfg.sliding_cache_len], np.int64), INT64)
-    zero = b.const(np.array([0], np.int64), INT64)
-
-    def tail(x, v):
-        # the last `keep` positions along axis 2 with in-range indices: start = max(S - keep, 0), end = S
-        # (a negative start beyond the axis is clamped by the ONNX spec, but not by every runtime)
-        s = b.op("Slice", b.op("Shape", x), two, b.const(np.array([3], np.int64), INT64))
-        start = b.op("Max", b.op("Sub", s, keep), zero)
-        return b.op("Slice", x, start, s, two), b.op("Slice", v, start, s, two)
-
+    trim = _sliding_tail(b, cfg)
     for i in _layers(cfg, progress, "encoder layers"):
         last = i == cfg.num_layers - 1
         h, k_all, v_all = m.layer(i, h, rope, *pasts[i], pos, kv_only=last)
-        if cfg.is_sliding(i):  # keep the last sliding_window - 1 positions, as DynamicSlidingWindowLayer
-            k_all, v_all = tail(k_all, v_all)
-        out = "present_seq_s" if cfg.is_sliding(i) else "present_seq_f"
-        b.output(f"present_key_{i}", k_all, md, kv_dims(cfg, i, out))
-        b.output(f"present_value_{i}", v_all, md, kv_dims(cfg, i, out))
+        _present(b, cfg, md, i, *(trim(k_all, v_all) if cfg.is_sliding(i) else (k_all, v_all)))
     return b
+
+
+def _denoise_input(b: Builder, m: Model, cfg: TextConfig, ids: str, sc: str, e: str | None = None) -> str:
+    """The denoiser's input embedding with self-conditioning: rms(E[ids]*s + SC_MLP(RMSNorm_w(sc_embeds)))."""
+    e = m.embed(ids) if e is None else e
+    p = f"{DEC}self_conditioning."
+    z = m.rms(sc, m.vec32(p + "pre_norm.weight"))
+    gu = m.mm(z, m.lin("self_conditioning.gate_up", [p + "gate_proj.weight", p + "up_proj.weight"]))
+    I = cfg.intermediate_size
+    g, u = b.op("Split", gu, b.const(np.array([I, I], np.int64), INT64), axis=-1, n_out=2)
+    scm = m.mm(b.op("Mul", m.gelu(g), u), m.lin("self_conditioning.down", [p + "down_proj.weight"]))
+    return m.rms(b.op("Add", e, scm))
+
+
+def _denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: str, unif: str,
+                  with_logits: bool) -> None:
+    """Final norm, tied lm_head, fp32 softcap and the in-graph sampler of the last hidden states h
+    [B, C, H]: the outputs argmax_ids, entropy, sampled_ids, next_sc_embeds (and logits)."""
+    H, V = cfg.hidden_size, cfg.vocab_size
+    h = m.rms(h, m.vec32(f"{DEC}norm.weight"))
+    flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
+    emb = f"{DEC}embed_tokens.weight"
+    if m.quant is not None:
+        lg = m.quant.lm_head(b, "embed_tokens", emb, flat)
+    else:
+        E = m.embedding()
+        lg = b.f32(b.op("Gemm", flat, E, transB=1))  # tied lm_head, one copy of the table
+    cap = b.const(np.float32(cfg.final_logit_softcapping), FLOAT)
+    lg = b.op("Mul", b.op("Tanh", b.op("Div", lg, cap)), cap)
+    bc = b.op("Slice", b.op("Shape", h), b.const(np.array([0], np.int64), INT64),
+              b.const(np.array([2], np.int64), INT64))
+    shape = b.op("Concat", bc, b.const(np.array([V], np.int64), INT64), axis=0)
+    logits = b.op("Reshape", lg, shape, allowzero=1)  # [B,C,V] fp32 (C may be 0: build_step encoding)
+    proc = b.op("Div", logits, temp)
+    argmax = b.op("ArgMax", proc, axis=-1, keepdims=0, select_last_index=0)
+    probs = b.op("Softmax", proc, axis=-1)
+    logp = b.op("LogSoftmax", proc, axis=-1)
+    entropy = b.op("Neg", b.op("ReduceSum", b.op("Mul", probs, logp), m.ax_last, keepdims=0))
+    cdf = b.op("CumSum", probs, b.const(np.int64(-1), INT64))
+    # counted in int32 (a [B, C, V] int64 would be the sampler's largest array), then widened
+    below = b.op("Cast", b.op("LessOrEqual", cdf, b.op("Unsqueeze", unif, m.ax_last)), to=TensorProto.INT32)
+    count = b.op("Cast", b.op("ReduceSum", below, m.ax_last, keepdims=0), to=INT64)
+    sampled = b.op("Min", count, b.const(np.int64(V - 1), INT64))
+    # next step's self-conditioning input: (softmax_fp32(md(proc)) -> md) @ E * md(sqrt(H))
+    if md == FLOAT:
+        p_sc = probs
+    else:
+        pm = b.to_md(proc)
+        p_sc = b.to_md(b.op("Softmax", b.f32(pm), axis=-1))
+    if m.quant is not None:
+        expect = m.quant.expectation(b, "embed_tokens", emb, p_sc, V, H)
+    else:
+        expect = b.op("MatMul", p_sc, E)
+    soft = b.op("Mul", expect, b.cconst(math.sqrt(H)))
+    b.output("argmax_ids", argmax, INT64, ["batch", "canvas"])
+    b.output("entropy", entropy, FLOAT, ["batch", "canvas"])
+    b.output("sampled_ids", sampled, INT64, ["batch", "canvas"])
+    b.output("next_sc_embeds", soft, md, ["batch", "canvas", H])
+    if with_logits:
+        b.output("logits", logits, FLOAT, ["batch", "canvas", V])
 
 
 def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
@@ -639,7 +714,7 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
                   quant: "QuantSpec | None" = None):
     b = Builder("dgport_denoise_step", store, md, emulate)
     m = Model(b, cfg, "decoder", sparse_moe, fused_attention, quant)
-    H, V = cfg.hidden_size, cfg.vocab_size
+    H = cfg.hidden_size
     ids = b.input("canvas_ids", INT64, ["batch", "canvas"])
     pos = b.input("position_ids", INT64, ["batch", "canvas"])
     sc = b.input("sc_embeds", md, ["batch", "canvas", H])
@@ -647,47 +722,54 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
     unif = b.input("uniforms", FLOAT, ["batch", "canvas"])
     pasts = cache_inputs(b, cfg, md)
     rope = m.rope_tables(pos)
-    # input embedding with self-conditioning: rms(E[ids]*s + SC_MLP(RMSNorm_w(sc_embeds)))
-    e = m.embed(ids)
-    p = f"{DEC}self_conditioning."
-    z = m.rms(sc, m.vec32(p + "pre_norm.weight"))
-    gu = m.mm(z, m.lin("self_conditioning.gate_up", [p + "gate_proj.weight", p + "up_proj.weight"]))
-    I = cfg.intermediate_size
-    g, u = b.op("Split", gu, b.const(np.array([I, I], np.int64), INT64), axis=-1, n_out=2)
-    scm = m.mm(b.op("Mul", m.gelu(g), u), m.lin("self_conditioning.down", [p + "down_proj.weight"]))
-    h = m.rms(b.op("Add", e, scm))
+    h = _denoise_input(b, m, cfg, ids, sc)
     for i in _layers(cfg, progress, "denoise layers"):
         h, _, _ = m.layer(i, h, rope, *pasts[i], None)
-    h = m.rms(h, m.vec32(f"{DEC}norm.weight"))
-    E = m.embedding()
-    flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
-    lg = b.op("Gemm", flat, E, transB=1)  # tied lm_head, one copy of the table
-    lg = b.f32(lg)
-    cap = b.const(np.float32(cfg.final_logit_softcapping), FLOAT)
-    lg = b.op("Mul", b.op("Tanh", b.op("Div", lg, cap)), cap)
-    shape = b.op("Concat", b.op("Shape", ids), b.const(np.array([V], np.int64), INT64), axis=0)
-    logits = b.op("Reshape", lg, shape)  # [B,C,V] fp32
-    proc = b.op("Div", logits, temp)
-    argmax = b.op("ArgMax", proc, axis=-1, keepdims=0, select_last_index=0)
-    probs = b.op("Softmax", proc, axis=-1)
-    logp = b.op("LogSoftmax", proc, axis=-1)
-    entropy = b.op("Neg", b.op("ReduceSum", b.op("Mul", probs, logp), m.ax_last, keepdims=0))
-    cdf = b.op("CumSum", probs, b.const(np.int64(-1), INT64))
-    below = b.op("Cast", b.op("LessOrEqual", cdf, b.op("Unsqueeze", unif, m.ax_last)), to=INT64)
-    sampled = b.op("Min", b.op("ReduceSum", below, m.ax_last, keepdims=0), b.const(np.int64(V - 1), INT64))
-    # next step's self-conditioning input: (softmax_fp32(md(proc)) -> md) @ E * md(sqrt(H))
-    if md == FLOAT:
-        p_sc = probs
-    else:
-        pm = b.to_md(proc)
-        p_sc = b.to_md(b.op("Softmax", b.f32(pm), axis=-1))
-    soft = b.op("Mul", b.op("MatMul", p_sc, E), b.cconst(math.sqrt(H)))
-    b.output("argmax_ids", argmax, INT64, ["batch", "canvas"])
-    b.output("entropy", entropy, FLOAT, ["batch", "canvas"])
-    b.output("sampled_ids", sampled, INT64, ["batch", "canvas"])
-    b.output("next_sc_embeds", soft, md, ["batch", "canvas", H])
-    if with_logits:
-        b.output("logits", logits, FLOAT, ["batch", "canvas", V])
+    _denoise_head(b, m, cfg, md, h, temp, unif, with_logits)
+    return b
+
+
+def build_step(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, progress=None,
+               fused_attention: bool = False, quant: "QuantSpec | None" = None):
+    """Encoder and denoiser in one graph (quantized exports), selected by the scalar input `denoise`:
+    false: encode `input_ids` causally and return the extended cache (the encoder graph's contract;
+    the sampler outputs are empty [B, 0]); true: one denoising step of the canvas `input_ids`
+    (the denoise_step graph's contract; the present_* outputs are then to be discarded).
+    Why one graph: onnxruntime repacks every constant 4/8-bit weight for its MatMulNBits kernel once
+    per kernel, and two sessions (or two branches of an If) are two kernels per weight, so two
+    packed copies of the model (and Python offers no shared prepacked-weights container). Here every
+    weight feeds one MatMulNBits node, used by both modes. The modes differ only in the input
+    embedding (self-conditioning), the causal mask, the layer scalars, and whether the head runs
+    (on zero rows when encoding)."""
+    b = Builder("dgport_step", store, md)
+    m = Model(b, cfg, "joint", True, fused_attention, quant)
+    H = cfg.hidden_size
+    ids = b.input("input_ids", INT64, ["batch", "seq"])
+    pos = b.input("position_ids", INT64, ["batch", "seq"])
+    sc = b.input("sc_embeds", md, ["batch", "seq", H])
+    temp = b.input("temperature", FLOAT, [])
+    unif = b.input("uniforms", FLOAT, ["batch", "seq"])
+    den = b.input("denoise", BOOL, [])
+    m.denoise = den
+    pasts = cache_inputs(b, cfg, md)
+    lf, ls = _past_lengths(b, cfg, pasts)
+    m.build_masks(pos, lf, ls)
+    m.masks = {k: b.op("Or", v, den) for k, v in m.masks.items()}  # the denoiser attends to everything
+    rope = m.rope_tables(pos)
+    e = m.embed(ids)
+    h = b.op("Where", den, _denoise_input(b, m, cfg, ids, sc, e), e)
+    trim = _sliding_tail(b, cfg)
+    for i in _layers(cfg, progress, "step layers"):
+        h, k_all, v_all = m.layer(i, h, rope, *pasts[i], pos)
+        _present(b, cfg, md, i, *(trim(k_all, v_all) if cfg.is_sliding(i) else (k_all, v_all)))
+    # the head on the first T rows when denoising, on none when encoding
+    one = b.const(np.array([1], np.int64), INT64)
+    zero = b.const(np.array([0], np.int64), INT64)
+    rows = b.op("Mul", b.op("Slice", b.op("Shape", ids), one, b.const(np.array([2], np.int64), INT64)),
+                b.op("Cast", b.op("Reshape", den, one), to=INT64))
+    h = b.op("Slice", h, zero, rows, one)
+    unif = b.op("Slice", unif, zero, rows, one)
+    _denoise_head(b, m, cfg, md, h, temp, unif, with_logits)
     return b
 
 
@@ -714,9 +796,12 @@ class QuantSpec:
     - experts: one constant [in, out] weight per expert (`layers.{i}.experts.gate_up.{e}`), used by an
       unrolled expert loop (Model.unrolled_experts), so each fuses into MatMulNBits like the dense
       weights (the dense form stacks the dequantized experts);
-    - the embedding table [V, H] (8 bits, uint8: Gather has no 4-bit types): rows gathered then
-      dequantized for the input embedding,
-      the whole table dequantized for the tied lm_head and the self-conditioning expectation."""
+    - the embedding table [V, H] (8 bits, uint8: Gather has no 4-bit types, blocks along H): rows
+      gathered then dequantized for the input embedding; for the tied lm_head the same integers,
+      transposed in the graph (constant-folded at load) into the [H, V] blocked-along-H form that
+      fuses into MatMulNBits; the self-conditioning expectation p @ E sums over V, across the blocks,
+      which MatMulNBits cannot, so it dequantizes the table a chunk of rows at a time in a Loop
+      (never the whole fp32 table: 3 GB for the real vocabulary)."""
 
     def __init__(self, bits: int, group: int, tensors: dict):
         self.bits, self.group, self.tensors = bits, group, tensors
@@ -783,11 +868,45 @@ class QuantSpec:
         q, s, z, _ = self._store(b, f"{key}.{e}", [hf_name], transpose=True, index=e)
         return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=0, block_size=self.group)
 
-    def table(self, b: Builder, key: str, hf_name: str, rows: str | None = None) -> str:
-        """The embedding table [V, H] fp32, or (rows given: ids [B, T]) its rows [B, T, H]."""
+    def lm_head(self, b: Builder, key: str, hf_name: str, x: str) -> str:
+        """x [N, H] @ E^T -> [N, V] fp32, as DequantizeLinear(axis=0) -> MatMul on the transposed table."""
+        q, s, z, _ = self._store(b, key, [hf_name], transpose=False)
+        t = [b.op("Transpose", a, perm=[1, 0]) for a in (q, b.cast(s, FLOAT), z)]
+        return b.op("MatMul", x, b.op("DequantizeLinear", *t, axis=0, block_size=self.group))
+
+    def expectation(self, b: Builder, key: str, hf_name: str, p: str, vocab: int, hidden: int,
+                    chunk: int = EXPECT_CHUNK) -> str:
+        """p [B, C, V] fp32 @ E -> [B, C, H] fp32, E dequantized `chunk` rows at a time in a Loop
+        (whose slice bounds depend on the iteration, so nothing is constant-folded into fp32 copies)."""
+        q, s, z, _ = self._store(b, key, [hf_name], transpose=False)
+        s = b.cast(s, FLOAT)
+        bc = b.op("Slice", b.op("Shape", p), b.const(np.array([0], np.int64), INT64),
+                  b.const(np.array([2], np.int64), INT64))
+        acc0 = b.op("ConstantOfShape", b.op("Concat", bc, b.const(np.array([hidden], np.int64), INT64), axis=0),
+                    value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
+        first = len(b.nodes)
+        i, cond, acc = b.fresh("chunk"), b.fresh("cond"), b.fresh("acc")
+        start = b.op("Unsqueeze", b.op("Mul", i, b.const(np.int64(chunk), INT64)),
+                     b.const(np.array([0], np.int64), INT64))
+        end = b.op("Add", start, b.const(np.array([chunk], np.int64), INT64))  # Slice clamps the last chunk
+        ax0, axl = b.const(np.array([0], np.int64), INT64), b.const(np.array([-1], np.int64), INT64)
+        qr, sr, zr = (b.op("Slice", t, start, end, ax0) for t in (q, s, z))
+        rows = b.op("DequantizeLinear", qr, sr, zr, axis=-1, block_size=self.group)  # [chunk, H]
+        acc_out = b.op("Add", acc, b.op("MatMul", b.op("Slice", p, start, end, axl), rows))
+        cond_out = b.op("Identity", cond)
+        body = helper.make_graph(
+            b.nodes[first:], b.fresh("expectation_body"),
+            [helper.make_tensor_value_info(i, INT64, []), helper.make_tensor_value_info(cond, BOOL, []),
+             helper.make_tensor_value_info(acc, FLOAT, None)],
+            [helper.make_tensor_value_info(cond_out, BOOL, []), helper.make_tensor_value_info(acc_out, FLOAT, None)])
+        del b.nodes[first:]
+        n = -(-vocab // chunk)
+        return b.op("Loop", b.const(np.int64(n), INT64), b.const(np.bool_(True), BOOL), acc0, body=body)
+
+    def rows(self, b: Builder, key: str, hf_name: str, ids: str) -> str:
+        """Rows ids [B, T] of the embedding table [V, H]: [B, T, H] fp32."""
         q, s, z, bits = self._store(b, key, [hf_name], transpose=False)
         if bits != 8:  # exporters/quantize.py keeps it at 8 bits: ONNX Gather has no 4-bit types
             raise ValueError("the embedding table must be 8-bit: its rows are gathered")
-        if rows is not None:
-            q, s, z = (b.op("Gather", t, rows, axis=0) for t in (q, s, z))
+        q, s, z = (b.op("Gather", t, ids, axis=0) for t in (q, s, z))
         return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=-1, block_size=self.group)

@@ -2,7 +2,7 @@
 read, nothing written), and an estimate of a CPU-EP run's peak memory.
 
 The weights file is exact up to alignment: every tensor the ONNX exporter stores (each transformers
-tensor once, q/k/v and gate/up fused, plus the encoder's last layer's own k (and v) projection; in
+tensor once, q/k/v and gate/up fused, plus (unquantized) the encoder's last layer's own k (and v) projection; in
 a quantized export each quantized tensor, each expert on its own, as integers, bf16 scales and zero
 points, exporters/quantize.py)
 with its byte count, each tensor starting on a 64-byte boundary. The graphs (.onnx, a few hundred
@@ -16,10 +16,16 @@ from pathlib import Path
 from dgport.config import TextConfig
 
 from .checkpoint import expected_tensors, read_config
-from .onnx_graph import ALIGN
+from .onnx_graph import ALIGN, EXPECT_CHUNK
 from .quantize import DEC, check, quantized_tensors, tensor_bytes
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+SAMPLER_ARRAYS = 5
+# resident bytes per stored byte of a quantized export's weights once onnxruntime has packed them for
+# MatMulNBits and freed the originals, by (bits, accuracy level): peak RSS after loading the
+# real-geometry slice (0.94 / 1.74 GB of int4 / int8 weights) minus the interpreter and onnxruntime
+# (75 MB), bench/RESULTS.md. Level 4 (int8 activations) keeps block sums beside the packed blocks.
+PACKED_RSS = {(4, 4): 1.25, (4, 0): 1.14, (8, 4): 1.12, (8, 0): 1.06}
 FP32_SUFFIXES = ("layernorm.weight", "layernorm_1.weight", "layernorm_2.weight", "q_norm.weight", "k_norm.weight",
                  "norm.weight", "pre_norm.weight", "per_expert_scale")
 
@@ -39,8 +45,9 @@ def stored_tensors(cfg: TextConfig, dtype: str, bits: int | None, group: int) ->
     quant = quantized_tensors(cfg, bits) if bits else {}
     md = "fp32" if bits else dtype
     last = cfg.num_layers - 1
-    extra = [f"{DEC}layers.{last}.self_attn.k_proj.weight"]  # the encoder's last layer: K (and V) only
-    if cfg.is_sliding(last):
+    # the encoder graph's last layer: K (and V) only (quantized exports have one graph, build_step)
+    extra = [] if bits else [f"{DEC}layers.{last}.self_attn.k_proj.weight"]
+    if extra and cfg.is_sliding(last):
         extra.append(f"{DEC}layers.{last}.self_attn.v_proj.weight")
     rows = []
     for name in list(shapes) + extra:
@@ -73,22 +80,34 @@ def plan(src, opts) -> dict:
     # each stored tensor starts on an ALIGN boundary; fused parts share stored tensors, so this bounds it
     weights = sum(n for *_, n in rows)
     padding_max = sum(k for _, _, k, _ in rows) * (ALIGN - 1)
-    # a CPU-EP run of the denoise step (sparse experts), canvas C: every weight page is read once a step;
-    # onnxruntime repacks the constant 4-bit/8-bit weights for MatMulNBits once per session (encoder
-    # and denoiser); the tied lm_head and the self-conditioning expectation read the embedding
-    # table dequantized to fp32 (or cast, for half exports); the vocabulary-wide tensors of the
-    # sampler (logits, probabilities, log-probabilities, CDF, ...) are ~8 [C, V] fp32 arrays
+    # a CPU-EP run, canvas C. Unquantized: weights.bin memory-mapped and shared by both sessions; the
+    # tied lm_head and the self-conditioning expectation read the embedding table in fp32 (cast, for
+    # half exports). Quantized (one step graph, one session): onnxruntime repacks every 4/8-bit weight
+    # for MatMulNBits and frees the original (PACKED_RSS: the resident bytes per weights.bin byte,
+    # measured); the 8-bit embedding stays as stored (rows, the expectation's chunks) and is also
+    # packed for the lm_head. The sampler's vocabulary-wide arrays: ~5 [C, V] fp32 live at once
+    # (measured: a canvas-256 step of a 131,072-token vocabulary raised peak RSS by 5.1 such arrays).
     V, H, C = cfg.vocab_size, cfg.hidden_size, cfg.canvas_length
-    constant_2d = sum(n for name, role, _, n in rows if role in ("attention", "dense MLP", "self-conditioning MLP",
-                                                                 "experts"))
-    rss = [("weights.bin, memory-mapped", weights)]
+    sampler = ("sampler's vocabulary-wide arrays (~5 x [canvas, V] fp32)", SAMPLER_ARRAYS * C * V * 4)
     if bits:
-        rss.append(("MatMulNBits packed copies (2 sessions)", 2 * constant_2d))
-    if bits or opts.dtype != "fp32":
-        rss.append(("embedding table in fp32 (lm_head, self-conditioning)", V * H * 4))
-    rss.append(("sampler's vocabulary-wide arrays (8 x [canvas, V] fp32)", 8 * C * V * 4))
+        emb = by_role.get("embedding", 0)
+        rss, rss_by_level = {}, {}
+        for level in (4, 0):
+            rss[level] = [(f"weights packed for MatMulNBits ({PACKED_RSS[bits, level]:g} x stored)",
+                           round(PACKED_RSS[bits, level] * (weights - emb))),
+                          ("8-bit embedding + its lm_head pack", emb + round(PACKED_RSS[8, level] * emb)),
+                          ("expectation: one fp32 chunk of the table", EXPECT_CHUNK * H * 4),
+                          sampler]
+            rss_by_level[level] = sum(n for _, n in rss[level])
+        rss_rows, rss_total = rss[4], rss_by_level[4]
+    else:
+        rss_rows = [("weights.bin, memory-mapped", weights)]
+        if opts.dtype != "fp32":
+            rss_rows.append(("embedding table in fp32 (lm_head, self-conditioning)", V * H * 4))
+        rss_rows.append(sampler)
+        rss_total, rss_by_level = sum(n for _, n in rss_rows), None
     return {"config": cfg, "rows": sorted(by_role.items(), key=lambda kv: -kv[1]), "weights_bytes": weights,
-            "padding_max": padding_max, "rss": rss, "rss_bytes": sum(n for _, n in rss)}
+            "padding_max": padding_max, "rss": rss_rows, "rss_bytes": rss_total, "rss_by_level": rss_by_level}
 
 
 def format_plan(p: dict, opts) -> str:
@@ -98,8 +117,12 @@ def format_plan(p: dict, opts) -> str:
         lines.append(f"  {role:<40} {n / 1e9:10.3f} GB")
     lines.append(f"  {'weights.bin':<40} {p['weights_bytes'] / 1e9:10.3f} GB  ({p['weights_bytes']} bytes "
                  f"+ at most {p['padding_max']} bytes of alignment)")
-    lines.append("CPU-EP run, estimated peak resident memory:")
+    lines.append("CPU-EP run, estimated peak resident memory" +
+                 (" (MatMulNBits accuracy level 4, dgport's default):" if p["rss_by_level"] else ":"))
     for what_, n in p["rss"]:
         lines.append(f"  {what_:<56} {n / 1e9:8.3f} GB")
     lines.append(f"  {'total':<56} {p['rss_bytes'] / 1e9:8.3f} GB (+ activations and onnxruntime itself)")
+    if p["rss_by_level"]:
+        lines.append(f"  {'total at accuracy level 0 (fp32 activations, ~2x slower)':<56} "
+                     f"{p['rss_by_level'][0] / 1e9:8.3f} GB (DGPORT_ORT_ACCURACY_LEVEL=0)")
     return "\n".join(lines)

@@ -223,6 +223,50 @@ def test_reference_evaluator_runs_sparse_denoise(exports):
     assert (got["argmax_ids"] == want["argmax_ids"]).mean() > 0.95
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stock_session_runs_the_quantized_step_graph(bits, checkpoints, tmp_path):
+    """Quantized exports have one graph, step.onnx, for both roles (docs/GRAPH_CONTRACT.md): a stock
+    session opened by path encodes (denoise=false: the cache out, empty sampler outputs) and denoises
+    (denoise=true) exactly as dgport's backend does with the same options (accuracy level 0, the
+    same thread count)."""
+    out = tmp_path / f"q{bits}"
+    export(checkpoints["long-context"], out, ExportOptions(quantize=bits, group_size=32, with_logits=True,
+                                                           validate=False))
+    g = open_export(out, "cpu").format("onnx")["graphs"]
+    assert set(g) == {"step"}
+    onnx.checker.check_model(str(out / g["step"]["file"]), full_check=True)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    step = ort.InferenceSession(str(out / g["step"]["file"]), so, providers=["CPUExecutionProvider"])
+    be = OnnxBackend(open_export(out, "cpu"), device="cpu", threads=THREADS, accuracy_level=0)
+    cfg = be.config
+    H, C = cfg.hidden_size, cfg.canvas_length
+    rng = np.random.default_rng(5)
+    T = 2 * cfg.sliding_window + 3
+    ids, pos = rng.integers(0, cfg.vocab_size, (1, T)), np.arange(T)[None]
+    enc = stock_run(step, {"input_ids": ids, "position_ids": pos, "sc_embeds": np.zeros((1, T, H), np.float32),
+                           "temperature": np.float32(1), "uniforms": np.zeros((1, T), np.float32),
+                           "denoise": np.bool_(False), **empty_past(step, 1)})
+    assert host(enc["argmax_ids"]).shape == (1, 0) and host(enc["next_sc_embeds"]).shape == (1, 0, H)
+    be.encode(ids, pos)
+    past = {f"past_{n}": enc[f"present_{n}"] for i in range(cfg.num_layers) for n in (f"key_{i}", f"value_{i}")}
+    for i in range(cfg.num_layers):
+        for j, name in enumerate((f"present_key_{i}", f"present_value_{i}")):
+            np.testing.assert_array_equal(be.cache_numpy(i)[j], host(enc[name]), err_msg=name)
+    canvas, cpos = rng.integers(0, cfg.vocab_size, (1, C)), np.arange(T, T + C)[None]
+    u = rng.random((1, C), dtype=np.float32)
+    den = stock_run(step, {"input_ids": canvas, "position_ids": cpos, "sc_embeds": np.zeros((1, C, H), np.float32),
+                           "temperature": np.float32(0.8), "uniforms": u, "denoise": np.bool_(True), **past})
+    ours = be.denoise(canvas, cpos, np.float32(0.8), u)
+    np.testing.assert_array_equal(ours.argmax, host(den["argmax_ids"]))
+    np.testing.assert_array_equal(ours.sampled, host(den["sampled_ids"]))
+    np.testing.assert_array_equal(ours.entropy, host(den["entropy"]))
+    np.testing.assert_array_equal(be.last_logits, host(den["logits"]))
+    np.testing.assert_array_equal(be.sc_numpy(), host(den["next_sc_embeds"]))
+    assert be.cache_len == T  # denoising leaves the cache alone
+
+
 # ------------------------------------------------------------------ onnxruntime versions for fused attention
 def test_ort_version_parsing():
     assert ort_version("1.23.1") == (1, 23, 1)
