@@ -11,7 +11,11 @@ step sparse on the CPU and dense on the GPU; the expert forms swapped; fused att
 Then bf16: each preset (default and fused attention) and the real 26B-A4B layer geometry validated
 against transformers' bf16 run (the driver's gate); on the GPU, that slice's weights held once in
 device memory; the trained Sudoku model's bf16 tokens against its fp32 tokens on the CPU EP (>= 95 %,
-DESIGN.md). Prints a line per check, writes --json, exits 1 if any gated check fails.
+DESIGN.md). Quantized (int4 and int8 step graphs, issue #13): which execution provider runs each
+MatMulNBits / DequantizeLinear / Loop node (from onnxruntime's profiler: a quantized op left to the
+CPU means the scheme does not run on the EP), the Sudoku model's tokens against the CPU EP's
+(reported), and ms per denoise step at the real-slice geometry against bf16. Prints a line per
+check, writes --json, exits 1 if any gated check fails.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ VARIANTS = {"default": {}, "dense-enc/sparse-step": dict(encoder_moe="dense", de
 MIN_BF16_AGREEMENT = 0.95
 
 
-def _export(ckpt, out, dtype, with_logits=False, **options):
+def _export(ckpt, out, dtype, with_logits=False, **options):  # unvalidated: the checks below measure
     from dgport.exporters.export import ExportOptions, export
 
     export(ckpt, out, ExportOptions(dtype=dtype, with_logits=with_logits, validate=False, **options))
@@ -119,7 +123,85 @@ def sudoku_bf16(tmp: Path, candidate: str, puzzles: int) -> dict:
     return {"agreement": round(agree, 4), "ok": agree >= MIN_BF16_AGREEMENT}
 
 
-def run(candidate: str, presets, real_slice: bool, sudoku_puzzles: int, log=print) -> list[dict]:
+QUANT_OPS = ("MatMulNBits", "DequantizeLinear", "Loop")
+
+
+def quantized_placement(export_dir: Path, candidate: str) -> dict:
+    """Which provider ran each quantized op in one encode and one denoise step (the profiler's events).
+    On the CPU every op runs on the CPU EP; on the GPU one left to the CPU is a scheme the EP cannot run."""
+    import json as _json
+
+    from dgport.manifest import open_export
+    from dgport.runtimes.onnx import OnnxBackend
+
+    backend = OnnxBackend(open_export(export_dir, candidate), device=candidate,
+                          profile_prefix=str(export_dir.parent / f"profile-{export_dir.name}"))
+    cfg = backend.config
+    import numpy as np
+
+    backend.encode(np.array([[2, 5, 6, 7]]), np.arange(4)[None])
+    C = cfg.canvas_length
+    backend.denoise(np.zeros((1, C), np.int64), np.arange(4, 4 + C)[None], np.float32(0.8), np.zeros((1, C), np.float32))
+    sess = backend._sessions["denoise_step"]
+    events = _json.loads(Path(sess.end_profiling()).read_text())
+    where: dict = {}
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and args.get("op_name") in QUANT_OPS:
+            key = f"{args['op_name']}@{args.get('provider', '?')}"
+            where[key] = where.get(key, 0) + 1
+    want = "CUDAExecutionProvider" if candidate == "cuda" else "CPUExecutionProvider"
+    stray = {k: v for k, v in where.items() if not k.endswith(want) and not k.startswith("Loop")}
+    return {"ops_by_provider": where, "ok": bool(where) and not stray}
+
+
+def quantized_tokens(tmp: Path, candidate: str, bits: int, puzzles: int) -> dict:
+    """The Sudoku model's int{bits} tokens on the candidate against the CPU EP (reported: MatMulNBits
+    kernels of different devices round differently)."""
+    import dgport
+    from models.sudoku.puzzles import make_puzzle
+
+    exp = tmp / f"sudoku-int{bits}"
+    if not exp.exists():
+        _export(SUDOKU, exp, "fp32", quantize=bits)
+    grids = [make_puzzle(random.Random(2000 + k), 50 + k % 8)[0] for k in range(puzzles)]
+    runs = {dev: [dgport.load(exp, backend=dev).generate(p, seed=seed).token_ids[0] for seed, p in enumerate(grids)]
+            for dev in ("cpu", candidate)}
+    return {"agreement": round(_agreement(runs[candidate], runs["cpu"]), 4), "placement":
+            quantized_placement(exp, candidate)["ops_by_provider"], "ok": True}
+
+
+def quantized_step_ms(ckpt: Path, tmp: Path, candidate: str) -> dict:
+    """ms per denoise step (canvas of the checkpoint) of the int4 export and the bf16 export, median of 3."""
+    import statistics
+
+    import numpy as np
+
+    from dgport.manifest import open_export
+    from dgport.runtimes.onnx import OnnxBackend
+
+    out = {}
+    for name, opts in (("int4", dict(dtype="fp32", quantize=4)), ("bf16", dict(dtype="bf16"))):
+        exp = tmp / f"real-slice-{name}-speed"
+        if not exp.exists():
+            _export(ckpt, exp, **opts)
+        backend = OnnxBackend(open_export(exp, candidate), device=candidate)
+        cfg = backend.config
+        C = cfg.canvas_length
+        backend.encode(np.arange(2, 18)[None], np.arange(16)[None])
+        times = []
+        for _ in range(4):
+            t = time.perf_counter()
+            backend.denoise(np.zeros((1, C), np.int64), np.arange(16, 16 + C)[None], np.float32(0.8),
+                            np.zeros((1, C), np.float32))
+            times.append(time.perf_counter() - t)
+        out[f"{name}_ms"] = round(statistics.median(times[1:]) * 1000, 1)
+        del backend
+    out["int4_vs_bf16"] = round(out["bf16_ms"] / out["int4_ms"], 2)
+    return {**out, "ok": True}
+
+
+def run(candidate: str, presets, real_slice: bool, sudoku_puzzles: int, log=print, int4_speed: bool = False) -> list[dict]:
     from models.fixtures import build_fixture
 
     rows = []
@@ -153,8 +235,15 @@ def run(candidate: str, presets, real_slice: bool, sudoku_puzzles: int, log=prin
             record("bf16 parity", "real-slice (26B-A4B layers)", lambda: parity(exp, ckpt, "bf16", candidate))
             if candidate == "cuda":
                 record("weights once", "real-slice on the GPU", lambda: gpu_weights_once(exp))
+            if int4_speed:
+                record("int4 speed", "real-slice (26B-A4B layers)", lambda: quantized_step_ms(ckpt, tmp, candidate))
         if sudoku_puzzles:
             record("bf16 tokens", f"sudoku, {sudoku_puzzles} puzzles", lambda: sudoku_bf16(tmp, candidate, sudoku_puzzles))
+            for bits in (4, 8):
+                record(f"int{bits} tokens", f"sudoku, {sudoku_puzzles} puzzles",
+                       lambda bits=bits: quantized_tokens(tmp, candidate, bits, sudoku_puzzles))
+                record(f"int{bits} placement", "sudoku step graph",
+                       lambda bits=bits: quantized_placement(tmp / f"sudoku-int{bits}", candidate))
     return rows
 
 
@@ -167,6 +256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--presets", default=",".join(PROMPTS), help="fixture presets, comma-separated")
     ap.add_argument("--no-real-slice", action="store_true", help="skip the real-geometry bf16 slice (3 GB)")
     ap.add_argument("--sudoku-puzzles", type=int, default=8, help="0 skips the Sudoku bf16 agreement")
+    ap.add_argument("--int4-speed", action="store_true", help="also time the real slice's int4 step against bf16")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
     from dgport.ort_env import onnxruntime
@@ -174,7 +264,8 @@ def main(argv=None) -> int:
     ort = onnxruntime()
 
     print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}, candidate {a.candidate}")
-    rows = run(a.candidate, [p for p in a.presets.split(",") if p], not a.no_real_slice, a.sudoku_puzzles)
+    rows = run(a.candidate, [p for p in a.presets.split(",") if p], not a.no_real_slice, a.sudoku_puzzles,
+               int4_speed=a.int4_speed)
     if a.json:
         Path(a.json).write_text(json.dumps({"onnxruntime": ort.__version__, "candidate": a.candidate, "rows": rows},
                                            indent=2))

@@ -36,6 +36,8 @@ case "${1:-check}" in
     python3 -m bench.bench_onnx --device cuda --dtype fp32 --preset tiny --runs 3 2>&1 | tee "$out/bench_onnx_tiny.log"
     python3 -m bench.bench_prefill --device cuda --dtype bf16 --tokens 16384 --chunks 0,4096,2048,1024,512 2>&1 \
       | tee "$out/bench_prefill.log"
+    python3 -m bench.cuda_check --presets "" --sudoku-puzzles 0 --int4-speed --json "$out/int4_speed.json" 2>&1 \
+      | tee "$out/int4_speed.log"
     ;;
   *) echo "usage: bench/gpu_session.sh check|bench" >&2; exit 2 ;;
 esac

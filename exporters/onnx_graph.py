@@ -900,8 +900,9 @@ class QuantSpec:
              helper.make_tensor_value_info(acc, FLOAT, None)],
             [helper.make_tensor_value_info(cond_out, BOOL, []), helper.make_tensor_value_info(acc_out, FLOAT, None)])
         del b.nodes[first:]
-        n = -(-vocab // chunk)
-        return b.op("Loop", b.const(np.int64(n), INT64), b.const(np.bool_(True), BOOL), acc0, body=body)
+        # ceil(V / chunk) iterations; none when p is empty (the step graph encoding: no table to read)
+        n = b.op("Min", b.const(np.int64(-(-vocab // chunk)), INT64), b.op("Size", p))
+        return b.op("Loop", n, b.const(np.bool_(True), BOOL), acc0, body=body)
 
     def rows(self, b: Builder, key: str, hf_name: str, ids: str) -> str:
         """Rows ids [B, T] of the embedding table [V, H]: [B, T, H] fp32."""

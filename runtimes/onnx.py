@@ -80,14 +80,15 @@ def _ort():
 
 class OnnxBackend:
     def __init__(self, export, device: str = "cpu", threads: int | None = None, graph_set: str | None = None,
-                 accuracy_level: int | None = None, **session_options):
+                 accuracy_level: int | None = None, profile_prefix: str | None = None, **session_options):
         """`graph_set`: the manifest's graph set to run ("graphs" or "cpu_graphs"); by default the
         device's own (the CPU EP runs `cpu_graphs` where the export has them). `accuracy_level`
         (quantized exports): onnxruntime's MatMulNBits compute type for the weights it fuses,
         4 = int8 activations (the default: integer dot products, 1.3x faster per step for int4 and
         10x for int8 on the CPU EP, bench/RESULTS.md; the Sudoku model's tokens agree with fp32
         as closely), 0 = fp32 activations (the dequantized weights' exact products: what
-        the export's validation runs). Also $DGPORT_ORT_ACCURACY_LEVEL."""
+        the export's validation runs). Also $DGPORT_ORT_ACCURACY_LEVEL. `profile_prefix`: write
+        onnxruntime's profile of each session there (`session.end_profiling()` returns the file)."""
         if device not in ("cpu", "cuda"):
             raise DgportError(f"device {device!r}: the ONNX backend runs on 'cpu' or 'cuda'")
         ort = _ort()
@@ -122,6 +123,7 @@ class OnnxBackend:
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise DgportError(f"accuracy_level {accuracy_level}: choose 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
         self.accuracy_level = accuracy_level
+        self._profile_prefix = profile_prefix
         if self.quantization is not None and device == "cpu":
             fixed_mmap_threshold()
         self._weights = self._load_weights(graphs)
@@ -169,6 +171,9 @@ class OnnxBackend:
         if threads:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        if self._profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = self._profile_prefix
         if self.quantization is None:
             so.add_session_config_entry("session.disable_prepacking", "1")
         else:  # MatMulNBits' packed 4-bit blocks are its fast path; without them it dequantizes every call

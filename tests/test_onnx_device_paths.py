@@ -68,7 +68,12 @@ def test_cuda_check_harness_runs_with_the_cpu_as_candidate(tmp_path):
     assert cuda_check.main(["--candidate", "cpu", "--presets", "tiny", "--no-real-slice", "--sudoku-puzzles", "1",
                             "--json", str(report)]) == 0
     rows = json.loads(report.read_text())["rows"]
-    assert [r["check"] for r in rows] == ["fp32 tokens", "fp32 parity"] * 3 + ["bf16 parity"] * 2 + ["bf16 tokens"]
+    assert [r["check"] for r in rows] == ["fp32 tokens", "fp32 parity"] * 3 + ["bf16 parity"] * 2 + [
+        "bf16 tokens", "int4 tokens", "int4 placement", "int8 tokens", "int8 placement"]
     assert all(r["ok"] for r in rows)
     assert all(r["identical_runs"] == "2/2" and r["state_on_device"] for r in rows if r["check"] == "fp32 tokens")
     assert all(max(r["max_rel_err"].values()) <= 1e-5 for r in rows if r["check"] == "fp32 parity")
+    for bits in (4, 8):  # every quantized op ran on the candidate's provider (here the CPU's)
+        placed = next(r for r in rows if r["check"] == f"int{bits} placement")["ops_by_provider"]
+        assert placed.get("MatMulNBits@CPUExecutionProvider", 0) > 0 and placed.get("Loop@CPUExecutionProvider", 0) >= 1
+        assert next(r for r in rows if r["check"] == f"int{bits} tokens")["agreement"] == 1.0

@@ -361,3 +361,13 @@ def test_onnx_and_mlx_dequantize_to_the_same_weights(checkpoints, tmp_path):
     # measured: 1.000 with the ONNX runtime at accuracy level 0, 0.750 at level 4 (int8 activations, the default)
     print(f"\nONNX int4 vs MLX int4 (same weights) generated-token agreement: {same / total:.3f}")
     assert same / total >= 0.5
+
+
+def test_bench_memory_runs_on_a_quantized_export(qexports, capsys):
+    """bench/bench_memory.py (the figures of bench/RESULTS.md's memory table) runs on the step graph."""
+    from bench import bench_memory
+
+    out, _ = qexports("tiny", 4, validate=False)
+    bench_memory.main([str(out), "--prompt", "5", "--steps", "2"])
+    text = capsys.readouterr().out
+    assert "VmHWM" in text and "denoise steps (canvas 16) ms [" in text and "argmax [" in text
