@@ -152,6 +152,22 @@ class Builder:
         self._n += 1
         return f"{hint}_{self._n}"
 
+    def loop(self, trips: str, acc0: str, step, hint: str) -> str:
+        """An ONNX Loop of `trips` iterations carrying one fp32 tensor from `acc0`: `step(i, acc)`
+        adds the body's nodes (outer-scope names may be read) and returns the next acc. The cond is
+        explicit (true): ONNX's reference evaluator runs a Loop whose cond is omitted zero times."""
+        first = len(self.nodes)
+        i, cond, acc = self.fresh(hint), self.fresh("cond"), self.fresh("acc")
+        acc_out = step(i, acc)
+        cond_out = self.op("Identity", cond)
+        body = helper.make_graph(
+            self.nodes[first:], self.fresh(f"{hint}_body"),
+            [helper.make_tensor_value_info(i, INT64, []), helper.make_tensor_value_info(cond, BOOL, []),
+             helper.make_tensor_value_info(acc, FLOAT, None)],
+            [helper.make_tensor_value_info(cond_out, BOOL, []), helper.make_tensor_value_info(acc_out, FLOAT, None)])
+        del self.nodes[first:]
+        return self.op("Loop", trips, self.const(np.bool_(True), BOOL), acc0, body=body)
+
     def op(self, op_type: str, *ins, n_out: int = 1, name: str | None = None, domain: str | None = None, **attrs):
         base = name or self.fresh(op_type.lower())
         outs = [base] if n_out == 1 else [f"{base}_{k}" for k in range(n_out)]
@@ -487,37 +503,29 @@ class Model:
         flat = b.const(np.array([-1, K], np.int64), INT64)
         topi, topw = b.op("Reshape", topi, flat), b.op("Reshape", topw, flat)  # [N,K]
         acc0 = b.op("ConstantOfShape", b.op("Shape", y2), value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
-        first = len(b.nodes)
-        e, cond, acc = b.fresh("expert"), b.fresh("cond"), b.fresh("acc")
-        hit = b.op("Equal", topi, e)  # [N,K]
-        routed = b.op("Greater", b.op("ReduceSum", b.cast(hit, INT64), self.ax_last, keepdims=0),
-                      b.const(np.int64(0), INT64))  # [N]
-        rows = b.op("Squeeze", b.op("NonZero", routed), b.const(np.array([0], np.int64), INT64))  # [n]
-        w_e = b.op("ReduceSum", b.op("Where", hit, topw, b.const(np.float32(0), FLOAT)), self.ax_last, keepdims=0)
-        x = b.op("Gather", y2, rows, axis=0)  # [n,H]
 
-        def expert(w):  # one expert's weights, gathered, then cast (emulate mode)
-            return b.compute(b.op("Gather", w, e, axis=0))
+        def step(e, acc):
+            hit = b.op("Equal", topi, e)  # [N,K]
+            routed = b.op("Greater", b.op("ReduceSum", b.cast(hit, INT64), self.ax_last, keepdims=0),
+                          b.const(np.int64(0), INT64))  # [N]
+            rows = b.op("Squeeze", b.op("NonZero", routed), b.const(np.array([0], np.int64), INT64))  # [n]
+            w_e = b.op("ReduceSum", b.op("Where", hit, topw, b.const(np.float32(0), FLOAT)), self.ax_last, keepdims=0)
+            x = b.op("Gather", y2, rows, axis=0)  # [n,H]
 
-        g, u = b.op("Split", b.op("MatMul", x, expert(wgu)),
-                    b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
-        o = b.op("MatMul", b.op("Mul", self.gelu(g), u), expert(wd))  # [n,H]
-        scaled = self.round32(b.op("Mul", b.f32(o),
-                                   b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0), self.ax_last)))
-        # a token appears once per expert, so the rows are unique: read-add-write with a plain ScatterND
-        # (ScatterND's reduction="add" lacks kernels on some execution providers)
-        added = self.round32(b.op("Add", b.op("Gather", acc, rows, axis=0), scaled))
-        acc_out = b.op("ScatterND", acc, b.op("Unsqueeze", rows, self.ax_last), added)
-        cond_out = b.op("Identity", cond)
-        body = helper.make_graph(
-            b.nodes[first:], b.fresh("expert_body"),
-            [helper.make_tensor_value_info(e, INT64, []), helper.make_tensor_value_info(cond, BOOL, []),
-             helper.make_tensor_value_info(acc, FLOAT, None)],
-            [helper.make_tensor_value_info(cond_out, BOOL, []), helper.make_tensor_value_info(acc_out, FLOAT, None)])
-        del b.nodes[first:]
-        # an explicit `cond` (true): ONNX's reference evaluator runs a Loop whose cond is omitted zero times
-        out = b.op("Loop", b.const(np.int64(E), INT64), b.const(np.bool_(True), BOOL), acc0,
-                   body=body)  # [N,H] fp32, md-rounded
+            def expert(w):  # one expert's weights, gathered, then cast (emulate mode)
+                return b.compute(b.op("Gather", w, e, axis=0))
+
+            g, u = b.op("Split", b.op("MatMul", x, expert(wgu)),
+                        b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
+            o = b.op("MatMul", b.op("Mul", self.gelu(g), u), expert(wd))  # [n,H]
+            scaled = self.round32(b.op("Mul", b.f32(o),
+                                       b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0), self.ax_last)))
+            # a token appears once per expert, so the rows are unique: read-add-write with a plain ScatterND
+            # (ScatterND's reduction="add" lacks kernels on some execution providers)
+            added = self.round32(b.op("Add", b.op("Gather", acc, rows, axis=0), scaled))
+            return b.op("ScatterND", acc, b.op("Unsqueeze", rows, self.ax_last), added)
+
+        out = b.loop(b.const(np.int64(E), INT64), acc0, step, "expert")  # [N,H] fp32, md-rounded
         return out if b.cdt == FLOAT else b.cast(out, b.md)
 
     def unrolled_experts(self, y2: str, topi: str, topw: str, wgu, wd) -> str:
@@ -709,17 +717,19 @@ def _denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: 
         b.output("logits", logits, FLOAT, ["batch", "canvas", V])
 
 
+def _step_inputs(b: Builder, cfg: TextConfig, md: int, ids_name: str, length: str):
+    """The denoise step's inputs: token ids, positions, self-conditioning signal, temperature, uniforms."""
+    return (b.input(ids_name, INT64, ["batch", length]), b.input("position_ids", INT64, ["batch", length]),
+            b.input("sc_embeds", md, ["batch", length, cfg.hidden_size]), b.input("temperature", FLOAT, []),
+            b.input("uniforms", FLOAT, ["batch", length]))
+
+
 def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
                   progress=None, sparse_moe: bool = False, fused_attention: bool = False,
                   quant: "QuantSpec | None" = None):
     b = Builder("dgport_denoise_step", store, md, emulate)
     m = Model(b, cfg, "decoder", sparse_moe, fused_attention, quant)
-    H = cfg.hidden_size
-    ids = b.input("canvas_ids", INT64, ["batch", "canvas"])
-    pos = b.input("position_ids", INT64, ["batch", "canvas"])
-    sc = b.input("sc_embeds", md, ["batch", "canvas", H])
-    temp = b.input("temperature", FLOAT, [])
-    unif = b.input("uniforms", FLOAT, ["batch", "canvas"])
+    ids, pos, sc, temp, unif = _step_inputs(b, cfg, md, "canvas_ids", "canvas")
     pasts = cache_inputs(b, cfg, md)
     rope = m.rope_tables(pos)
     h = _denoise_input(b, m, cfg, ids, sc)
@@ -743,12 +753,7 @@ def build_step(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, 
     (on zero rows when encoding)."""
     b = Builder("dgport_step", store, md)
     m = Model(b, cfg, "joint", True, fused_attention, quant)
-    H = cfg.hidden_size
-    ids = b.input("input_ids", INT64, ["batch", "seq"])
-    pos = b.input("position_ids", INT64, ["batch", "seq"])
-    sc = b.input("sc_embeds", md, ["batch", "seq", H])
-    temp = b.input("temperature", FLOAT, [])
-    unif = b.input("uniforms", FLOAT, ["batch", "seq"])
+    ids, pos, sc, temp, unif = _step_inputs(b, cfg, md, "input_ids", "seq")
     den = b.input("denoise", BOOL, [])
     m.denoise = den
     pasts = cache_inputs(b, cfg, md)
@@ -884,25 +889,18 @@ class QuantSpec:
                   b.const(np.array([2], np.int64), INT64))
         acc0 = b.op("ConstantOfShape", b.op("Concat", bc, b.const(np.array([hidden], np.int64), INT64), axis=0),
                     value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
-        first = len(b.nodes)
-        i, cond, acc = b.fresh("chunk"), b.fresh("cond"), b.fresh("acc")
-        start = b.op("Unsqueeze", b.op("Mul", i, b.const(np.int64(chunk), INT64)),
-                     b.const(np.array([0], np.int64), INT64))
-        end = b.op("Add", start, b.const(np.array([chunk], np.int64), INT64))  # Slice clamps the last chunk
         ax0, axl = b.const(np.array([0], np.int64), INT64), b.const(np.array([-1], np.int64), INT64)
-        qr, sr, zr = (b.op("Slice", t, start, end, ax0) for t in (q, s, z))
-        rows = b.op("DequantizeLinear", qr, sr, zr, axis=-1, block_size=self.group)  # [chunk, H]
-        acc_out = b.op("Add", acc, b.op("MatMul", b.op("Slice", p, start, end, axl), rows))
-        cond_out = b.op("Identity", cond)
-        body = helper.make_graph(
-            b.nodes[first:], b.fresh("expectation_body"),
-            [helper.make_tensor_value_info(i, INT64, []), helper.make_tensor_value_info(cond, BOOL, []),
-             helper.make_tensor_value_info(acc, FLOAT, None)],
-            [helper.make_tensor_value_info(cond_out, BOOL, []), helper.make_tensor_value_info(acc_out, FLOAT, None)])
-        del b.nodes[first:]
+
+        def step(i, acc):
+            start = b.op("Unsqueeze", b.op("Mul", i, b.const(np.int64(chunk), INT64)), ax0)
+            end = b.op("Add", start, b.const(np.array([chunk], np.int64), INT64))  # Slice clamps the last chunk
+            qr, sr, zr = (b.op("Slice", t, start, end, ax0) for t in (q, s, z))
+            rows = b.op("DequantizeLinear", qr, sr, zr, axis=-1, block_size=self.group)  # [chunk, H]
+            return b.op("Add", acc, b.op("MatMul", b.op("Slice", p, start, end, axl), rows))
+
         # ceil(V / chunk) iterations; none when p is empty (the step graph encoding: no table to read)
         n = b.op("Min", b.const(np.int64(-(-vocab // chunk)), INT64), b.op("Size", p))
-        return b.op("Loop", n, b.const(np.bool_(True), BOOL), acc0, body=body)
+        return b.loop(n, acc0, step, "chunk")
 
     def rows(self, b: Builder, key: str, hf_name: str, ids: str) -> str:
         """Rows ids [B, T] of the embedding table [V, H]: [B, T, H] fp32."""
