@@ -17,6 +17,37 @@ class ContextFull(ContextOverflow):
     """The next turn would pass the model's context: the conversation must start over."""
 
 
+def turn_close(render, history: list[dict], messages: list[dict]) -> str | None:
+    """What the chat template writes after a model turn's content (e.g. '<turn|>\\n') once `history`:
+    rendered with a random marker as that turn's content, one no message in `messages` contains (so no
+    user text can move the split); None when the template does not write the content back exactly once.
+    `render(messages, add_generation_prompt)` renders with the conversation's settings."""
+    for _ in range(4):
+        marker = f"dgport{secrets.token_hex(16)}"
+        if any(marker in str(m.get("content", "")) for m in messages):
+            continue  # 2**-128 per message; drawn again rather than trusted
+        text = render(history + [{"role": "assistant", "content": marker}], False)
+        return text.split(marker, 1)[1] if text.count(marker) == 1 else None
+    return None
+
+
+def continuation_ids(tokenizer, render, history: list[dict], answer: str, messages: list[dict],
+                     tail: list[int]) -> list[int] | None:
+    """The ids that continue a cached conversation into `messages` (+ the generation prompt): `history`
+    then the model's `answer` are in the cache except the answer's own last tokens `tail`; what follows
+    is `tail`, the template's turn close, then the new turns. The model's own tokens, not the answer
+    re-rendered. None when the template rewrites the history or hides where the answer ends (then
+    encode the rendered conversation afresh)."""
+    before = render(history + [{"role": "assistant", "content": answer}], False)
+    after = render(messages, True)
+    if not after.startswith(before):
+        return None
+    close = turn_close(render, history, messages)
+    if close is None:
+        return None
+    return list(tail) + tokenizer.encode(close) + tokenizer.encode(after[len(before):])
+
+
 class ChatSession:
     def __init__(self, gen: Generator, system: str | None = None, think: bool = False, seed: int | None = None,
                  max_new_tokens: int | None = None, encode_chunk: int = ENCODE_CHUNK, **sampler_overrides):
@@ -46,33 +77,14 @@ class ChatSession:
         return self.gen.tokenizer.render(messages, add_generation_prompt=generation_prompt,
                                          enable_thinking=self.think)
 
-    def _turn_close(self) -> str | None:
-        """What the template writes after a model turn's content (e.g. '<turn|>\\n'): rendered with a
-        random marker as the content, one no message contains (so no user text can move the split);
-        None when the template does not write the content back exactly once."""
-        for _ in range(4):
-            marker = f"dgport{secrets.token_hex(16)}"
-            if any(marker in str(m.get("content", "")) for m in self.messages):
-                continue  # 2**-128 per message; drawn again rather than trusted
-            text = self._render(self.messages + [{"role": "assistant", "content": marker}], False)
-            if text.count(marker) == 1:
-                return text.split(marker, 1)[1]
-            return None
-        return None
-
     def next_turn_ids(self, user_text: str) -> tuple[list[int], bool]:
         """(ids to encode for this turn, whether the cache is kept)."""
         new = self.messages + [{"role": "user", "content": user_text}]
-        if self._stale or not any(m["role"] == "assistant" for m in self.messages):
+        if self._stale or not self.messages or self.messages[-1]["role"] != "assistant":
             return self.gen.tokenizer.encode(self._render(new, True)), False
-        before = self._render(self.messages, False)
-        after = self._render(new, True)
-        if not after.startswith(before):  # the template rewrites history: start the stream again
-            return self.gen.tokenizer.encode(after), False
-        close = self._turn_close()
-        if close is None:  # no way to tell where the last answer ends: start the stream again
-            return self.gen.tokenizer.encode(after), False
-        return self._tail + self.gen.tokenizer.encode(close) + self.gen.tokenizer.encode(after[len(before):]), True
+        ids = continuation_ids(self.gen.tokenizer, self._render, self.messages[:-1], self.messages[-1]["content"],
+                               new, self._tail)
+        return (ids, True) if ids is not None else (self.gen.tokenizer.encode(self._render(new, True)), False)
 
     def say(self, user_text: str, on_canvas=None) -> GenerationResult:
         if not isinstance(user_text, str):

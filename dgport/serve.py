@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import queue
-import secrets
 import threading
 import time
 import uuid
@@ -41,6 +40,7 @@ from typing import Any, Callable, Literal
 import click
 
 from . import __version__
+from .chat import continuation_ids
 from .display import split_channel
 from .errors import DgportError
 
@@ -424,15 +424,14 @@ class Engine:
         prev = st.messages + [{"role": "assistant", "content": st.answer}]
         if len(plan.messages) <= len(prev) or plan.messages[:len(prev)] != prev:
             return None
-        before = tok.render(prev, add_generation_prompt=False, enable_thinking=plan.think)
-        after = tok.render(plan.messages, add_generation_prompt=True, enable_thinking=plan.think)
-        marker = f"dgport{secrets.token_hex(16)}"  # no message can contain it: nothing moves the split
-        probe = tok.render(st.messages + [{"role": "assistant", "content": marker}], add_generation_prompt=False,
-                           enable_thinking=plan.think)
-        if not after.startswith(before) or probe.count(marker) != 1 or any(
-                marker in m["content"] for m in plan.messages):
+
+        def render(messages, generation_prompt):
+            return tok.render(messages, add_generation_prompt=generation_prompt, enable_thinking=plan.think)
+
+        rest = continuation_ids(tok, render, st.messages, st.answer, plan.messages, st.tail)
+        if rest is None:
             return None  # the template rewrites the history: start again
-        stream = st.cached + st.tail + tok.encode(probe.split(marker, 1)[1]) + tok.encode(after[len(before):])
+        stream = st.cached + rest
         from .loop import ContextOverflow, check_context
 
         try:
