@@ -6,7 +6,9 @@ Imports only numpy and onnxruntime (never torch or transformers).
   CPU, one host-to-device copy on CUDA, handed over as a DLPack view) and given to both sessions
   with `SessionOptions.add_initializer`, which uses a supplied OrtValue in place when it already
   lives on the planned device, so encoder and denoiser share one copy. Prepacking is disabled so no
-  session keeps a private repacked copy. Every graph also loads by path alone in a stock session
+  session keeps a private repacked copy. Quantized exports are one graph (`step`, both roles, one
+  session): their 4/8-bit weights are left to onnxruntime, which packs each once for MatMulNBits
+  (prepacking on) and frees the original. Every graph also loads by path alone in a stock session
   (docs/GRAPH_CONTRACT.md): its weights are standard external-data initializers in weights.bin.
 - KV cache: per layer an OrtValue on the backend's device. The encoder graph takes the cache and
   returns the updated one (sliding layers trimmed to the last `sliding_window - 1` positions, as
