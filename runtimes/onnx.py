@@ -33,7 +33,7 @@ ONNX_TYPE = {"fp32": 1, "fp16": 10, "bf16": BF16, "uint8": 2}
 NP_TYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16,  # bf16 travels as raw uint16 bits
            "uint8": np.uint8}
 # quantized exports' 4-bit weights are left to onnxruntime to read from weights.bin (an OrtValue of a 4-bit
-# type cannot be made from numpy); they are constants it repacks for MatMulNBits, one copy per session anyway
+# type cannot be made from numpy); it repacks them for MatMulNBits once (one step graph) and frees them
 LOADED_BY_ORT = ("uint4",)
 
 CUDA_FIX = ("install the CUDA build of ONNX Runtime: pip uninstall -y onnxruntime && pip install 'dgport[cuda]' "
