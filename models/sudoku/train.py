@@ -294,6 +294,9 @@ def main(argv=None):
     ap.add_argument("--given-weight", type=float, default=1.0,
                     help="loss weight of cells given in the puzzle (blanks and <eos> weigh 1)")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--moment-warmup", type=int, default=0,
+                    help="first run this many steps at learning rate 0, so a fresh AdamW's moments fill before "
+                         "any update (resuming a converged model without its optimizer state)")
     ap.add_argument("--fresh-optimizer", action="store_true",
                     help="ignore the optimizer.safetensors beside the weights (AdamW restarts)")
     ap.add_argument("--init", default=None,
@@ -367,7 +370,11 @@ def main(argv=None):
         print(f"optimizer state restored from {Path(source) / OPTIMIZER_FILE}", flush=True)
 
     def lr_at(step):
-        # linear warmup over steps, then cosine over the wall-clock budget (the run is time-boxed)
+        # --moment-warmup steps at lr 0 (AdamW's moments fill, the weights stay), then linear warmup
+        # over --warmup steps, then cosine over the wall-clock budget (the run is time-boxed)
+        if step < args.moment_warmup:
+            return 0.0
+        step -= args.moment_warmup
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
         frac = min(1.0, (time.time() - t_start) / budget)
