@@ -448,26 +448,18 @@ class Model:
         y = self.rms(r, self.vec32(p + "pre_feedforward_layernorm_2.weight"))  # [B,T,H]
         y2 = b.op("Reshape", y, b.const(np.array([-1, H], np.int64), INT64))  # [N,H]
         st = b.store
-        if self.quant is not None:  # (tensor name, handle): dequantized where each expert is used
-            wgu = ("q", f"layers.{i}.experts.gate_up", p + "experts.gate_up_proj")
-            wd = ("q", f"layers.{i}.experts.down", p + "experts.down_proj")
-            moe = self.unrolled_experts(y2, topi, topw, wgu, wd) if self.sparse_moe else \
+        if self.quant is not None:  # quantized (build_step): each expert its own constant, unrolled
+            moe = self.unrolled_experts(y2, topi, topw, (f"layers.{i}.experts.gate_up", p + "experts.gate_up_proj"),
+                                        (f"layers.{i}.experts.down", p + "experts.down_proj"))
+        else:  # the sparse loop gathers one expert's weights, then casts them (emulate mode)
+            wgu = b.weight(f"layers.{i}.experts.gate_up",
+                           lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)),
+                           cast=not self.sparse_moe)
+            wd = b.weight(f"layers.{i}.experts.down",
+                          lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.down_proj")), 1, 2)),
+                          cast=not self.sparse_moe)
+            moe = self.sparse_experts(y2, topi, topw, wgu, wd) if self.sparse_moe else \
                 self.dense_experts(y2, probs, topi, topw, wgu, wd)
-            moe = b.op("Reshape", moe, b.op("Shape", r))
-            h2 = self.rms(moe, self.vec32(p + "post_feedforward_layernorm_2.weight"))
-            ff = self.rms(b.op("Add", h1, h2), self.vec32(p + "post_feedforward_layernorm.weight"))
-            return b.op("Add", r, ff)
-        # the sparse loop gathers one expert's weights, then casts them (emulate mode)
-        wgu = b.weight(f"layers.{i}.experts.gate_up",
-                       lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)),
-                       cast=not self.sparse_moe)
-        wd = b.weight(f"layers.{i}.experts.down",
-                      lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.down_proj")), 1, 2)),
-                      cast=not self.sparse_moe)
-        if self.sparse_moe:
-            moe = self.sparse_experts(y2, topi, topw, wgu, wd)
-        else:
-            moe = self.dense_experts(y2, probs, topi, topw, wgu, wd)
         moe = b.op("Reshape", moe, b.op("Shape", r))
         h2 = self.rms(moe, self.vec32(p + "post_feedforward_layernorm_2.weight"))
         ff = self.rms(b.op("Add", h1, h2), self.vec32(p + "post_feedforward_layernorm.weight"))
@@ -480,10 +472,6 @@ class Model:
         M, E = cfg.moe_intermediate_size, cfg.num_experts
         dense_w = b.op("ScatterElements", b.op("Mul", probs, b.const(np.float32(0), FLOAT)), topi, topw, axis=-1)
         y3 = b.op("Unsqueeze", y2, b.const(np.array([0], np.int64), INT64))  # [1,N,H]
-        if isinstance(wgu, tuple):  # every expert's constant weights dequantized, stacked [E, in, out]
-            ax0 = b.const(np.array([0], np.int64), INT64)
-            wgu, wd = (b.op("Concat", *[b.op("Unsqueeze", self.quant.expert(b, *w[1:], e), ax0)
-                                        for e in range(cfg.num_experts)], axis=0) for w in (wgu, wd))
         egu = b.op("MatMul", y3, wgu)  # [E,N,2M]
         eg, eu = b.op("Split", egu, b.const(np.array([M, M], np.int64), INT64), axis=-1, n_out=2)
         eo = b.op("MatMul", b.op("Mul", self.gelu(eg), eu), wd)  # [E,N,H]
@@ -528,7 +516,7 @@ class Model:
         out = b.loop(b.const(np.int64(E), INT64), acc0, step, "expert")  # [N,H] fp32, md-rounded
         return out if b.cdt == FLOAT else b.cast(out, b.md)
 
-    def unrolled_experts(self, y2: str, topi: str, topw: str, wgu, wd) -> str:
+    def unrolled_experts(self, y2: str, topi: str, topw: str, wgu: tuple, wd: tuple) -> str:
         """Quantized exports' sparse form: the reference's loop over experts, unrolled (one block of
         nodes per expert, in expert order, so the sums round as the Loop's do). Each expert's weights
         are then constant initializers, so onnxruntime fuses their DequantizeLinear -> MatMul into
@@ -548,8 +536,8 @@ class Model:
             rows = b.op("Squeeze", b.op("NonZero", routed), sq0)  # [n]
             w_e = b.op("ReduceSum", b.op("Where", hit, topw, zero_f), self.ax_last, keepdims=0)
             x = b.op("Gather", y2, rows, axis=0)  # [n,H]
-            g, u = b.op("Split", b.op("MatMul", x, self.quant.expert(b, *wgu[1:], e)), split, axis=-1, n_out=2)
-            o = b.op("MatMul", b.op("Mul", self.gelu(g), u), self.quant.expert(b, *wd[1:], e))  # [n,H]
+            g, u = b.op("Split", b.op("MatMul", x, self.quant.expert(b, *wgu, e)), split, axis=-1, n_out=2)
+            o = b.op("MatMul", b.op("Mul", self.gelu(g), u), self.quant.expert(b, *wd, e))  # [n,H]
             scaled = self.round32(b.op("Mul", b.f32(o), b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0),
                                                                  self.ax_last)))
             added = self.round32(b.op("Add", b.op("Gather", acc, rows, axis=0), scaled))
@@ -640,9 +628,9 @@ def _present(b: Builder, cfg: TextConfig, md: int, i: int, k: str, v: str) -> No
 
 
 def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None,
-                  sparse_moe: bool = True, fused_attention: bool = False, quant: "QuantSpec | None" = None):
+                  sparse_moe: bool = True, fused_attention: bool = False):
     b = Builder("dgport_encoder", store, md, emulate)
-    m = Model(b, cfg, "encoder", sparse_moe, fused_attention, quant)
+    m = Model(b, cfg, "encoder", sparse_moe, fused_attention)
     ids = b.input("input_ids", INT64, ["batch", "seq"])
     pos = b.input("position_ids", INT64, ["batch", "seq"])
     pasts = cache_inputs(b, cfg, md)
@@ -725,10 +713,9 @@ def _step_inputs(b: Builder, cfg: TextConfig, md: int, ids_name: str, length: st
 
 
 def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
-                  progress=None, sparse_moe: bool = False, fused_attention: bool = False,
-                  quant: "QuantSpec | None" = None):
+                  progress=None, sparse_moe: bool = False, fused_attention: bool = False):
     b = Builder("dgport_denoise_step", store, md, emulate)
-    m = Model(b, cfg, "decoder", sparse_moe, fused_attention, quant)
+    m = Model(b, cfg, "decoder", sparse_moe, fused_attention)
     ids, pos, sc, temp, unif = _step_inputs(b, cfg, md, "canvas_ids", "canvas")
     pasts = cache_inputs(b, cfg, md)
     rope = m.rope_tables(pos)
@@ -800,7 +787,7 @@ class QuantSpec:
       -> `MatMul`, the pattern onnxruntime fuses into its MatMulNBits kernel;
     - experts: one constant [in, out] weight per expert (`layers.{i}.experts.gate_up.{e}`), used by an
       unrolled expert loop (Model.unrolled_experts), so each fuses into MatMulNBits like the dense
-      weights (the dense form stacks the dequantized experts);
+      weights (a dense form of quantized experts is refused at export: 15x slower per step);
     - the embedding table [V, H] (8 bits, uint8: Gather has no 4-bit types, blocks along H): rows
       gathered then dequantized for the input embedding; for the tied lm_head the same integers,
       transposed in the graph (constant-folded at load) into the [H, V] blocked-along-H form that
