@@ -37,7 +37,7 @@ VARIANTS = {"default": {}, "dense-enc/sparse-step": dict(encoder_moe="dense", de
 MIN_BF16_AGREEMENT = 0.95
 
 
-def _export(ckpt, out, dtype, with_logits=False, **options):  # unvalidated: the checks below measure
+def _export(ckpt, out, dtype, with_logits=False, **options):
     from dgport.exporters.export import ExportOptions, export
 
     export(ckpt, out, ExportOptions(dtype=dtype, with_logits=with_logits, validate=False, **options))
@@ -129,7 +129,7 @@ QUANT_OPS = ("MatMulNBits", "DequantizeLinear", "Loop")
 def quantized_placement(export_dir: Path, candidate: str) -> dict:
     """Which provider ran each quantized op in one encode and one denoise step (the profiler's events).
     On the CPU every op runs on the CPU EP; on the GPU one left to the CPU is a scheme the EP cannot run."""
-    import json as _json
+    import numpy as np
 
     from dgport.manifest import open_export
     from dgport.runtimes.onnx import OnnxBackend
@@ -137,13 +137,11 @@ def quantized_placement(export_dir: Path, candidate: str) -> dict:
     backend = OnnxBackend(open_export(export_dir, candidate), device=candidate,
                           profile_prefix=str(export_dir.parent / f"profile-{export_dir.name}"))
     cfg = backend.config
-    import numpy as np
-
     backend.encode(np.array([[2, 5, 6, 7]]), np.arange(4)[None])
     C = cfg.canvas_length
     backend.denoise(np.zeros((1, C), np.int64), np.arange(4, 4 + C)[None], np.float32(0.8), np.zeros((1, C), np.float32))
     sess = backend._sessions["denoise_step"]
-    events = _json.loads(Path(sess.end_profiling()).read_text())
+    events = json.loads(Path(sess.end_profiling()).read_text())
     where: dict = {}
     for e in events:
         args = e.get("args", {})
