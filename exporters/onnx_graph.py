@@ -881,8 +881,7 @@ class QuantSpec:
         def step(i, acc):
             start = b.op("Unsqueeze", b.op("Mul", i, b.const(np.int64(chunk), INT64)), ax0)
             end = b.op("Add", start, b.const(np.array([chunk], np.int64), INT64))  # Slice clamps the last chunk
-            qr, sr, zr = (b.op("Slice", t, start, end, ax0) for t in (q, s, z))
-            rows = b.op("DequantizeLinear", qr, sr, zr, axis=-1, block_size=self.group)  # [chunk, H]
+            rows = self._dequantize_rows(b, *(b.op("Slice", t, start, end, ax0) for t in (q, s, z)))  # [chunk, H]
             return b.op("Add", acc, b.op("MatMul", b.op("Slice", p, start, end, axl), rows))
 
         # ceil(V / chunk) iterations; none when p is empty (the step graph encoding: no table to read)
@@ -894,5 +893,15 @@ class QuantSpec:
         q, s, z, bits = self._store(b, key, [hf_name], transpose=False)
         if bits != 8:  # exporters/quantize.py keeps it at 8 bits: ONNX Gather has no 4-bit types
             raise ValueError("the embedding table must be 8-bit: its rows are gathered")
-        q, s, z = (b.op("Gather", t, ids, axis=0) for t in (q, s, z))
-        return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=-1, block_size=self.group)
+        return self._dequantize_rows(b, *(b.op("Gather", t, ids, axis=0) for t in (q, b.cast(s, FLOAT), z)))
+
+    def _dequantize_rows(self, b: Builder, q: str, s: str, z: str) -> str:
+        """8-bit integers q [..., H] (groups along H), fp32 scales and zero points [..., H/g] ->
+        (q - z) * s [..., H] fp32, as a per-axis DequantizeLinear over the groups ([N * H/g, g], axis 0)
+        rather than a blocked one: the CUDA EP implements blocked (opset-21) DequantizeLinear for 4-bit
+        types only and fails at run time on uint8 (onnxruntime PR 21846; quantize_linear.cc), while
+        per-axis uint8 runs on every EP. The same fp32 numbers either way (the scheme's products are exact)."""
+        flat = b.const(np.array([-1], np.int64), INT64)
+        blocks = b.op("Reshape", q, b.const(np.array([-1, self.group], np.int64), INT64))
+        deq = b.op("DequantizeLinear", blocks, b.op("Reshape", s, flat), b.op("Reshape", z, flat), axis=0)
+        return b.op("Reshape", deq, b.op("Shape", q))
