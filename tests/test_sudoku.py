@@ -13,12 +13,12 @@ from models.sudoku.puzzles import (
 MODEL = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 
 # Two small held-out sets on the torch backend (torch, cpu and mlx give the same tokens), measured on
-# the shipped checkpoint: 50-60 givens (seed 2) 8/8 solved, 100 % of blanks; the band, 36-45
-# givens (seed 1), 11/12 solved, 98.7 % of blanks (models/sudoku/README.md has the 100-puzzle figures).
-# The previous checkpoint and sampler: 4/8 and 93.9 % on the first set.
+# the shipped checkpoint (34,284 steps): 50-60 givens (seed 2) 8/8 solved, 100 % of blanks; the issue's
+# band, 36-45 givens (seed 1), 12/12 solved, 100 % of blanks (models/sudoku/README.md has the
+# 100-puzzle figures). The 11,698-step release: 8/8 and 11/12 (98.7 %); the one before: 4/8 on the first set.
 CHECKS = {  # name: (eval seed, puzzles, min givens, max givens, min solved, min blank-cell accuracy)
     "50-60 givens": (2, 8, 50, 60, 7, 0.97),
-    "36-45 givens": (1, 12, 36, 45, 9, 0.95),
+    "36-45 givens": (1, 12, 36, 45, 10, 0.97),
 }
 
 
