@@ -893,7 +893,8 @@ class QuantSpec:
         q, s, z, bits = self._store(b, key, [hf_name], transpose=False)
         if bits != 8:  # exporters/quantize.py keeps it at 8 bits: ONNX Gather has no 4-bit types
             raise ValueError("the embedding table must be 8-bit: its rows are gathered")
-        return self._dequantize_rows(b, *(b.op("Gather", t, ids, axis=0) for t in (q, b.cast(s, FLOAT), z)))
+        q, s, z = (b.op("Gather", t, ids, axis=0) for t in (q, s, z))
+        return self._dequantize_rows(b, q, b.cast(s, FLOAT), z)  # cast the gathered rows' scales, not the table
 
     def _dequantize_rows(self, b: Builder, q: str, s: str, z: str) -> str:
         """8-bit integers q [..., H] (groups along H), fp32 scales and zero points [..., H/g] ->
