@@ -83,10 +83,6 @@ def _optimized(path):
     return m.graph
 
 
-def _ops(path):
-    return collections.Counter(n.op_type for n in _optimized(path).node)
-
-
 def _all_nodes(graph):
     """Every node of a graph and of its subgraphs (Loop bodies)."""
     for n in graph.node:
@@ -134,7 +130,8 @@ def test_quantized_export_validates_against_dequantized_model(qexports, bits):
     # one graph set, one graph for encoding and denoising: each weight feeds one MatMulNBits kernel, so
     # onnxruntime keeps one packed copy of it (two graphs would be two sessions, two packed copies)
     assert "cpu_graphs" not in entry and set(entry["graphs"]) == {"step"} and entry["moe"]["cuda"] == {"step": "sparse"}
-    ops = _ops(out / entry["graphs"]["step"]["file"])
+    graph = _optimized(out / entry["graphs"]["step"]["file"])
+    ops = collections.Counter(n.op_type for n in graph.node)
     # (+1: the tied lm_head, from the transposed 8-bit table)
     assert ops["MatMulNBits"] == 4 * cfg.num_layers + 2 + 2 * cfg.num_experts * cfg.num_layers + 1, ops
     # left unfused: the embedding rows' DequantizeLinear, and the self-conditioning expectation's Loop over
@@ -142,7 +139,7 @@ def test_quantized_export_validates_against_dequantized_model(qexports, bits):
     assert ops["Loop"] == 1 and ops["DequantizeLinear"] == 1, ops
     # and those two are per-axis (over [rows * H/g, g] blocks), not blocked: the CUDA EP runs blocked
     # DequantizeLinear for 4-bit types only and fails on a blocked uint8 one at run time
-    left = [n for n in _all_nodes(_optimized(out / entry["graphs"]["step"]["file"])) if n.op_type == "DequantizeLinear"]
+    left = [n for n in _all_nodes(graph) if n.op_type == "DequantizeLinear"]
     assert len(left) == 2 and all(a.i == 0 for n in left for a in n.attribute if a.name == "block_size"), left
 
 
