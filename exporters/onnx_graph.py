@@ -38,7 +38,7 @@ QUANT_DTYPE = {"uint4": TensorProto.UINT4, "uint8": TensorProto.UINT8}
 UINT8 = TensorProto.UINT8
 NP_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 WEIGHTS_FILE = "weights.bin"
-EXPECT_CHUNK = 16384  # vocabulary rows per dequantized chunk of a quantized embedding (QuantSpec.expectation)
+VOCAB_CHUNK = 16384  # vocabulary rows per dequantized chunk of a quantized export's table (_streamed_head)
 ALIGN = 64
 DEC = "model.decoder."
 
@@ -154,19 +154,30 @@ class Builder:
 
     def loop(self, trips: str, acc0: str, step, hint: str) -> str:
         """An ONNX Loop of `trips` iterations carrying one fp32 tensor from `acc0`: `step(i, acc)`
-        adds the body's nodes (outer-scope names may be read) and returns the next acc. The cond is
-        explicit (true): ONNX's reference evaluator runs a Loop whose cond is omitted zero times."""
+        adds the body's nodes (outer-scope names may be read) and returns the next acc."""
+        return self.loop_carrying(trips, [(acc0, FLOAT)], lambda i, acc: [step(i, acc)], hint)[0]
+
+    def loop_carrying(self, trips: str, carried: list, step, hint: str, scans: tuple = ()) -> list:
+        """An ONNX Loop of `trips` iterations carrying the tensors `carried` ([(initial value, dtype)]):
+        `step(i, *values)` adds the body's nodes and returns the next values followed by one tensor per
+        `scans` entry ((dtype, shape)), which the Loop stacks along a new first axis. Returns the final
+        values and the stacked scans. The cond is explicit (true): ONNX's reference evaluator runs a
+        Loop whose cond is omitted zero times."""
         first = len(self.nodes)
-        i, cond, acc = self.fresh(hint), self.fresh("cond"), self.fresh("acc")
-        acc_out = step(i, acc)
+        i, cond = self.fresh(hint), self.fresh("cond")
+        names = [self.fresh("carry") for _ in carried]
+        outs = step(i, *names)
         cond_out = self.op("Identity", cond)
+        vi = helper.make_tensor_value_info
         body = helper.make_graph(
             self.nodes[first:], self.fresh(f"{hint}_body"),
-            [helper.make_tensor_value_info(i, INT64, []), helper.make_tensor_value_info(cond, BOOL, []),
-             helper.make_tensor_value_info(acc, FLOAT, None)],
-            [helper.make_tensor_value_info(cond_out, BOOL, []), helper.make_tensor_value_info(acc_out, FLOAT, None)])
+            [vi(i, INT64, []), vi(cond, BOOL, [])] + [vi(n, dt, None) for n, (_, dt) in zip(names, carried)],
+            [vi(cond_out, BOOL, [])] + [vi(o, dt, None) for o, (_, dt) in zip(outs, carried)]
+            + [vi(o, dt, shape) for o, (dt, shape) in zip(outs[len(carried):], scans)])
         del self.nodes[first:]
-        return self.op("Loop", trips, self.const(np.bool_(True), BOOL), acc0, body=body)
+        res = self.op("Loop", trips, self.const(np.bool_(True), BOOL), *(v for v, _ in carried), body=body,
+                      n_out=len(carried) + len(scans))
+        return [res] if isinstance(res, str) else res
 
     def op(self, op_type: str, *ins, n_out: int = 1, name: str | None = None, domain: str | None = None, **attrs):
         base = name or self.fresh(op_type.lower())
@@ -664,19 +675,38 @@ def _denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: 
     H, V = cfg.hidden_size, cfg.vocab_size
     h = m.rms(h, m.vec32(f"{DEC}norm.weight"))
     flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
-    emb = f"{DEC}embed_tokens.weight"
-    if m.quant is not None:
-        lg = m.quant.lm_head(b, "embed_tokens", emb, flat)
-    else:
-        E = m.embedding()
-        lg = b.f32(b.op("Gemm", flat, E, transB=1))  # tied lm_head, one copy of the table
-    cap = b.const(np.float32(cfg.final_logit_softcapping), FLOAT)
-    lg = b.op("Mul", b.op("Tanh", b.op("Div", lg, cap)), cap)
     bc = b.op("Slice", b.op("Shape", h), b.const(np.array([0], np.int64), INT64),
               b.const(np.array([2], np.int64), INT64))
-    shape = b.op("Concat", bc, b.const(np.array([V], np.int64), INT64), axis=0)
-    logits = b.op("Reshape", lg, shape, allowzero=1)  # [B,C,V] fp32 (C may be 0: build_step encoding)
-    proc = b.op("Div", logits, temp)
+    if m.quant is not None:
+        argmax, entropy, sampled, expect, logits = _streamed_head(b, m, cfg, flat, temp, unif, with_logits)
+        argmax, entropy, sampled = (b.op("Reshape", x, bc, allowzero=1) for x in (argmax, entropy, sampled))
+        expect = b.op("Reshape", expect, b.op("Concat", bc, b.const(np.array([H], np.int64), INT64), axis=0),
+                      allowzero=1)
+    else:
+        argmax, entropy, sampled, expect, logits = _whole_head(b, m, cfg, md, flat, temp, unif)
+    soft = b.op("Mul", expect, b.cconst(math.sqrt(H)))
+    b.output("argmax_ids", argmax, INT64, ["batch", "canvas"])
+    b.output("entropy", entropy, FLOAT, ["batch", "canvas"])
+    b.output("sampled_ids", sampled, INT64, ["batch", "canvas"])
+    b.output("next_sc_embeds", soft, md, ["batch", "canvas", H])
+    if with_logits:
+        shape = b.op("Concat", bc, b.const(np.array([V], np.int64), INT64), axis=0)
+        b.output("logits", b.op("Reshape", logits, shape, allowzero=1), FLOAT, ["batch", "canvas", V])
+
+
+def _softcap(b: Builder, cfg: TextConfig, lg: str) -> str:
+    cap = b.const(np.float32(cfg.final_logit_softcapping), FLOAT)
+    return b.op("Mul", b.op("Tanh", b.op("Div", lg, cap)), cap)
+
+
+def _whole_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, temp: str, unif: str):
+    """The head over whole [N, V] arrays (unquantized exports: the table is in memory as it is):
+    argmax, entropy, sampled ids [B, C], the expectation p @ E [B, C, H] and the logits [N, V]."""
+    V = cfg.vocab_size
+    E = m.embedding()
+    logits = _softcap(b, cfg, b.f32(b.op("Gemm", flat, E, transB=1)))  # tied lm_head, one copy of the table
+    shape = b.op("Concat", b.op("Shape", unif), b.const(np.array([V], np.int64), INT64), axis=0)
+    proc = b.op("Reshape", b.op("Div", logits, temp), shape, allowzero=1)  # [B,C,V] (C may be 0: encoding)
     argmax = b.op("ArgMax", proc, axis=-1, keepdims=0, select_last_index=0)
     probs = b.op("Softmax", proc, axis=-1)
     logp = b.op("LogSoftmax", proc, axis=-1)
@@ -690,19 +720,90 @@ def _denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: 
     if md == FLOAT:
         p_sc = probs
     else:
-        pm = b.to_md(proc)
-        p_sc = b.to_md(b.op("Softmax", b.f32(pm), axis=-1))
-    if m.quant is not None:
-        expect = m.quant.expectation(b, "embed_tokens", emb, p_sc, V, H)
-    else:
-        expect = b.op("MatMul", p_sc, E)
-    soft = b.op("Mul", expect, b.cconst(math.sqrt(H)))
-    b.output("argmax_ids", argmax, INT64, ["batch", "canvas"])
-    b.output("entropy", entropy, FLOAT, ["batch", "canvas"])
-    b.output("sampled_ids", sampled, INT64, ["batch", "canvas"])
-    b.output("next_sc_embeds", soft, md, ["batch", "canvas", H])
-    if with_logits:
-        b.output("logits", logits, FLOAT, ["batch", "canvas", V])
+        p_sc = b.to_md(b.op("Softmax", b.f32(b.to_md(proc)), axis=-1))
+    return argmax, entropy, sampled, b.op("MatMul", p_sc, E), logits
+
+
+def _streamed_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, unif: str, with_logits: bool):
+    """The head of a quantized export, streamed over the vocabulary `VOCAB_CHUNK` rows of the 8-bit
+    table at a time: no [N, V] array but the softcapped logits, and neither an fp32 nor a packed copy
+    of the table. Why: onnxruntime's fused MatMulNBits lm_head kept a second, packed copy of the table
+    (0.9 GB for the 26B-A4B), and at accuracy level 0 its 8-bit kernel dequantized the whole table to
+    fp32 on every call (3 GB); the whole-array sampler held ~5 [N, V] fp32 arrays (1.3 GB).
+    Pass 1 (one Loop): each chunk of rows is dequantized once and serves both the lm_head (an fp32
+    Gemm: logits exact to the dequantized weights at every accuracy level) and the expectation p @ E,
+    accumulated like flash attention against a running max: per row the max m (and its first index),
+    s = sum exp(proc - m), t = sum exp(proc - m) (proc - m) and sum exp(proc - m) E, each rescaled when m
+    grows. Then entropy = log s - t / s (accurate for confident rows, where it is tiny) and p @ E =
+    (sum exp(proc - m) E) / s. Pass 2 (a second Loop, over the stacked logits): the inverse-CDF count
+    of the reference sampler needs the final normalizer. Returns argmax, entropy, sampled [N],
+    expectation [N, H] and the logits [N, V] (when asked)."""
+    q = m.quant
+    H, V = cfg.hidden_size, cfg.vocab_size
+    chunk = min(VOCAB_CHUNK, V)
+    n_chunks = -(-V // chunk)
+    i64 = lambda *v: b.const(np.array(v, np.int64), INT64)  # noqa: E731
+    col = i64(-1, 1)
+    unif = b.op("Reshape", unif, col)  # [N, 1]
+    rows1 = b.op("Concat", b.op("Slice", b.op("Shape", flat), i64(0), i64(1)), i64(1), axis=0)
+
+    def filled(value, dtype, width=rows1):
+        return b.op("ConstantOfShape", width, value=helper.make_tensor("v", dtype, [1], [value]))
+
+    lowest = float(np.finfo(np.float32).min)  # the running max's start: exp(lowest - m) = 0, and 0 * finite = 0
+    widthH = b.op("Concat", b.op("Slice", b.op("Shape", flat), i64(0), i64(1)), i64(H), axis=0)
+    carried = [(filled(lowest, FLOAT), FLOAT), (filled(0.0, FLOAT), FLOAT), (filled(0.0, FLOAT), FLOAT),
+               (filled(0, INT64), INT64), (filled(0.0, FLOAT, widthH), FLOAT)]
+
+    def pass1(i, mx, s, t, idx, acc):
+        start = b.op("Unsqueeze", b.op("Mul", i, b.const(np.int64(chunk), INT64)), i64(0))
+        rows = q.table_rows(b, "embed_tokens", f"{DEC}embed_tokens.weight", start,
+                            b.op("Add", start, i64(chunk)))  # [chunk, H] fp32 (Slice clamps the last)
+        capped = _softcap(b, cfg, b.op("Gemm", flat, rows, transB=1))  # [N, chunk]
+        proc = b.op("Div", capped, temp)
+        mc = b.op("ReduceMax", proc, m.ax_last, keepdims=1)
+        first = b.op("Add", b.op("ArgMax", proc, axis=-1, keepdims=1, select_last_index=0), start)
+        idx = b.op("Where", b.op("Greater", mc, mx), first, idx)  # strictly greater: the first index wins
+        mx_new = b.op("Max", mx, mc)
+        alpha = b.op("Exp", b.op("Sub", mx, mx_new))
+        d = b.op("Sub", proc, mx_new)
+        e = b.op("Exp", d)
+        s_new = b.op("Add", b.op("Mul", s, alpha), b.op("ReduceSum", e, m.ax_last, keepdims=1))
+        # t is relative to the running max: moving it from mx to mx_new adds (mx - mx_new) s
+        t_old = b.op("Mul", b.op("Add", t, b.op("Mul", b.op("Sub", mx, mx_new), s)), alpha)
+        t_new = b.op("Add", t_old, b.op("ReduceSum", b.op("Mul", e, d), m.ax_last, keepdims=1))
+        acc_new = b.op("Add", b.op("Mul", acc, alpha), b.op("MatMul", e, rows))
+        if V % chunk:  # the last chunk is narrower: pad it to stack (exp(-inf) = 0 in pass 2)
+            pads = b.op("Concat", i64(0, 0, 0), b.op("Sub", i64(chunk), b.op("Slice", b.op("Shape", capped),
+                                                                                i64(1), i64(2))), axis=0)
+            capped = b.op("Pad", capped, pads, b.const(np.float32(-np.inf), FLOAT))
+        return [mx_new, s_new, t_new, idx, acc_new, capped]
+
+    # no iterations when there are no rows (the step graph encoding: no table to read)
+    trips = b.op("Min", b.const(np.int64(n_chunks), INT64), b.op("Size", flat))
+    mx, s, t, idx, acc, stacked = b.loop_carrying(trips, carried, pass1, "vocab", scans=[(FLOAT, ["rows", chunk])])
+    entropy = b.op("Sub", b.op("Log", s), b.op("Div", t, s))
+    expect = b.op("Div", acc, s)
+
+    def pass2(i, below, count):
+        proc = b.op("Div", b.op("Gather", stacked, i, axis=0), temp)
+        p = b.op("Div", b.op("Exp", b.op("Sub", proc, mx)), s)
+        cdf = b.op("Add", b.op("CumSum", p, b.const(np.int64(-1), INT64)), below)
+        # counted in int32 (an [N, chunk] int64 would be the largest array), then widened
+        hits = b.op("ReduceSum", b.op("Cast", b.op("LessOrEqual", cdf, unif), to=TensorProto.INT32), m.ax_last,
+                    keepdims=1)
+        return [b.op("Slice", cdf, i64(-1), i64(chunk), i64(1)), b.op("Add", count, b.cast(hits, INT64))]
+
+    _, count = b.loop_carrying(trips, [(filled(0.0, FLOAT), FLOAT), (filled(0, INT64), INT64)], pass2, "cdf")
+    sampled = b.op("Min", count, b.const(np.int64(V - 1), INT64))
+    logits = None
+    if with_logits:  # [chunks, N, chunk] -> [N, V] (no rows: a [0, 0] from the Loop that ran no iteration)
+        rows_n = b.op("Slice", b.op("Shape", flat), i64(0), i64(1))
+        wide = b.op("Reshape", b.op("Transpose", stacked, perm=[1, 0, 2]),
+                    b.op("Concat", rows_n, b.op("Mul", b.op("Reshape", trips, i64(1)), i64(chunk)), axis=0),
+                    allowzero=1)
+        logits = b.op("Slice", wide, i64(0), i64(V), i64(1))
+    return idx, entropy, sampled, expect, logits
 
 
 def _step_inputs(b: Builder, cfg: TextConfig, md: int, ids_name: str, length: str):
@@ -789,11 +890,9 @@ class QuantSpec:
       unrolled expert loop (Model.unrolled_experts), so each fuses into MatMulNBits like the dense
       weights (a dense form of quantized experts is refused at export: 15x slower per step);
     - the embedding table [V, H] (8 bits, uint8: Gather has no 4-bit types, blocks along H): rows
-      gathered then dequantized for the input embedding; for the tied lm_head the same integers,
-      transposed in the graph (constant-folded at load) into the [H, V] blocked-along-H form that
-      fuses into MatMulNBits; the self-conditioning expectation p @ E sums over V, across the blocks,
-      which MatMulNBits cannot, so it dequantizes the table a chunk of rows at a time in a Loop
-      (never the whole fp32 table: 3 GB for the real vocabulary)."""
+      gathered then dequantized for the input embedding; the tied lm_head and the self-conditioning
+      expectation p @ E read it a chunk of rows at a time (`table_rows`, in the streamed head's Loop),
+      so neither an fp32 copy of the table (3 GB for the real vocabulary) nor a packed one exists."""
 
     def __init__(self, bits: int, group: int, tensors: dict):
         self.bits, self.group, self.tensors = bits, group, tensors
@@ -860,33 +959,13 @@ class QuantSpec:
         q, s, z, _ = self._store(b, f"{key}.{e}", [hf_name], transpose=True, index=e)
         return b.op("DequantizeLinear", q, b.cast(s, FLOAT), z, axis=0, block_size=self.group)
 
-    def lm_head(self, b: Builder, key: str, hf_name: str, x: str) -> str:
-        """x [N, H] @ E^T -> [N, V] fp32, as DequantizeLinear(axis=0) -> MatMul on the transposed table."""
+    def table_rows(self, b: Builder, key: str, hf_name: str, start: str, end: str) -> str:
+        """Rows start:end of the 8-bit embedding table [V, H] as fp32 [rows, H] (the streamed head's
+        chunks: sliced inside a Loop, so nothing is constant-folded into an fp32 copy of the table)."""
         q, s, z, _ = self._store(b, key, [hf_name], transpose=False)
-        t = [b.op("Transpose", a, perm=[1, 0]) for a in (q, b.cast(s, FLOAT), z)]
-        return b.op("MatMul", x, b.op("DequantizeLinear", *t, axis=0, block_size=self.group))
-
-    def expectation(self, b: Builder, key: str, hf_name: str, p: str, vocab: int, hidden: int,
-                    chunk: int = EXPECT_CHUNK) -> str:
-        """p [B, C, V] fp32 @ E -> [B, C, H] fp32, E dequantized `chunk` rows at a time in a Loop
-        (whose slice bounds depend on the iteration, so nothing is constant-folded into fp32 copies)."""
-        q, s, z, _ = self._store(b, key, [hf_name], transpose=False)
-        s = b.cast(s, FLOAT)
-        bc = b.op("Slice", b.op("Shape", p), b.const(np.array([0], np.int64), INT64),
-                  b.const(np.array([2], np.int64), INT64))
-        acc0 = b.op("ConstantOfShape", b.op("Concat", bc, b.const(np.array([hidden], np.int64), INT64), axis=0),
-                    value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
-        ax0, axl = b.const(np.array([0], np.int64), INT64), b.const(np.array([-1], np.int64), INT64)
-
-        def step(i, acc):
-            start = b.op("Unsqueeze", b.op("Mul", i, b.const(np.int64(chunk), INT64)), ax0)
-            end = b.op("Add", start, b.const(np.array([chunk], np.int64), INT64))  # Slice clamps the last chunk
-            rows = self._dequantize_rows(b, *(b.op("Slice", t, start, end, ax0) for t in (q, s, z)))  # [chunk, H]
-            return b.op("Add", acc, b.op("MatMul", b.op("Slice", p, start, end, axl), rows))
-
-        # ceil(V / chunk) iterations; none when p is empty (the step graph encoding: no table to read)
-        n = b.op("Min", b.const(np.int64(-(-vocab // chunk)), INT64), b.op("Size", p))
-        return b.loop(n, acc0, step, "chunk")
+        ax0 = b.const(np.array([0], np.int64), INT64)
+        q, s, z = (b.op("Slice", t, start, end, ax0) for t in (q, s, z))
+        return self._dequantize_rows(b, q, b.cast(s, FLOAT), z)
 
     def rows(self, b: Builder, key: str, hf_name: str, ids: str) -> str:
         """Rows ids [B, T] of the embedding table [V, H]: [B, T, H] fp32."""

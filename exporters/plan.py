@@ -16,11 +16,12 @@ from pathlib import Path
 from dgport.config import TextConfig
 
 from .checkpoint import expected_tensors, read_config
-from .onnx_graph import ALIGN, EXPECT_CHUNK
+from .onnx_graph import ALIGN, VOCAB_CHUNK
 from .quantize import DEC, check, quantized_tensors, tensor_bytes
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 SAMPLER_ARRAYS = 5
+HEAD_CHUNK_ARRAYS = 6  # [C, chunk] fp32 arrays of one streamed-head iteration (logits, proc, exp, ...)
 # resident bytes per stored byte of a quantized export's weights once onnxruntime has packed them for
 # MatMulNBits and freed the originals, by (bits, accuracy level): peak RSS after loading the
 # real-geometry slice (0.94 / 1.74 GB of int4 / int8 weights) minus the interpreter and onnxruntime
@@ -82,22 +83,25 @@ def plan(src, opts) -> dict:
     padding_max = sum(k for _, _, k, _ in rows) * (ALIGN - 1)
     # a CPU-EP run, canvas C. Unquantized: weights.bin memory-mapped and shared by both sessions; the
     # tied lm_head and the self-conditioning expectation read the embedding table in fp32 (cast, for
-    # half exports). Quantized (one step graph, one session): onnxruntime repacks every 4/8-bit weight
-    # for MatMulNBits and frees the original (PACKED_RSS: the resident bytes per weights.bin byte,
-    # measured); the 8-bit embedding stays as stored (rows, the expectation's chunks) and is also
-    # packed for the lm_head. The sampler's vocabulary-wide arrays: ~5 [C, V] fp32 live at once
-    # (measured: a canvas-256 step of a 131,072-token vocabulary raised peak RSS by 5.1 such arrays).
+    # half exports), and the sampler's vocabulary-wide arrays: ~5 [C, V] fp32 live at once (measured: a
+    # canvas-256 step of a 131,072-token vocabulary raised peak RSS by 5.1 such arrays). Quantized (one
+    # step graph, one session): onnxruntime repacks every 4/8-bit weight for MatMulNBits and frees the
+    # original (PACKED_RSS: the resident bytes per weights.bin byte, measured); the 8-bit embedding stays
+    # as stored, and the streamed head (onnx_graph._streamed_head) holds the softcapped logits [C, V]
+    # twice while its Loop stacks them, one dequantized chunk of the table and a few [C, chunk] arrays.
     V, H, C = cfg.vocab_size, cfg.hidden_size, cfg.canvas_length
     sampler = ("sampler's vocabulary-wide arrays (~5 x [canvas, V] fp32)", SAMPLER_ARRAYS * C * V * 4)
     if bits:
         emb = by_role.get("embedding", 0)
+        chunk = min(VOCAB_CHUNK, V)
+        head = [("streamed head: logits [canvas, V] fp32, x2 while stacked", 2 * C * V * 4),
+                ("streamed head: one fp32 chunk of the table + its arrays",
+                 chunk * H * 4 + HEAD_CHUNK_ARRAYS * C * chunk * 4)]
         rss, rss_by_level = {}, {}
         for level in (4, 0):
             rss[level] = [(f"weights packed for MatMulNBits ({PACKED_RSS[bits, level]:g} x stored)",
                            round(PACKED_RSS[bits, level] * (weights - emb))),
-                          ("8-bit embedding + its lm_head pack", emb + round(PACKED_RSS[8, level] * emb)),
-                          ("expectation: one fp32 chunk of the table", EXPECT_CHUNK * H * 4),
-                          sampler]
+                          ("8-bit embedding table (input rows, the head's chunks)", emb)] + head
             rss_by_level[level] = sum(n for _, n in rss[level])
         rss_rows, rss_total = rss[4], rss_by_level[4]
     else:
