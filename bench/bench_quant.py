@@ -6,6 +6,7 @@ measured in the same run so each step can be read as a share of it.
 
     python -m bench.bench_quant                        # real-slice geometry, canvas 256 (builds it: 3 GB)
     python -m bench.bench_quant --checkpoint PATH --runs 3 --threads 2
+    python -m bench.bench_quant --vocab-size 262144    # the same two layers under the real model's head
     python -m bench.bench_quant --experts-only         # one expert: standard DQ form vs contrib MatMulNBits
     python -m bench.bench_quant --sudoku               # the shipped Sudoku model: fp32 vs int8 vs int4 quality
 
@@ -245,6 +246,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="HF DiffusionGemma folder (default: build the real-slice fixture, canvas 256)")
     ap.add_argument("--workdir", default="/tmp/dgport-bench-quant", help="where exports (and the fixture) go")
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="the built fixture's vocabulary (262144: the 26B-A4B's head; default: real-slice's 512)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=",".join(list(VARIANTS) + ["transformers bf16"]))
@@ -279,9 +282,10 @@ def main(argv=None):
     if ckpt is None:
         from models.fixtures import build_fixture
 
-        ckpt = work / "real-slice"
+        extra = {} if a.vocab_size is None else {"vocab_size": a.vocab_size}
+        ckpt = work / ("real-slice" if a.vocab_size is None else f"real-slice-v{a.vocab_size}")
         if not (ckpt / "config.json").exists():
-            build_fixture("real-slice", ckpt, canvas_length=256)
+            build_fixture("real-slice", ckpt, canvas_length=256, **extra)
     cfg = read_checkpoint(ckpt).config
     flops = step_flops(cfg, cfg.canvas_length, PROMPT)
     peak = gemm_peak(a.threads)
@@ -292,7 +296,8 @@ def main(argv=None):
             cmd, size = [str(ckpt), "--acc", "-1"], None
         else:
             opts, acc = VARIANTS[name]
-            out = work / ("q4" if opts.get("quantize") == 4 else "q8" if opts.get("quantize") == 8 else opts["dtype"])
+            kind = "q4" if opts.get("quantize") == 4 else "q8" if opts.get("quantize") == 8 else opts["dtype"]
+            out = work / (kind if a.vocab_size is None else f"v{a.vocab_size}-{kind}")
             if not (out / "dgport.json").exists():
                 export(ckpt, out, ExportOptions(validate=False, force=True, **opts))
             cmd, size = [str(out)] + ([] if acc is None else ["--acc", str(acc)]), (out / "weights.bin").stat().st_size

@@ -743,17 +743,16 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, 
     chunk = min(VOCAB_CHUNK, V)
     n_chunks = -(-V // chunk)
     i64 = lambda *v: b.const(np.array(v, np.int64), INT64)  # noqa: E731
-    col = i64(-1, 1)
-    unif = b.op("Reshape", unif, col)  # [N, 1]
-    rows1 = b.op("Concat", b.op("Slice", b.op("Shape", flat), i64(0), i64(1)), i64(1), axis=0)
+    unif = b.op("Reshape", unif, i64(-1, 1))  # [N, 1]
+    n = b.op("Slice", b.op("Shape", flat), i64(0), i64(1))
 
-    def filled(value, dtype, width=rows1):
-        return b.op("ConstantOfShape", width, value=helper.make_tensor("v", dtype, [1], [value]))
+    def filled(value, dtype, width: int = 1):  # [N, width]
+        return b.op("ConstantOfShape", b.op("Concat", n, i64(width), axis=0),
+                    value=helper.make_tensor("v", dtype, [1], [value]))
 
     lowest = float(np.finfo(np.float32).min)  # the running max's start: exp(lowest - m) = 0, and 0 * finite = 0
-    widthH = b.op("Concat", b.op("Slice", b.op("Shape", flat), i64(0), i64(1)), i64(H), axis=0)
     carried = [(filled(lowest, FLOAT), FLOAT), (filled(0.0, FLOAT), FLOAT), (filled(0.0, FLOAT), FLOAT),
-               (filled(0, INT64), INT64), (filled(0.0, FLOAT, widthH), FLOAT)]
+               (filled(0, INT64), INT64), (filled(0.0, FLOAT, H), FLOAT)]
 
     def pass1(i, mx, s, t, idx, acc):
         start = b.op("Unsqueeze", b.op("Mul", i, b.const(np.int64(chunk), INT64)), i64(0))
@@ -773,7 +772,7 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, 
         t_old = b.op("Mul", b.op("Add", t, b.op("Mul", b.op("Sub", mx, mx_new), s)), alpha)
         t_new = b.op("Add", t_old, b.op("ReduceSum", b.op("Mul", e, d), m.ax_last, keepdims=1))
         acc_new = b.op("Add", b.op("Mul", acc, alpha), b.op("MatMul", e, rows))
-        if V % chunk:  # the last chunk is narrower: pad it to stack (exp(-inf) = 0 in pass 2)
+        if V % chunk:  # the last chunk is narrower: pad it to stack (ids >= V: probability 0, then clamped)
             pads = b.op("Concat", i64(0, 0, 0), b.op("Sub", i64(chunk), b.op("Slice", b.op("Shape", capped),
                                                                                 i64(1), i64(2))), axis=0)
             capped = b.op("Pad", capped, pads, b.const(np.float32(-np.inf), FLOAT))
@@ -798,10 +797,8 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, 
     sampled = b.op("Min", count, b.const(np.int64(V - 1), INT64))
     logits = None
     if with_logits:  # [chunks, N, chunk] -> [N, V] (no rows: a [0, 0] from the Loop that ran no iteration)
-        rows_n = b.op("Slice", b.op("Shape", flat), i64(0), i64(1))
         wide = b.op("Reshape", b.op("Transpose", stacked, perm=[1, 0, 2]),
-                    b.op("Concat", rows_n, b.op("Mul", b.op("Reshape", trips, i64(1)), i64(chunk)), axis=0),
-                    allowzero=1)
+                    b.op("Concat", n, b.op("Mul", b.op("Reshape", trips, i64(1)), i64(chunk)), axis=0), allowzero=1)
         logits = b.op("Slice", wide, i64(0), i64(V), i64(1))
     return idx, entropy, sampled, expect, logits
 
