@@ -38,7 +38,7 @@ QUANT_DTYPE = {"uint4": TensorProto.UINT4, "uint8": TensorProto.UINT8}
 UINT8 = TensorProto.UINT8
 NP_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 WEIGHTS_FILE = "weights.bin"
-VOCAB_CHUNK = 16384  # vocabulary rows per dequantized chunk of a quantized export's table (_streamed_head)
+VOCAB_CHUNK = 16384  # vocabulary rows per chunk of the table in the streamed head (_streamed_head)
 ALIGN = 64
 DEC = "model.decoder."
 
@@ -677,8 +677,8 @@ def _denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: 
     flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
     bc = b.op("Slice", b.op("Shape", h), b.const(np.array([0], np.int64), INT64),
               b.const(np.array([2], np.int64), INT64))
-    if m.quant is not None:
-        argmax, entropy, sampled, expect, logits = _streamed_head(b, m, cfg, flat, temp, unif, with_logits)
+    if b.cdt == FLOAT:  # fp32 and quantized exports, the CPU's fp32-compute graphs of bf16 ones
+        argmax, entropy, sampled, expect, logits = _streamed_head(b, m, cfg, md, flat, temp, unif, with_logits)
         argmax, entropy, sampled = (b.op("Reshape", x, bc, allowzero=1) for x in (argmax, entropy, sampled))
         expect = b.op("Reshape", expect, b.op("Concat", bc, b.const(np.array([H], np.int64), INT64), axis=0),
                       allowzero=1)
@@ -700,8 +700,9 @@ def _softcap(b: Builder, cfg: TextConfig, lg: str) -> str:
 
 
 def _whole_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, temp: str, unif: str):
-    """The head over whole [N, V] arrays (unquantized exports: the table is in memory as it is):
-    argmax, entropy, sampled ids [B, C], the expectation p @ E [B, C, H] and the logits [N, V]."""
+    """The head over whole [N, V] arrays, for graphs that compute in half precision (the GPU graphs of
+    fp16/bf16 exports: one half-precision GEMM each for the logits and p @ E): argmax, entropy, sampled
+    ids [B, C], the expectation p @ E [B, C, H] and the logits [N, V]."""
     V = cfg.vocab_size
     E = m.embedding()
     logits = _softcap(b, cfg, b.f32(b.op("Gemm", flat, E, transB=1)))  # tied lm_head, one copy of the table
@@ -724,22 +725,34 @@ def _whole_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, temp:
     return argmax, entropy, sampled, b.op("MatMul", p_sc, E), logits
 
 
-def _streamed_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, unif: str, with_logits: bool):
-    """The head of a quantized export, streamed over the vocabulary `VOCAB_CHUNK` rows of the 8-bit
-    table at a time: no [N, V] array but the softcapped logits, and neither an fp32 nor a packed copy
-    of the table. Why: onnxruntime's fused MatMulNBits lm_head kept a second, packed copy of the table
-    (0.9 GB for the 26B-A4B), and at accuracy level 0 its 8-bit kernel dequantized the whole table to
-    fp32 on every call (3 GB); the whole-array sampler held ~5 [N, V] fp32 arrays (1.3 GB).
-    Pass 1 (one Loop): each chunk of rows is dequantized once and serves both the lm_head (an fp32
-    Gemm: logits exact to the dequantized weights at every accuracy level) and the expectation p @ E,
-    accumulated like flash attention against a running max: per row the max m (and its first index),
-    s = sum exp(proc - m), t = sum exp(proc - m) (proc - m) and sum exp(proc - m) E, each rescaled when m
-    grows. Then entropy = log s - t / s (accurate for confident rows, where it is tiny) and p @ E =
+def _table_rows(b: Builder, m: Model, start: str, end: str) -> str:
+    """Rows start:end of the embedding table as the head computes with them ([rows, H], fp32)."""
+    if m.quant is not None:
+        return m.quant.table_rows(b, "embed_tokens", f"{DEC}embed_tokens.weight", start, end)
+    return b.compute(b.op("Slice", m.embedding(cast=False), start, end, b.const(np.array([0], np.int64), INT64)))
+
+
+def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, temp: str, unif: str,
+                   with_logits: bool):
+    """The head of every graph that computes in fp32, streamed over the vocabulary `VOCAB_CHUNK` rows
+    of the table at a time: no [N, V] array but the softcapped logits, and no second copy of the
+    table. Why: the whole-array head held ~5 [N, V] fp32 arrays (1.3 GB for the 26B-A4B) and, in
+    quantized exports, a packed copy of the 8-bit table for a fused MatMulNBits lm_head (0.9 GB; at
+    accuracy level 0 that kernel dequantized the whole table to fp32 on every call, 3 GB), in the
+    CPU graphs of bf16 exports an fp32 cast of the whole table on every step (3 GB).
+    Pass 1 (one Loop): each chunk of rows is read (dequantized, or cast) once for the lm_head (an fp32
+    Gemm: in quantized exports the logits are exact to the dequantized weights at every accuracy
+    level) and, in fp32 models, for the expectation p @ E, accumulated like flash attention against a
+    running max: per row the max m (and its first index), s = sum exp(proc - m),
+    t = sum exp(proc - m) (proc - m) and sum exp(proc - m) E, each rescaled when m grows. Then
+    entropy = log s - t / s (accurate for confident rows, where it is tiny) and p @ E =
     (sum exp(proc - m) E) / s. Pass 2 (a second Loop, over the stacked logits): the inverse-CDF count
-    of the reference sampler needs the final normalizer. Returns argmax, entropy, sampled [N],
-    expectation [N, H] and the logits [N, V] (when asked)."""
-    q = m.quant
+    of the reference sampler needs the final normalizer; so does a half-precision model's p @ E, whose
+    probabilities the reference rounds to the model dtype (softmax of md(proc), with its own running
+    max and sum from pass 1), so those read each chunk of the table a second time there. Returns
+    argmax, entropy, sampled [N], expectation [N, H] and the logits [N, V] (when asked)."""
     H, V = cfg.hidden_size, cfg.vocab_size
+    half = md != FLOAT
     chunk = min(VOCAB_CHUNK, V)
     n_chunks = -(-V // chunk)
     i64 = lambda *v: b.const(np.array(v, np.int64), INT64)  # noqa: E731
@@ -750,54 +763,100 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, 
         return b.op("ConstantOfShape", b.op("Concat", n, i64(width), axis=0),
                     value=helper.make_tensor("v", dtype, [1], [value]))
 
+    def bounds(i):
+        start = b.op("Unsqueeze", b.op("Mul", i, b.const(np.int64(chunk), INT64)), i64(0))
+        return start, b.op("Add", start, i64(chunk))  # Slice clamps the last chunk
+
+    def online(mx, s, x):
+        """The running max and sum exp(x - max) with the chunk x [N, chunk] added: (max, sum, alpha,
+        x - max, exp(x - max), the chunk's own sum), alpha rescaling what was accumulated before."""
+        mx_new = b.op("Max", mx, b.op("ReduceMax", x, m.ax_last, keepdims=1))
+        alpha = b.op("Exp", b.op("Sub", mx, mx_new))
+        d = b.op("Sub", x, mx_new)
+        e = b.op("Exp", d)
+        se = b.op("ReduceSum", e, m.ax_last, keepdims=1)
+        return mx_new, b.op("Add", b.op("Mul", s, alpha), se), alpha, d, e, se
+
     lowest = float(np.finfo(np.float32).min)  # the running max's start: exp(lowest - m) = 0, and 0 * finite = 0
     carried = [(filled(lowest, FLOAT), FLOAT), (filled(0.0, FLOAT), FLOAT), (filled(0.0, FLOAT), FLOAT),
-               (filled(0, INT64), INT64), (filled(0.0, FLOAT, H), FLOAT)]
+               (filled(0, INT64), INT64)]
+    carried.append((filled(lowest, FLOAT), FLOAT) if half else (filled(0.0, FLOAT, H), FLOAT))
+    if half:
+        carried.append((filled(0.0, FLOAT), FLOAT))
 
-    def pass1(i, mx, s, t, idx, acc):
-        start = b.op("Unsqueeze", b.op("Mul", i, b.const(np.int64(chunk), INT64)), i64(0))
-        rows = q.table_rows(b, "embed_tokens", f"{DEC}embed_tokens.weight", start,
-                            b.op("Add", start, i64(chunk)))  # [chunk, H] fp32 (Slice clamps the last)
+    def pass1(i, mx, s, t, idx, *rest):
+        start, end = bounds(i)
+        rows = _table_rows(b, m, start, end)  # [chunk, H] fp32
         capped = _softcap(b, cfg, b.op("Gemm", flat, rows, transB=1))  # [N, chunk]
         proc = b.op("Div", capped, temp)
-        mc = b.op("ReduceMax", proc, m.ax_last, keepdims=1)
+        mx_new, s_new, alpha, d, e, se = online(mx, s, proc)
         first = b.op("Add", b.op("ArgMax", proc, axis=-1, keepdims=1, select_last_index=0), start)
-        idx = b.op("Where", b.op("Greater", mc, mx), first, idx)  # strictly greater: the first index wins
-        mx_new = b.op("Max", mx, mc)
-        alpha = b.op("Exp", b.op("Sub", mx, mx_new))
-        d = b.op("Sub", proc, mx_new)
-        e = b.op("Exp", d)
-        s_new = b.op("Add", b.op("Mul", s, alpha), b.op("ReduceSum", e, m.ax_last, keepdims=1))
+        idx = b.op("Where", b.op("Greater", mx_new, mx), first, idx)  # only a strictly greater max: the first wins
         # t is relative to the running max: moving it from mx to mx_new adds (mx - mx_new) s
         t_old = b.op("Mul", b.op("Add", t, b.op("Mul", b.op("Sub", mx, mx_new), s)), alpha)
         t_new = b.op("Add", t_old, b.op("ReduceSum", b.op("Mul", e, d), m.ax_last, keepdims=1))
-        acc_new = b.op("Add", b.op("Mul", acc, alpha), b.op("MatMul", e, rows))
+        if half:  # the max and sum of softmax(md(proc)), for pass 2
+            mx2, s2, *_ = online(rest[0], rest[1], b.to_md(proc))
+            last = [mx2, s2]
+        else:
+            last = [b.op("Add", b.op("Mul", rest[0], alpha), b.op("MatMul", e, rows))]
+        stack = [proc, capped] if with_logits else [proc]
+        # the chunk's probability mass against the running max, for the draw (Identity: a scan output
+        # of its own name, whose shape onnxruntime knows when the Loop runs no iteration)
+        masses = [se, b.op("Identity", mx_new)]
         if V % chunk:  # the last chunk is narrower: pad it to stack (ids >= V: probability 0, then clamped)
             pads = b.op("Concat", i64(0, 0, 0), b.op("Sub", i64(chunk), b.op("Slice", b.op("Shape", capped),
                                                                                 i64(1), i64(2))), axis=0)
-            capped = b.op("Pad", capped, pads, b.const(np.float32(-np.inf), FLOAT))
-        return [mx_new, s_new, t_new, idx, acc_new, capped]
+            stack = [b.op("Pad", x, pads, b.const(np.float32(-np.inf), FLOAT)) for x in stack]
+        return [mx_new, s_new, t_new, idx, *last, *masses, *stack]
 
     # no iterations when there are no rows (the step graph encoding: no table to read)
     trips = b.op("Min", b.const(np.int64(n_chunks), INT64), b.op("Size", flat))
-    mx, s, t, idx, acc, stacked = b.loop_carrying(trips, carried, pass1, "vocab", scans=[(FLOAT, ["rows", chunk])])
+    outs = b.loop_carrying(trips, carried, pass1, "vocab",
+                           scans=[(FLOAT, ["rows", 1])] * 2 + [(FLOAT, ["rows", chunk])] * (1 + with_logits))
+    # stacked: [chunks, N, 1] and [chunks, N, chunk], said explicitly (ONNX's reference evaluator
+    # concatenates scan outputs, vstack)
+    t1 = b.op("Reshape", trips, i64(1))
+    se, mxc, *stacked = (b.op("Reshape", x, b.op("Concat", t1, n, i64(w), axis=0), allowzero=1)
+                         for x, w in zip(outs[len(carried):], (1, 1, chunk, chunk)))
+    mx, s, t, idx, *rest = outs[:len(carried)]
     entropy = b.op("Sub", b.op("Log", s), b.op("Div", t, s))
-    expect = b.op("Div", acc, s)
 
-    def pass2(i, below, count):
-        proc = b.op("Div", b.op("Gather", stacked, i, axis=0), temp)
-        p = b.op("Div", b.op("Exp", b.op("Sub", proc, mx)), s)
-        cdf = b.op("Add", b.op("CumSum", p, b.const(np.int64(-1), INT64)), below)
-        # counted in int32 (an [N, chunk] int64 would be the largest array), then widened
-        hits = b.op("ReduceSum", b.op("Cast", b.op("LessOrEqual", cdf, unif), to=TensorProto.INT32), m.ax_last,
-                    keepdims=1)
-        return [b.op("Slice", cdf, i64(-1), i64(chunk), i64(1)), b.op("Add", count, b.cast(hits, INT64))]
-
-    _, count = b.loop_carrying(trips, [(filled(0.0, FLOAT), FLOAT), (filled(0, INT64), INT64)], pass2, "cdf")
+    # the reference's inverse-CDF draw, sum_j [cdf_j <= u], in two levels: the chunk whose cumulative
+    # mass first passes u (from each chunk's mass in pass 1, moved to the final max), then a cumulative
+    # sum inside that one chunk per row
+    mass = b.op("Div", b.op("Mul", se, b.op("Exp", b.op("Sub", mxc, mx))), s)  # [chunks, N, 1]
+    mass = b.op("Reshape", b.op("Transpose", mass, perm=[1, 0, 2]), b.op("Concat", n, t1, axis=0), allowzero=1)
+    cum = b.op("CumSum", mass, b.const(np.int64(1), INT64))  # [N, chunks]
+    before = b.op("CumSum", mass, b.const(np.int64(1), INT64), exclusive=1)
+    passed = b.op("ReduceSum", b.cast(b.op("LessOrEqual", cum, unif), INT64), i64(1), keepdims=1)
+    k = b.op("Min", passed, b.op("Sub", t1, i64(1)))  # [N, 1]; past the last chunk: rounding, clamped below
+    ids = b.op("Range", b.const(np.int64(0), INT64), trips, b.const(np.int64(1), INT64))
+    offset = b.op("ReduceSum", b.op("Mul", before, b.cast(b.op("Equal", ids, k), FLOAT)), i64(1), keepdims=1)
+    n0 = b.op("Reshape", n, b.const(np.zeros(0, np.int64), INT64))  # N, a scalar
+    rows_of = b.op("Add", b.op("Mul", b.op("Reshape", k, i64(-1)), n0),  # row n of chunk k[n]
+                   b.op("Range", b.const(np.int64(0), INT64), n0, b.const(np.int64(1), INT64)))
+    proc = b.op("Gather", b.op("Reshape", stacked[0], i64(-1, chunk)), rows_of, axis=0)  # [N, chunk]
+    cdf = b.op("Add", b.op("CumSum", b.op("Div", b.op("Exp", b.op("Sub", proc, mx)), s),
+                           b.const(np.int64(-1), INT64)), offset)
+    inside = b.op("ReduceSum", b.cast(b.op("LessOrEqual", cdf, unif), INT64), m.ax_last, keepdims=1)
+    count = b.op("Add", b.op("Mul", k, b.const(np.int64(chunk), INT64)), inside)
     sampled = b.op("Min", count, b.const(np.int64(V - 1), INT64))
+
+    if half:  # (softmax_fp32(md(proc)) -> md) @ E as the reference rounds it: a second pass over the table
+        def pass2(i, acc):
+            proc = b.op("Gather", stacked[0], i, axis=0)
+            p_sc = b.to_md(b.op("Div", b.op("Exp", b.op("Sub", b.to_md(proc), rest[0])), rest[1]))
+            rows = _table_rows(b, m, *bounds(i))
+            p_sc = b.op("Slice", p_sc, i64(0), b.op("Slice", b.op("Shape", rows), i64(0), i64(1)), i64(1))
+            return [b.op("Add", acc, b.op("MatMul", p_sc, rows))]
+
+        expect = b.loop_carrying(trips, [(filled(0.0, FLOAT, H), FLOAT)], pass2, "expect")[0]
+    else:
+        expect = b.op("Div", rest[0], s)
     logits = None
     if with_logits:  # [chunks, N, chunk] -> [N, V] (no rows: a [0, 0] from the Loop that ran no iteration)
-        wide = b.op("Reshape", b.op("Transpose", stacked, perm=[1, 0, 2]),
+        wide = b.op("Reshape", b.op("Transpose", stacked[1], perm=[1, 0, 2]),
                     b.op("Concat", n, b.op("Mul", b.op("Reshape", trips, i64(1)), i64(chunk)), axis=0), allowzero=1)
         logits = b.op("Slice", wide, i64(0), i64(V), i64(1))
     return idx, entropy, sampled, expect, logits

@@ -81,22 +81,24 @@ def plan(src, opts) -> dict:
     # each stored tensor starts on an ALIGN boundary; fused parts share stored tensors, so this bounds it
     weights = sum(n for *_, n in rows)
     padding_max = sum(k for _, _, k, _ in rows) * (ALIGN - 1)
-    # a CPU-EP run, canvas C. Unquantized: weights.bin memory-mapped and shared by both sessions; the
-    # tied lm_head and the self-conditioning expectation read the embedding table in fp32 (cast, for
-    # half exports), and the sampler's vocabulary-wide arrays: ~5 [C, V] fp32 live at once (measured: a
-    # canvas-256 step of a 131,072-token vocabulary raised peak RSS by 5.1 such arrays). Quantized (one
-    # step graph, one session): onnxruntime repacks every 4/8-bit weight for MatMulNBits and frees the
-    # original (PACKED_RSS: the resident bytes per weights.bin byte, measured); the 8-bit embedding stays
-    # as stored, and the streamed head (onnx_graph._streamed_head) holds the softcapped logits [C, V]
-    # twice while its Loop stacks them, one dequantized chunk of the table and a few [C, chunk] arrays.
+    # a CPU-EP run, canvas C. Unquantized: weights.bin memory-mapped and shared by both sessions.
+    # Quantized (one step graph, one session): onnxruntime repacks every 4/8-bit weight for MatMulNBits
+    # and frees the original (PACKED_RSS: the resident bytes per weights.bin byte, measured); the 8-bit
+    # embedding stays as stored. The head: where the CPU's graphs compute in fp32 (fp32, bf16 and
+    # quantized exports) it streams the vocabulary (onnx_graph._streamed_head): the logits/T [C, V]
+    # twice while its Loop stacks them, one fp32 chunk of the table and a few [C, chunk] arrays; fp16
+    # exports run the whole-array head: ~5 [C, V] fp32 arrays live at once (measured: a canvas-256 step
+    # of a 131,072-token vocabulary raised peak RSS by 5.1 such arrays).
     V, H, C = cfg.vocab_size, cfg.hidden_size, cfg.canvas_length
-    sampler = ("sampler's vocabulary-wide arrays (~5 x [canvas, V] fp32)", SAMPLER_ARRAYS * C * V * 4)
-    if bits:
-        emb = by_role.get("embedding", 0)
-        chunk = min(VOCAB_CHUNK, V)
+    chunk = min(VOCAB_CHUNK, V)
+    if bits or opts.dtype in ("fp32", "bf16"):
         head = [("streamed head: logits [canvas, V] fp32, x2 while stacked", 2 * C * V * 4),
                 ("streamed head: one fp32 chunk of the table + its arrays",
                  chunk * H * 4 + HEAD_CHUNK_ARRAYS * C * chunk * 4)]
+    else:
+        head = [("sampler's vocabulary-wide arrays (~5 x [canvas, V] fp32)", SAMPLER_ARRAYS * C * V * 4)]
+    if bits:
+        emb = by_role.get("embedding", 0)
         rss, rss_by_level = {}, {}
         for level in (4, 0):
             rss[level] = [(f"weights packed for MatMulNBits ({PACKED_RSS[bits, level]:g} x stored)",
@@ -105,10 +107,7 @@ def plan(src, opts) -> dict:
             rss_by_level[level] = sum(n for _, n in rss[level])
         rss_rows, rss_total = rss[4], rss_by_level[4]
     else:
-        rss_rows = [("weights.bin, memory-mapped", weights)]
-        if opts.dtype != "fp32":
-            rss_rows.append(("embedding table in fp32 (lm_head, self-conditioning)", V * H * 4))
-        rss_rows.append(sampler)
+        rss_rows = [("weights.bin, memory-mapped", weights)] + head
         rss_total, rss_by_level = sum(n for _, n in rss_rows), None
     return {"config": cfg, "rows": sorted(by_role.items(), key=lambda kv: -kv[1]), "weights_bytes": weights,
             "padding_max": padding_max, "rss": rss_rows, "rss_bytes": rss_total, "rss_by_level": rss_by_level}
