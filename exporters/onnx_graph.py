@@ -735,22 +735,23 @@ def _table_rows(b: Builder, m: Model, start: str, end: str) -> str:
 def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, temp: str, unif: str,
                    with_logits: bool):
     """The head of every graph that computes in fp32, streamed over the vocabulary `VOCAB_CHUNK` rows
-    of the table at a time: no [N, V] array but the softcapped logits, and no second copy of the
-    table. Why: the whole-array head held ~5 [N, V] fp32 arrays (1.3 GB for the 26B-A4B) and, in
-    quantized exports, a packed copy of the 8-bit table for a fused MatMulNBits lm_head (0.9 GB; at
-    accuracy level 0 that kernel dequantized the whole table to fp32 on every call, 3 GB), in the
-    CPU graphs of bf16 exports an fp32 cast of the whole table on every step (3 GB).
-    Pass 1 (one Loop): each chunk of rows is read (dequantized, or cast) once for the lm_head (an fp32
-    Gemm: in quantized exports the logits are exact to the dequantized weights at every accuracy
-    level) and, in fp32 models, for the expectation p @ E, accumulated like flash attention against a
-    running max: per row the max m (and its first index), s = sum exp(proc - m),
-    t = sum exp(proc - m) (proc - m) and sum exp(proc - m) E, each rescaled when m grows. Then
-    entropy = log s - t / s (accurate for confident rows, where it is tiny) and p @ E =
-    (sum exp(proc - m) E) / s. Pass 2 (a second Loop, over the stacked logits): the inverse-CDF count
-    of the reference sampler needs the final normalizer; so does a half-precision model's p @ E, whose
-    probabilities the reference rounds to the model dtype (softmax of md(proc), with its own running
-    max and sum from pass 1), so those read each chunk of the table a second time there. Returns
-    argmax, entropy, sampled [N], expectation [N, H] and the logits [N, V] (when asked)."""
+    of the table at a time: no [N, V] array but the stacked logits / T, and no second copy of the
+    table. Why: the whole-array head held ~5 [N, V] fp32 arrays (1.3 GB for the 26B-A4B); quantized
+    exports kept a packed copy of the 8-bit table for a fused MatMulNBits lm_head (0.9 GB; at accuracy
+    level 0 that kernel dequantized the whole table to fp32 on every call, 3 GB); the CPU graphs of
+    bf16 exports cast the whole table to fp32 on every step (3 GB).
+    One Loop reads each chunk of rows once (sliced, cast or dequantized) for the lm_head (an fp32 Gemm:
+    in quantized exports the logits are exact to the dequantized weights at every accuracy level) and,
+    in fp32 models, for the expectation p @ E, accumulated like flash attention against a running max:
+    per row the max m (and its first index), s = sum exp(proc - m), t = sum exp(proc - m) (proc - m)
+    and sum exp(proc - m) E, each rescaled when m grows. Then entropy = log s - t / s (accurate for
+    confident rows, where it is tiny) and p @ E = (sum exp(proc - m) E) / s. The reference's
+    inverse-CDF draw, sum_j [cdf_j <= u], in two levels: the chunk whose cumulative mass first passes u
+    (each chunk's mass is a scan output), then one cumulative sum inside that chunk (a whole-vocabulary
+    CumSum was a quarter of a head-heavy step). A half-precision model's p @ E rounds the probabilities
+    to the model dtype after normalizing (softmax of md(proc), whose max and sum the Loop also keeps),
+    so it takes a second Loop over the table. Returns argmax, entropy, sampled [N], expectation [N, H]
+    and the logits [N, V] (when asked)."""
     H, V = cfg.hidden_size, cfg.vocab_size
     half = md != FLOAT
     chunk = min(VOCAB_CHUNK, V)
@@ -784,7 +785,7 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
     if half:
         carried.append((filled(0.0, FLOAT), FLOAT))
 
-    def pass1(i, mx, s, t, idx, *rest):
+    def read_chunk(i, mx, s, t, idx, *rest):
         start, end = bounds(i)
         rows = _table_rows(b, m, start, end)  # [chunk, H] fp32
         capped = _softcap(b, cfg, b.op("Gemm", flat, rows, transB=1))  # [N, chunk]
@@ -795,7 +796,7 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
         # t is relative to the running max: moving it from mx to mx_new adds (mx - mx_new) s
         t_old = b.op("Mul", b.op("Add", t, b.op("Mul", b.op("Sub", mx, mx_new), s)), alpha)
         t_new = b.op("Add", t_old, b.op("ReduceSum", b.op("Mul", e, d), m.ax_last, keepdims=1))
-        if half:  # the max and sum of softmax(md(proc)), for pass 2
+        if half:  # the max and sum of softmax(md(proc)), for the second Loop
             mx2, s2, *_ = online(rest[0], rest[1], b.to_md(proc))
             last = [mx2, s2]
         else:
@@ -812,7 +813,7 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
 
     # no iterations when there are no rows (the step graph encoding: no table to read)
     trips = b.op("Min", b.const(np.int64(n_chunks), INT64), b.op("Size", flat))
-    outs = b.loop_carrying(trips, carried, pass1, "vocab",
+    outs = b.loop_carrying(trips, carried, read_chunk, "vocab",
                            scans=[(FLOAT, ["rows", 1])] * 2 + [(FLOAT, ["rows", chunk])] * (1 + with_logits))
     # stacked: [chunks, N, 1] and [chunks, N, chunk], said explicitly (ONNX's reference evaluator
     # concatenates scan outputs, vstack)
@@ -823,7 +824,7 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
     entropy = b.op("Sub", b.op("Log", s), b.op("Div", t, s))
 
     # the reference's inverse-CDF draw, sum_j [cdf_j <= u], in two levels: the chunk whose cumulative
-    # mass first passes u (from each chunk's mass in pass 1, moved to the final max), then a cumulative
+    # mass first passes u (each chunk's mass from the Loop, moved to the final max), then a cumulative
     # sum inside that one chunk per row
     mass = b.op("Div", b.op("Mul", se, b.op("Exp", b.op("Sub", mxc, mx))), s)  # [chunks, N, 1]
     mass = b.op("Reshape", b.op("Transpose", mass, perm=[1, 0, 2]), b.op("Concat", n, t1, axis=0), allowzero=1)
@@ -844,14 +845,14 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
     sampled = b.op("Min", count, b.const(np.int64(V - 1), INT64))
 
     if half:  # (softmax_fp32(md(proc)) -> md) @ E as the reference rounds it: a second pass over the table
-        def pass2(i, acc):
+        def expect_chunk(i, acc):
             proc = b.op("Gather", stacked[0], i, axis=0)
             p_sc = b.to_md(b.op("Div", b.op("Exp", b.op("Sub", b.to_md(proc), rest[0])), rest[1]))
             rows = _table_rows(b, m, *bounds(i))
             p_sc = b.op("Slice", p_sc, i64(0), b.op("Slice", b.op("Shape", rows), i64(0), i64(1)), i64(1))
             return [b.op("Add", acc, b.op("MatMul", p_sc, rows))]
 
-        expect = b.loop_carrying(trips, [(filled(0.0, FLOAT, H), FLOAT)], pass2, "expect")[0]
+        expect = b.loop_carrying(trips, [(filled(0.0, FLOAT, H), FLOAT)], expect_chunk, "expect")[0]
     else:
         expect = b.op("Div", rest[0], s)
     logits = None
