@@ -683,7 +683,7 @@ def _denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: 
         expect = b.op("Reshape", expect, b.op("Concat", bc, b.const(np.array([H], np.int64), INT64), axis=0),
                       allowzero=1)
     else:
-        argmax, entropy, sampled, expect, logits = _whole_head(b, m, cfg, md, flat, temp, unif)
+        argmax, entropy, sampled, expect, logits = _whole_head(b, m, cfg, flat, temp, unif)
     soft = b.op("Mul", expect, b.cconst(math.sqrt(H)))
     b.output("argmax_ids", argmax, INT64, ["batch", "canvas"])
     b.output("entropy", entropy, FLOAT, ["batch", "canvas"])
@@ -699,7 +699,7 @@ def _softcap(b: Builder, cfg: TextConfig, lg: str) -> str:
     return b.op("Mul", b.op("Tanh", b.op("Div", lg, cap)), cap)
 
 
-def _whole_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, temp: str, unif: str):
+def _whole_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, unif: str):
     """The head over whole [N, V] arrays, for graphs that compute in half precision (the GPU graphs of
     fp16/bf16 exports: one half-precision GEMM each for the logits and p @ E): argmax, entropy, sampled
     ids [B, C], the expectation p @ E [B, C, H] and the logits [N, V]."""
@@ -718,10 +718,7 @@ def _whole_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, temp:
     count = b.op("Cast", b.op("ReduceSum", below, m.ax_last, keepdims=0), to=INT64)
     sampled = b.op("Min", count, b.const(np.int64(V - 1), INT64))
     # next step's self-conditioning input: (softmax_fp32(md(proc)) -> md) @ E * md(sqrt(H))
-    if md == FLOAT:
-        p_sc = probs
-    else:
-        p_sc = b.to_md(b.op("Softmax", b.f32(b.to_md(proc)), axis=-1))
+    p_sc = b.to_md(b.op("Softmax", b.f32(b.to_md(proc)), axis=-1))
     return argmax, entropy, sampled, b.op("MatMul", p_sc, E), logits
 
 
