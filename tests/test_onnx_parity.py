@@ -115,3 +115,59 @@ def test_runtime_module_imports_without_torch():
             "import dgport.runtimes.onnx, dgport.manifest, dgport.loop; print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp32", "bf16"])
+def test_streamed_head_computes_the_whole_vocabulary_sampler(kind, checkpoints, tmp_path, monkeypatch, capfd):
+    """The head of every fp32-compute graph streams the vocabulary in chunks (online max, normalizer,
+    entropy and p @ E, then the inverse-CDF draw: the chunk, then the id inside it). With 100-row
+    chunks (the 512-token fixture in six, the last one padded) its outputs must be what the
+    whole-vocabulary math gives from its own logits, in float64: argmax, entropy, the sampled ids and
+    the next self-conditioning input (bf16: p rounded to bf16 before p @ E, as the reference does)."""
+    import ml_dtypes
+    from safetensors.numpy import load_file
+
+    from dgport.exporters import onnx_graph
+    from dgport.exporters.export import ExportOptions, export
+    from dgport.exporters.quantize import dequantize, quantize
+    from dgport.manifest import read_manifest
+
+    bf16 = lambda x: np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)  # noqa: E731
+    monkeypatch.setattr(onnx_graph, "VOCAB_CHUNK", 100)
+    out = tmp_path / kind
+    opts = dict(quantize=4, group_size=32) if kind == "int4" else dict(dtype=kind)
+    export(checkpoints["tiny"], out, ExportOptions(with_logits=True, validate=False, **opts))
+    backend = OnnxBackend(read_manifest(out), threads=THREADS)
+    cfg = backend.config
+    V, H, C, P = cfg.vocab_size, cfg.hidden_size, cfg.canvas_length, 5
+    rng = np.random.default_rng(3)
+    capfd.readouterr()
+    backend.encode(rng.integers(0, V, (1, P)), np.arange(P)[None])
+    # quantized exports encode with the step graph, whose head Loop then runs zero times: onnxruntime
+    # must know its outputs' shapes (no warning)
+    assert "onnxruntime" not in capfd.readouterr().err
+    temp, unif = np.float32(0.7), rng.random((1, C), dtype=np.float32)
+    step = backend.denoise(rng.integers(0, V, (1, C)), np.arange(P, P + C)[None], temp, unif)
+    proc32 = (backend.last_logits[0] / temp).astype(np.float32)
+    proc = proc32.astype(np.float64)
+    p = np.exp(proc - proc.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    assert np.array_equal(step.argmax[0], proc.argmax(-1))
+    entropy = -(p * np.log(p)).sum(-1)
+    assert np.max(np.abs(step.entropy[0] - entropy) / entropy) < 1e-5
+    cdf = np.cumsum(p, -1)
+    count = np.minimum((cdf <= unif[0][:, None]).sum(-1), V - 1)
+    near = np.abs(cdf - unif[0][:, None]).min(-1) < 1e-6  # within rounding of a boundary: either side
+    assert np.all((step.sampled[0] == count) | near) and near.mean() < 0.1
+    table = load_file(str(checkpoints["tiny"] / "model.safetensors"))["model.decoder.embed_tokens.weight"]
+    if kind == "int4":
+        table = dequantize(*quantize(table, 8, 32), 32)
+    sc = np.asarray(backend.sc_numpy(), np.float64)[0]  # the next step's sc_embeds, as the graph returned it
+    if kind == "bf16":
+        pm = bf16(proc32)
+        p_sc = np.exp(pm - pm.max(-1, keepdims=True))
+        want = bf16(p_sc / p_sc.sum(-1, keepdims=True)) @ bf16(table) * bf16(np.sqrt(H))
+        tol = 1e-2  # sc_embeds come back in bf16
+    else:
+        want, tol = p @ np.asarray(table, np.float64) * np.sqrt(H), 1e-5
+    assert np.linalg.norm(sc - want) / np.linalg.norm(want) < tol

@@ -143,46 +143,6 @@ def test_quantized_export_validates_against_dequantized_model(qexports, bits):
     assert len(left) == 2 and all(a.i == 0 for n in left for a in n.attribute if a.name == "block_size"), left
 
 
-def test_streamed_head_computes_the_whole_vocabulary_sampler(checkpoints, tmp_path, monkeypatch, capfd):
-    """The head streams the vocabulary in chunks (online max, normalizer, entropy and p @ E, then the
-    inverse-CDF draw: the chunk, then the id inside it). With 100-row chunks (the 512-token fixture
-    in six, the last one padded) its outputs must be what the whole-vocabulary math gives from its
-    own logits, in float64: argmax, entropy, the sampled ids and the next self-conditioning input."""
-    from safetensors.numpy import load_file
-
-    from dgport.exporters import onnx_graph
-    from dgport.runtimes.onnx import OnnxBackend
-
-    monkeypatch.setattr(onnx_graph, "VOCAB_CHUNK", 100)
-    out = tmp_path / "q4"
-    export(checkpoints["tiny"], out, ExportOptions(quantize=4, group_size=32, with_logits=True, validate=False))
-    backend = OnnxBackend(read_manifest(out), threads=THREADS)
-    cfg = backend.config
-    V, H, C, P = cfg.vocab_size, cfg.hidden_size, cfg.canvas_length, 5
-    rng = np.random.default_rng(3)
-    capfd.readouterr()
-    backend.encode(rng.integers(0, V, (1, P)), np.arange(P)[None])
-    # encoding runs the head's Loop zero times; onnxruntime must know its outputs' shapes (no warning)
-    assert "onnxruntime" not in capfd.readouterr().err
-    temp, unif = np.float32(0.7), rng.random((1, C), dtype=np.float32)
-    step = backend.denoise(rng.integers(0, V, (1, C)), np.arange(P, P + C)[None], temp, unif)
-    proc = np.asarray(backend.last_logits, np.float64)[0] / np.float64(temp)
-    p = np.exp(proc - proc.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    assert np.array_equal(step.argmax[0], proc.argmax(-1))
-    entropy = -(p * np.log(p)).sum(-1)
-    assert np.max(np.abs(step.entropy[0] - entropy) / entropy) < 1e-5
-    cdf = np.cumsum(p, -1)
-    count = np.minimum((cdf <= unif[0][:, None]).sum(-1), V - 1)
-    near = np.abs(cdf - unif[0][:, None]).min(-1) < 1e-6  # within rounding of a boundary: either side
-    assert np.all((step.sampled[0] == count) | near) and near.mean() < 0.1
-    weights = load_file(str(checkpoints["tiny"] / "model.safetensors"))
-    table = dequantize(*quantize(weights["model.decoder.embed_tokens.weight"], 8, 32), 32).astype(np.float64)
-    sc = np.asarray(backend._sc.numpy(), np.float64)[0]  # the next step's sc_embeds, as the graph returned it
-    want = p @ table * np.sqrt(H)
-    assert np.linalg.norm(sc - want) / np.linalg.norm(want) < 1e-5
-
-
 @pytest.mark.parametrize("flag", [{"denoise_moe": "dense"}, {"encoder_moe": "dense"}])
 def test_quantized_dense_experts_refused(checkpoints, tmp_path, flag):
     """Quantized experts run only as unrolled constants (fused into MatMulNBits): a dense form asked
