@@ -389,3 +389,17 @@ def test_bench_memory_runs_on_a_quantized_export(qexports, capsys):
     bench_memory.main([str(out), "--prompt", "5", "--steps", "2"])
     text = capsys.readouterr().out
     assert "VmHWM" in text and "denoise steps (canvas 16) ms [" in text and "argmax [" in text
+
+
+def test_bench_quant_rebuilds_exports_older_than_the_exporter(tmp_path):
+    """bench_quant reuses the exports in its work folder only when they are newer than the exporter's
+    code: a cached export from an earlier graph builder would benchmark that builder."""
+    import os
+
+    from bench.bench_quant import needs_export
+
+    assert needs_export(tmp_path)
+    (tmp_path / "dgport.json").write_text("{}")
+    assert not needs_export(tmp_path)
+    os.utime(tmp_path / "dgport.json", (0, 0))
+    assert needs_export(tmp_path)
