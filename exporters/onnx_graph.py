@@ -677,13 +677,15 @@ def _denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: 
     flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
     bc = b.op("Slice", b.op("Shape", h), b.const(np.array([0], np.int64), INT64),
               b.const(np.array([2], np.int64), INT64))
+    unif = b.op("Reshape", unif, b.const(np.array([-1], np.int64), INT64))  # [N], like flat's rows
     if b.cdt == FLOAT:  # fp32 and quantized exports, the CPU's fp32-compute graphs of bf16 ones
         argmax, entropy, sampled, expect, logits = _streamed_head(b, m, cfg, md, flat, temp, unif, with_logits)
-        argmax, entropy, sampled = (b.op("Reshape", x, bc, allowzero=1) for x in (argmax, entropy, sampled))
-        expect = b.op("Reshape", expect, b.op("Concat", bc, b.const(np.array([H], np.int64), INT64), axis=0),
-                      allowzero=1)
     else:
         argmax, entropy, sampled, expect, logits = _whole_head(b, m, cfg, flat, temp, unif)
+    # [N] -> [B, C] (C may be 0: the step graph encoding)
+    argmax, entropy, sampled = (b.op("Reshape", x, bc, allowzero=1) for x in (argmax, entropy, sampled))
+    expect = b.op("Reshape", expect, b.op("Concat", bc, b.const(np.array([H], np.int64), INT64), axis=0),
+                  allowzero=1)
     soft = b.op("Mul", expect, b.cconst(math.sqrt(H)))
     b.output("argmax_ids", argmax, INT64, ["batch", "canvas"])
     b.output("entropy", entropy, FLOAT, ["batch", "canvas"])
@@ -701,19 +703,18 @@ def _softcap(b: Builder, cfg: TextConfig, lg: str) -> str:
 
 def _whole_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, unif: str):
     """The head over whole [N, V] arrays, for graphs that compute in half precision (the GPU graphs of
-    fp16/bf16 exports: one half-precision GEMM each for the logits and p @ E): argmax, entropy, sampled
-    ids [B, C], the expectation p @ E [B, C, H] and the logits [N, V]."""
+    fp16/bf16 exports: one half-precision GEMM each for the logits and p @ E) of flat [N, H] with
+    uniforms [N]: argmax, entropy, sampled ids [N], the expectation p @ E [N, H] and the logits [N, V]."""
     V = cfg.vocab_size
     E = m.embedding()
     logits = _softcap(b, cfg, b.f32(b.op("Gemm", flat, E, transB=1)))  # tied lm_head, one copy of the table
-    shape = b.op("Concat", b.op("Shape", unif), b.const(np.array([V], np.int64), INT64), axis=0)
-    proc = b.op("Reshape", b.op("Div", logits, temp), shape, allowzero=1)  # [B,C,V] (C may be 0: encoding)
+    proc = b.op("Div", logits, temp)
     argmax = b.op("ArgMax", proc, axis=-1, keepdims=0, select_last_index=0)
     probs = b.op("Softmax", proc, axis=-1)
     logp = b.op("LogSoftmax", proc, axis=-1)
     entropy = b.op("Neg", b.op("ReduceSum", b.op("Mul", probs, logp), m.ax_last, keepdims=0))
     cdf = b.op("CumSum", probs, b.const(np.int64(-1), INT64))
-    # counted in int32 (a [B, C, V] int64 would be the sampler's largest array), then widened
+    # counted in int32 (an [N, V] int64 would be the sampler's largest array), then widened
     below = b.op("Cast", b.op("LessOrEqual", cdf, b.op("Unsqueeze", unif, m.ax_last)), to=TensorProto.INT32)
     count = b.op("Cast", b.op("ReduceSum", below, m.ax_last, keepdims=0), to=INT64)
     sampled = b.op("Min", count, b.const(np.int64(V - 1), INT64))
@@ -754,7 +755,7 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
     chunk = min(VOCAB_CHUNK, V)
     n_chunks = -(-V // chunk)
     i64 = lambda *v: b.const(np.array(v, np.int64), INT64)  # noqa: E731
-    unif = b.op("Reshape", unif, i64(-1, 1))  # [N, 1]
+    unif = b.op("Unsqueeze", unif, i64(-1))  # [N, 1]
     n = b.op("Slice", b.op("Shape", flat), i64(0), i64(1))
 
     def filled(value, dtype, width: int = 1):  # [N, width]
@@ -855,7 +856,7 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
     logits = None
     if with_logits:  # [chunks, N, chunk] -> [N, V] (no rows: a [0, 0] from the Loop that ran no iteration)
         wide = b.op("Reshape", b.op("Transpose", stacked[1], perm=[1, 0, 2]),
-                    b.op("Concat", n, b.op("Mul", b.op("Reshape", trips, i64(1)), i64(chunk)), axis=0), allowzero=1)
+                    b.op("Concat", n, b.op("Mul", t1, i64(chunk)), axis=0), allowzero=1)
         logits = b.op("Slice", wide, i64(0), i64(V), i64(1))
     return idx, entropy, sampled, expect, logits
 
