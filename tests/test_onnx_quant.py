@@ -403,3 +403,26 @@ def test_bench_quant_rebuilds_exports_older_than_the_exporter(tmp_path):
     assert not needs_export(tmp_path)
     os.utime(tmp_path / "dgport.json", (0, 0))
     assert needs_export(tmp_path)
+
+
+def test_gemm_ceiling_counts_the_steps_products_and_runs_them_fused():
+    """bench/gemm_ceiling.py bounds the int4 step against transformers from the products alone: its
+    list must be the step's (bench_quant's FLOP count, less attention scores, the head and the
+    self-conditioning MLP), and onnxruntime must run each as MatMulNBits at both bit widths."""
+    import json
+
+    import numpy as np
+
+    from bench.bench_quant import step_flops
+    from bench.gemm_ceiling import CONFIG, _onnx_session, gemms
+    from dgport.config import TextConfig
+
+    cfg = TextConfig.from_hf(json.loads(CONFIG.read_text()))
+    C, H, I, V = 256, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    products = sum(2 * m * k * n for i in range(cfg.num_layers) for shapes in gemms(cfg, C, i).values()
+                   for m, k, n, _ in shapes)
+    scores = sum(2 * 2 * cfg.num_heads * cfg.head_dims[i] * C * C for i in range(cfg.num_layers))
+    assert products == step_flops(cfg, C, 0) - scores - 2 * C * (3 * H * I + 2 * H * V)
+    assert {bits for shapes in gemms(cfg, C, 0).values() for *_, bits in shapes} == {4, 8}
+    run, fused = _onnx_session([(16, 128, 64, 4), (8, 128, 32, 8)], threads=1, level=4)
+    assert fused == 2 and np.isfinite(run()[0])
