@@ -41,7 +41,15 @@ def gemms(cfg, canvas: int, layer: int) -> dict[str, list[tuple[int, int, int, i
     }
 
 
-def _onnx_session(shapes, threads: int, level: int):
+INTEGER_KERNELS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+
+
+def _onnx_session(shapes, threads: int, level: int, w8a8: bool = False):
+    """A session running every product of `shapes` ([rows, in, out, bits]) once, and how many of them
+    run in the kernel meant: MatMulNBits (each weight a constant blocked DequantizeLinear -> MatMul,
+    as dgport's quantized exports write them), or with `w8a8` onnxruntime's u8 x s8 integer GEMM
+    (DynamicQuantizeLinear on the activations, per-tensor; int8 weights with one scale per output
+    column: the scheme it needs, which group-wise weights are not)."""
     import onnxruntime as ort
     from onnx import TensorProto as T, helper
 
@@ -51,18 +59,29 @@ def _onnx_session(shapes, threads: int, level: int):
     for j, (m, k, n, bits) in enumerate(shapes):
         x = f"x_{m}_{k}"
         inputs.setdefault(x, helper.make_tensor_value_info(x, T.FLOAT, [m, k]))
-        qt = T.UINT4 if bits == 4 else T.UINT8
         # random integers: the kernels' speed does not depend on the values
-        q = rng.integers(0, 256, (k * n * bits // 8,), dtype=np.uint8).tobytes()
-        z = rng.integers(0, 256, ((k // GROUP) * n * bits // 8,), dtype=np.uint8).tobytes()
-        s = (rng.random((k // GROUP, n), dtype=np.float32) * 1e-2).astype(np.float32)
-        inits += [helper.make_tensor(f"q{j}", qt, [k, n], q, raw=True),
-                  helper.make_tensor(f"z{j}", qt, [k // GROUP, n], z, raw=True),
-                  helper.make_tensor(f"s{j}", T.FLOAT, [k // GROUP, n], s.tobytes(), raw=True)]
-        nodes += [helper.make_node("DequantizeLinear", [f"q{j}", f"s{j}", f"z{j}"], [f"w{j}"], axis=0,
-                                   block_size=GROUP),
-                  helper.make_node("MatMul", [x, f"w{j}"], [f"y{j}"]),
-                  helper.make_node("ReduceSum", [f"y{j}"], [f"r{j}"], keepdims=0)]
+        if w8a8:
+            q = rng.integers(-127, 128, (k * n,), dtype=np.int8).tobytes()
+            s = (rng.random(n, dtype=np.float32) * 1e-2).astype(np.float32)
+            inits += [helper.make_tensor(f"q{j}", T.INT8, [k, n], q, raw=True),
+                      helper.make_tensor(f"s{j}", T.FLOAT, [n], s.tobytes(), raw=True)]
+            nodes += [helper.make_node("DynamicQuantizeLinear", [x], [f"xq{j}", f"xs{j}", f"xz{j}"]),
+                      helper.make_node("MatMulInteger", [f"xq{j}", f"q{j}", f"xz{j}"], [f"i{j}"]),
+                      helper.make_node("Cast", [f"i{j}"], [f"f{j}"], to=T.FLOAT),
+                      helper.make_node("Mul", [f"f{j}", f"xs{j}"], [f"g{j}"]),
+                      helper.make_node("Mul", [f"g{j}", f"s{j}"], [f"y{j}"])]
+        else:
+            qt = T.UINT4 if bits == 4 else T.UINT8
+            q = rng.integers(0, 256, (k * n * bits // 8,), dtype=np.uint8).tobytes()
+            z = rng.integers(0, 256, ((k // GROUP) * n * bits // 8,), dtype=np.uint8).tobytes()
+            s = (rng.random((k // GROUP, n), dtype=np.float32) * 1e-2).astype(np.float32)
+            inits += [helper.make_tensor(f"q{j}", qt, [k, n], q, raw=True),
+                      helper.make_tensor(f"z{j}", qt, [k // GROUP, n], z, raw=True),
+                      helper.make_tensor(f"s{j}", T.FLOAT, [k // GROUP, n], s.tobytes(), raw=True)]
+            nodes += [helper.make_node("DequantizeLinear", [f"q{j}", f"s{j}", f"z{j}"], [f"w{j}"], axis=0,
+                                       block_size=GROUP),
+                      helper.make_node("MatMul", [x, f"w{j}"], [f"y{j}"])]
+        nodes.append(helper.make_node("ReduceSum", [f"y{j}"], [f"r{j}"], keepdims=0))
         sums.append(f"r{j}")
     nodes.append(helper.make_node("Sum", sums, ["out"]))
     g = helper.make_graph(nodes, "gemms", list(inputs.values()), [helper.make_tensor_value_info("out", T.FLOAT, [])],
@@ -74,7 +93,8 @@ def _onnx_session(shapes, threads: int, level: int):
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feeds = {name: rng.standard_normal(tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)).astype(np.float32)
              for name, vi in inputs.items()}
-    fused = sum(n.op_type == "MatMulNBits" for n in _optimized_nodes(model, so))
+    kernels = INTEGER_KERNELS if w8a8 else {"MatMulNBits"}
+    fused = sum(n.op_type in kernels for n in _optimized_nodes(model, so))
     return (lambda: sess.run(None, feeds)), fused
 
 
@@ -154,6 +174,11 @@ def main(argv=None):
                                      "MatMulNBits; the comparison would not measure its kernel")
                 r[f"ort_acc{level}_ms"] = _median_ms(fn, a.runs)
                 del fn
+            fn, n_int = _onnx_session(shapes, a.threads, 0, w8a8=True)
+            if n_int != len(shapes):
+                raise SystemExit(f"{kind} {part}: {n_int} of {len(shapes)} products run onnxruntime's integer GEMM")
+            r["ort_w8a8_ms"] = _median_ms(fn, a.runs)
+            del fn
             r["torch_bf16_ms"] = _median_ms(_torch_fn(shapes, a.threads, part == "experts"), a.runs)
             res[f"{kind} {part}"] = r
             rows.append((kind, part, r))
@@ -161,16 +186,20 @@ def main(argv=None):
     weight = {"sliding": n_sliding, "full": cfg.num_layers - n_sliding}
     print(f"the 26B-A4B's layer products, canvas {a.canvas}, {a.threads} threads, medians of {a.runs}; "
           f"int4 export policy, group {GROUP}")
-    print("| layer | part | GFLOP | ORT int4 acc4 ms | ORT acc0 ms | torch bf16 ms | torch / ORT acc4 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layer | part | GFLOP | ORT int4 acc4 ms | ORT acc0 ms | ORT w8a8 ms | torch bf16 ms | "
+          "torch / ORT acc4 | torch / ORT w8a8 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for kind, part, r in rows:
         print(f"| {kind} | {part} | {r['gflop']:.1f} | {r['ort_acc4_ms']:.1f} | {r['ort_acc0_ms']:.1f} | "
-              f"{r['torch_bf16_ms']:.1f} | {r['torch_bf16_ms'] / r['ort_acc4_ms']:.2f}x |")
+              f"{r['ort_w8a8_ms']:.1f} | {r['torch_bf16_ms']:.1f} | {r['torch_bf16_ms'] / r['ort_acc4_ms']:.2f}x | "
+              f"{r['torch_bf16_ms'] / r['ort_w8a8_ms']:.2f}x |")
     for label, w in (("one sliding + one full layer (the real-slice fixture)", {"sliding": 1, "full": 1}),
                      (f"the whole model ({weight['sliding']} sliding + {weight['full']} full layers)", weight)):
-        tot = {k: sum(w[kind] * r[k] for kind, _, r in rows) for k in ("ort_acc4_ms", "torch_bf16_ms", "gflop")}
-        print(f"{label}: {tot['gflop']:.0f} GFLOP, ORT int4 acc4 {tot['ort_acc4_ms']:.0f} ms, torch bf16 "
-              f"{tot['torch_bf16_ms']:.0f} ms: ceiling {tot['torch_bf16_ms'] / tot['ort_acc4_ms']:.2f}x")
+        tot = {k: sum(w[kind] * r[k] for kind, _, r in rows)
+               for k in ("ort_acc4_ms", "ort_w8a8_ms", "torch_bf16_ms", "gflop")}
+        print(f"{label}: {tot['gflop']:.0f} GFLOP, torch bf16 {tot['torch_bf16_ms']:.0f} ms; ORT int4 acc4 "
+              f"{tot['ort_acc4_ms']:.0f} ms: ceiling {tot['torch_bf16_ms'] / tot['ort_acc4_ms']:.2f}x; ORT w8a8 "
+              f"{tot['ort_w8a8_ms']:.0f} ms: ceiling {tot['torch_bf16_ms'] / tot['ort_w8a8_ms']:.2f}x")
         res[label] = tot
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

@@ -426,3 +426,5 @@ def test_gemm_ceiling_counts_the_steps_products_and_runs_them_fused():
     assert {bits for shapes in gemms(cfg, C, 0).values() for *_, bits in shapes} == {4, 8}
     run, fused = _onnx_session([(16, 128, 64, 4), (8, 128, 32, 8)], threads=1, level=4)
     assert fused == 2 and np.isfinite(run()[0])
+    run, fused = _onnx_session([(16, 128, 64, 8)], threads=1, level=0, w8a8=True)
+    assert fused == 1 and np.isfinite(run()[0])
