@@ -28,10 +28,10 @@ import numpy as np
 
 from dgport.errors import BackendUnavailable
 
+from .checkpoint import DEC
 from .quantize import SCHEME, mlx_quantize
 from .validation import max_abs_rel_err
 
-DEC = "model.decoder."
 ENC_SCALAR = "model.encoder.language_model.layers.{i}.layer_scalar"
 QUANTIZED_SUFFIXES = ("_proj.weight", "embed_tokens.weight", "experts.gate_up_proj.weight",
                       "experts.down_proj.weight")

@@ -15,8 +15,9 @@ import onnx
 from dgport.progress import Progress
 
 from .validation import rel_err
-from .onnx_graph import (ONNX_DTYPE, WEIGHTS_FILE, QuantSpec, WeightStore, build_denoise, build_encoder, build_step,
-                         io_spec)
+from .onnx_builder import ONNX_DTYPE, WEIGHTS_FILE, WeightStore
+from .onnx_graph import build_denoise, build_encoder, build_step, io_spec
+from .onnx_quant import QuantSpec
 
 ENCODER, DENOISE = "encoder.onnx", "denoise_step.onnx"
 STEP = "step.onnx"  # quantized exports: encoder and denoiser in one graph (onnx_graph.build_step)

@@ -16,7 +16,8 @@ from pathlib import Path
 from dgport.config import TextConfig
 
 from .checkpoint import expected_tensors, read_config
-from .onnx_graph import ALIGN, VOCAB_CHUNK
+from .onnx_builder import ALIGN
+from .onnx_head import VOCAB_CHUNK
 from .quantize import DEC, check, quantized_tensors, tensor_bytes
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -85,7 +86,7 @@ def plan(src, opts) -> dict:
     # Quantized (one step graph, one session): onnxruntime repacks every 4/8-bit weight for MatMulNBits
     # and frees the original (PACKED_RSS: the resident bytes per weights.bin byte, measured); the 8-bit
     # embedding stays as stored. The head: where the CPU's graphs compute in fp32 (fp32, bf16 and
-    # quantized exports) it streams the vocabulary (onnx_graph._streamed_head): the logits/T [C, V]
+    # quantized exports) it streams the vocabulary (onnx_head._streamed_head): the logits/T [C, V]
     # twice while its Loop stacks them, one fp32 chunk of the table and a few [C, chunk] arrays; fp16
     # exports run the whole-array head: ~5 [C, V] fp32 arrays live at once (measured: a canvas-256 step
     # of a 131,072-token vocabulary raised peak RSS by 5.1 such arrays).

@@ -32,7 +32,8 @@ import numpy as np
 from dgport.config import TextConfig
 from dgport.errors import DgportError
 
-DEC = "model.decoder."
+from .checkpoint import DEC
+
 GROUP_SIZES = (32, 64, 128)
 SCHEME = "affine-zp"
 

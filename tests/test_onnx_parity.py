@@ -127,13 +127,13 @@ def test_streamed_head_computes_the_whole_vocabulary_sampler(kind, checkpoints, 
     import ml_dtypes
     from safetensors.numpy import load_file
 
-    from dgport.exporters import onnx_graph
+    from dgport.exporters import onnx_head
     from dgport.exporters.export import ExportOptions, export
     from dgport.exporters.quantize import dequantize, quantize
     from dgport.manifest import read_manifest
 
     bf16 = lambda x: np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)  # noqa: E731
-    monkeypatch.setattr(onnx_graph, "VOCAB_CHUNK", 100)
+    monkeypatch.setattr(onnx_head, "VOCAB_CHUNK", 100)
     out = tmp_path / kind
     opts = dict(quantize=4, group_size=32) if kind == "int4" else dict(dtype=kind)
     export(checkpoints["tiny"], out, ExportOptions(with_logits=True, validate=False, **opts))
