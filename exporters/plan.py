@@ -15,10 +15,10 @@ from pathlib import Path
 
 from dgport.config import TextConfig
 
-from .checkpoint import expected_tensors, read_config
+from .checkpoint import DEC, expected_tensors, read_config
 from .onnx_builder import ALIGN
 from .onnx_head import VOCAB_CHUNK
-from .quantize import DEC, check, quantized_tensors, tensor_bytes
+from .quantize import check, quantized_tensors, tensor_bytes
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 SAMPLER_ARRAYS = 5
