@@ -3,6 +3,8 @@ one denoise step over the 26B-A4B's layer geometry, side by side in one run, sam
 
 - onnxruntime: each weight a constant blocked-uint4 (or uint8) DequantizeLinear -> MatMul, the pattern
   it fuses into MatMulNBits (what a dgport int4 export runs), at MatMulNBits accuracy levels 4 and 0;
+- onnxruntime w8a8: its u8 x s8 integer GEMM (DynamicQuantizeLinear, MatMulInteger; int8 weights with
+  one scale per output column), a scheme dgport does not export, to show what that kernel would give;
 - torch bf16: what transformers runs, F.linear for the dense weights and grouped_mm for the experts.
 
 The quantization follows the int4 export's policy (exporters/quantize.py: attention 8-bit, MLPs and
