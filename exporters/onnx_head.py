@@ -22,7 +22,7 @@ VOCAB_CHUNK = 4096  # vocabulary rows per chunk of the table in the streamed hea
 
 
 def denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: str, unif: str,
-                  with_logits: bool) -> None:
+                 with_logits: bool) -> None:
     """Final norm, tied lm_head, fp32 softcap and the in-graph sampler of the last hidden states h
     [B, C, H]: the outputs argmax_ids, entropy, sampled_ids, next_sc_embeds (and logits)."""
     H, V = cfg.hidden_size, cfg.vocab_size
