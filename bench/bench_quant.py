@@ -55,6 +55,16 @@ def step_flops(cfg, C: int, past: int) -> float:
     return 2.0 * mac * C
 
 
+def median_seconds(fn, runs: int) -> float:
+    """Median wall time of `runs` calls of fn (warm it up first)."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def gemm_peak(threads: int, runs: int = 5) -> dict:
     """FLOP/s of a [512, 4096] x [4096, 4096] fp32 MatMul and uint8 x int8 MatMulInteger on ORT's CPU EP."""
     import onnxruntime as ort
@@ -77,12 +87,7 @@ def gemm_peak(threads: int, runs: int = 5) -> dict:
         x = rng.standard_normal((m, k)).astype(np.float32) if name == "fp32" else \
             rng.integers(0, 255, (m, k)).astype(np.uint8)
         s.run(None, {"x": x})
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            s.run(None, {"x": x})
-            times.append(time.perf_counter() - t)
-        out[name] = 2.0 * m * k * n / statistics.median(times)
+        out[name] = 2.0 * m * k * n / median_seconds(lambda: s.run(None, {"x": x}), runs)
     return out
 
 
@@ -195,12 +200,7 @@ def experts_micro(threads: int, runs: int, H=2816, M=704, n=16, group=64) -> dic
             except Exception as err:  # onnxruntime raises its own types
                 res[f"{name} acc{lvl}"] = {"error": str(err).splitlines()[0][:200]}
                 continue
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                sess.run(None, feeds)
-                times.append(time.perf_counter() - t)
-            res[f"{name} acc{lvl}"] = {"us": 1e6 * statistics.median(times),
+            res[f"{name} acc{lvl}"] = {"us": 1e6 * median_seconds(lambda: sess.run(None, feeds), runs),
                                        "rel_err": float(np.linalg.norm(y - ref) / np.linalg.norm(ref))}
             if name == "standard":
                 break  # accuracy level applies to fused MatMulNBits only; the gathered DQ+MatMul never fuses

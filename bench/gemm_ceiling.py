@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.bench_quant import median_seconds
 
 CONFIG = Path(__file__).resolve().parent.parent / "tests" / "data" / "diffusiongemma-26B-A4B-it.config.json"
 GROUP = 64
@@ -143,13 +143,8 @@ def _torch_fn(shapes, threads: int, experts: bool):
 
 
 def _median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    fn()  # warm-up
+    return 1e3 * median_seconds(fn, runs)
 
 
 def main(argv=None):
