@@ -1,0 +1,209 @@
+"""The worker: one thread owns the Generator and runs the jobs in arrival order from a bounded queue."""
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..chat import continuation_ids
+from ..errors import DgportError
+from .plan import Plan
+from .protocol import ApiError
+from .text import TextStream
+
+log = logging.getLogger("dgport.serve")
+
+
+class Cancelled(Exception):
+    """Raised from on_step when the job's client has gone: ends the generation between two steps."""
+
+
+@dataclass
+class Job:
+    plan: Plan
+    post: Callable[[tuple], None]  # thread-safe: hands an event to the request's asyncio queue
+    cancel: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    """Owns the Generator; one thread runs the jobs in arrival order. `model` is a Generator or a
+    function that makes one: it is then called on the worker thread, because some runtimes tie
+    device state to the thread that made it (MLX streams are per thread)."""
+
+    def __init__(self, model, max_queue: int):
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.state = CacheState()
+        self.durations: deque[float] = deque(maxlen=32)
+        self.busy = False
+        self.served = 0
+        self.cancelled = 0
+        self.current: Job | None = None
+        self.gen = None
+        loaded = threading.Event()
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                self.gen = self._own(model() if callable(model) else model)
+            except BaseException as e:  # handed to the thread that waits for the load
+                failure.append(e)
+                return
+            finally:
+                loaded.set()
+            self._run()
+
+        self.thread = threading.Thread(target=work, name="dgport-serve-worker", daemon=True)
+        self.thread.start()
+        loaded.wait()
+        if failure:
+            raise failure[0]
+
+    @staticmethod
+    def _own(gen):
+        from ..timing import TimedBackend
+
+        if not isinstance(gen.backend, TimedBackend):
+            gen.backend = TimedBackend(gen.backend)
+        return gen
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            per = sum(self.durations) / len(self.durations) if self.durations else 1.0
+            wait = max(1, math.ceil(per * (self.queue.qsize() + 1)))
+            raise ApiError(503, f"the server is busy ({self.queue.maxsize} requests waiting); retry in {wait} s",
+                           type_="server_overloaded", headers={"Retry-After": str(wait)}) from None
+
+    def close(self) -> None:
+        while True:  # drop what waits, then wake the worker to end
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.post(("error", 503, "the server is shutting down"))
+        current = self.current
+        if current is not None:
+            current.cancel.set()
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if job.cancel.is_set():  # its client left while it waited
+                self.cancelled += 1
+                continue
+            started = time.perf_counter()
+            self.busy, self.current = True, job
+            try:
+                job.post(("done", self._generate(job, started)))
+            except Cancelled:
+                self.cancelled += 1
+                job.post(("cancelled",))
+            except DgportError as e:
+                job.post(("error", 400, str(e)))
+            except Exception as e:  # a bug or a runtime failure: the request gets a 500, the server goes on
+                log.exception("generation failed")
+                job.post(("error", 500, f"generation failed: {e.__class__.__name__}: {e}"))
+            finally:
+                self.busy, self.current = False, None
+                self.served += 1
+                self.durations.append(time.perf_counter() - started)
+
+    def _prompt(self, plan: Plan) -> tuple[list[int], int]:
+        """(the token stream this request generates after, how many of its first ids are cached)."""
+        st, backend = self.state, self.gen.backend
+        n = len(st.cached)
+        if n == 0 or backend.cache_len != n:
+            return plan.ids, 0
+        if n < len(plan.ids) and plan.ids[:n] == st.cached:
+            return plan.ids, n  # the same tokens as a fresh run, the prefix already encoded
+        stream = self._continuation(plan)
+        return (stream, n) if stream is not None else (plan.ids, 0)
+
+    def _continuation(self, plan: Plan) -> list[int] | None:
+        """The next turn of the conversation in the cache, as `dgport chat` continues it: the model's own
+        answer tokens (not the answer re-rendered by the template), the turn's close, then the new turns.
+        Only when the request repeats that conversation and the answer exactly as they were sent."""
+        st, tok = self.state, self.gen.tokenizer
+        if not plan.chat or st.messages is None or plan.think != st.think:
+            return None
+        prev = st.messages + [{"role": "assistant", "content": st.answer}]
+        if len(plan.messages) <= len(prev) or plan.messages[:len(prev)] != prev:
+            return None
+
+        def render(messages, generation_prompt):
+            return tok.render(messages, add_generation_prompt=generation_prompt, enable_thinking=plan.think)
+
+        rest = continuation_ids(tok, render, st.messages, st.answer, plan.messages, st.tail)
+        if rest is None:
+            return None  # the template rewrites the history: start again
+        stream = st.cached + rest
+        from ..loop import ContextOverflow, check_context
+
+        try:
+            check_context(self.gen.config, 0, len(stream), plan.max_new_tokens)
+        except ContextOverflow:
+            return None  # the fresh rendering fits (it was checked); this longer stream does not
+        return stream
+
+    def _generate(self, job: Job, started: float) -> dict:
+        from ..timing import Timings
+
+        plan, gen = job.plan, self.gen
+        backend = gen.backend
+        ids, n = self._prompt(plan)
+        self.state = CacheState()  # unknown until this generation ends
+        backend.timings = Timings()
+        C = gen.config.canvas_length
+
+        def on_step(event):
+            if job.cancel.is_set():
+                raise Cancelled()
+            if plan.drafts:
+                job.post(("step", event.canvas_index, event.step, float(event.temperature),
+                          event.argmax.tolist(), int(event.accepted.sum())))
+
+        def on_canvas(event):
+            job.post(("canvas", event.canvas_index, event.tokens.tolist(), event.steps, event.finished))
+
+        result = gen.generate(ids[n:], max_new_tokens=plan.max_new_tokens, seed=plan.seed, keep_cache=n > 0,
+                              on_step=on_step, on_canvas=on_canvas, **plan.overrides)
+        tokens = result.token_ids[0]
+        k = len(result.steps_per_canvas)
+        last = tokens[C * (k - 1):]  # the loop encoded every canvas but this one
+        stops = set(gen.settings(plan.max_new_tokens, **plan.overrides).eos_token_ids)
+        eos = next((i for i, t in enumerate(last) if t in stops), len(last))
+        answer = TextStream(gen.tokenizer, gen.defaults.pad_token_id, True, []) if plan.chat else None
+        if answer is not None:
+            answer.add(tokens)
+        self.state = CacheState(cached=ids + tokens[:C * (k - 1)],
+                                tail=[t for t in last[:eos] if t != gen.defaults.pad_token_id],
+                                messages=plan.messages, think=plan.think,
+                                answer=answer.text()[0] if answer is not None else None)
+        timings = backend.timings.as_dict()
+        return {"token_ids": tokens, "prompt_ids": ids, "steps_per_canvas": result.steps_per_canvas,
+                "tokens_per_forward": result.tokens_per_forward, "finished": result.finished,
+                "cached_tokens": n, "encoded_tokens": len(ids) - n,
+                "ms_per_step": timings["ms_per_step"], "ms_per_encode": timings["ms_per_encode"],
+                "queue_ms": 1000 * (started - job.queued_at), "generate_ms": 1000 * (time.perf_counter() - started)}
+
+
+@dataclass
+class CacheState:
+    """What the backend's cache holds after the last request, and what continues it."""
+    cached: list[int] = field(default_factory=list)  # token ids whose K/V are in the cache
+    tail: list[int] = field(default_factory=list)  # the last canvas up to EOS: generated, not encoded
+    messages: list[dict] | None = None  # the chat request's conversation (None: not a chat)
+    think: bool = False
+    answer: str | None = None  # the content returned for it
+

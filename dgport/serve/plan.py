@@ -1,0 +1,146 @@
+"""Planning: a validated request -> the Plan the worker runs (checked, rendered and tokenized)."""
+
+from dataclasses import dataclass
+
+from ..errors import DgportError
+from .protocol import MAX_STOP, REASONING_EFFORTS, SAMPLER_FIELDS, ApiError
+
+
+@dataclass
+class Plan:
+    """What a request asks of the worker, checked before it is queued."""
+    ids: list[int]
+    max_new_tokens: int
+    seed: int | None
+    overrides: dict
+    stop: list[str]
+    chat: bool
+    stream: bool
+    include_usage: bool
+    drafts: bool
+    return_token_ids: bool
+    messages: list[dict] | None = None  # chat requests: the conversation, as rendered
+    think: bool = False
+
+
+def _check_common(req, gen) -> tuple[int, dict, list[str]]:
+    if req.n != 1:
+        raise ApiError(400, f"n={req.n}: dgport serve returns one choice per request; send n=1 (or omit it)",
+                       param="n")
+    if req.temperature is not None and req.temperature != 1:
+        raise ApiError(400, f"temperature={req.temperature}: DiffusionGemma samples on its own temperature schedule; "
+                       "set t_max (first step) and t_min (last step) instead, or omit temperature", param="temperature")
+    if req.top_p is not None and req.top_p != 1:
+        raise ApiError(400, f"top_p={req.top_p}: this sampler draws from the full distribution (no nucleus); "
+                       "omit top_p or send 1", param="top_p")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name) not in (None, 0):
+            raise ApiError(400, f"{name} is not supported by this sampler; omit it or send 0", param=name)
+    if req.logprobs not in (None, False, 0):
+        raise ApiError(400, "logprobs are not available (the graphs return no logits); omit logprobs",
+                       param="logprobs")
+    if (req.max_tokens is not None and req.max_completion_tokens is not None
+            and req.max_tokens != req.max_completion_tokens):
+        raise ApiError(400, f"max_tokens={req.max_tokens} and max_completion_tokens={req.max_completion_tokens} "
+                       "disagree; send one of them", param="max_tokens")
+    C = gen.config.canvas_length
+    max_new = req.max_completion_tokens or req.max_tokens or 4 * C  # what `dgport run` uses
+    overrides = {k: getattr(req, k) for k in SAMPLER_FIELDS}
+    try:
+        gen.settings(max_new, **overrides).validate()
+    except DgportError as e:
+        raise ApiError(400, str(e)) from e
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP or any(not s for s in stop):
+        raise ApiError(400, f"stop: give at most {MAX_STOP} non-empty strings", param="stop")
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options needs stream=true", param="stream_options")
+    if req.stream_drafts and not req.stream:
+        raise ApiError(400, "stream_drafts needs stream=true", param="stream_drafts")
+    return max_new, overrides, stop
+
+
+def _message_text(m) -> str:
+    if m.tool_calls:
+        raise ApiError(400, "tool calls are not supported by dgport serve", param="messages")
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    return "\n".join(part.text for part in m.content)
+
+
+def _think(req) -> bool:
+    kwargs = dict(req.chat_template_kwargs or {})
+    unknown = sorted(set(kwargs) - {"enable_thinking"})
+    if unknown:
+        raise ApiError(400, f"chat_template_kwargs: {', '.join(unknown)} not supported (only enable_thinking)",
+                       param="chat_template_kwargs")
+    effort = req.reasoning_effort
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise ApiError(400, f"reasoning_effort={effort!r}: choose one of {', '.join(REASONING_EFFORTS)}",
+                       param="reasoning_effort")
+    by_effort = None if effort is None else effort != "none"
+    flag = kwargs.get("enable_thinking")
+    if flag is not None and not isinstance(flag, bool):
+        raise ApiError(400, "chat_template_kwargs.enable_thinking must be true or false",
+                       param="chat_template_kwargs")
+    if flag is not None and by_effort is not None and flag != by_effort:
+        raise ApiError(400, f"chat_template_kwargs.enable_thinking={str(flag).lower()} contradicts "
+                       f"reasoning_effort={effort!r}; send one of them", param="reasoning_effort")
+    return bool(flag if flag is not None else by_effort)
+
+
+def plan_chat(req, gen) -> Plan:
+    max_new, overrides, stop = _check_common(req, gen)
+    if req.top_logprobs not in (None, 0):
+        raise ApiError(400, "top_logprobs is not available; omit it", param="top_logprobs")
+    think = _think(req)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+                for m in req.messages]
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be the user's (dgport does not continue an assistant turn)",
+                       param="messages")
+    try:
+        ids = gen.tokenizer.encode(gen.tokenizer.render(messages, enable_thinking=think))
+    except DgportError as e:
+        raise ApiError(400, str(e), param="messages") from e
+    plan = _plan(gen, ids, max_new, req, overrides, stop, chat=True)
+    plan.messages, plan.think = messages, think
+    return plan
+
+
+def plan_completion(req, gen) -> Plan:
+    max_new, overrides, stop = _check_common(req, gen)
+    if req.echo or req.suffix is not None or req.best_of not in (None, 1):
+        name = "echo" if req.echo else "suffix" if req.suffix is not None else "best_of"
+        raise ApiError(400, f"{name} is not supported by dgport serve; omit it", param=name)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise ApiError(400, "prompt: send one prompt per request", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ApiError(400, "the prompt is empty; give some text", param="prompt")
+        ids = gen.tokenizer.encode_raw(prompt)
+    else:
+        ids = [int(t) for t in prompt]
+        V = gen.config.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= V:
+            raise ApiError(400, f"prompt token ids must be a non-empty list in [0, {V})", param="prompt")
+    return _plan(gen, ids, max_new, req, overrides, stop, chat=False)
+
+
+def _plan(gen, ids, max_new, req, overrides, stop, chat) -> Plan:
+    from ..loop import check_context
+
+    try:
+        check_context(gen.config, 0, len(ids), max_new)
+    except DgportError as e:
+        raise ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from e
+    opts = req.stream_options
+    return Plan(ids=ids, max_new_tokens=max_new, seed=req.seed, overrides=overrides, stop=stop, chat=chat,
+                stream=req.stream, include_usage=bool(opts and opts.include_usage), drafts=req.stream_drafts,
+                return_token_ids=req.return_token_ids)
+

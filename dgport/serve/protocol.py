@@ -1,0 +1,114 @@
+"""Errors in OpenAI's shape, and the request bodies (pydantic, built on first use)."""
+
+from typing import Any, Literal
+
+SAMPLER_FIELDS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
+                  "confidence_threshold")
+MAX_BODY_BYTES = 4 << 20
+MAX_STOP = 16
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+
+# ---------------------------------------------------------------------------------------------
+# Errors in OpenAI's shape
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies (pydantic; unknown fields are refused, never ignored)
+
+
+def _models():
+    """Pydantic models, built on first use so `import dgport.serve` needs no pydantic."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Strict(BaseModel):
+        # no coercion ("5" or true for a number, 5.0 for a count) and no NaN or infinities
+        model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    class TextPart(Strict):
+        type: Literal["text"]
+        text: str
+
+    class Message(Strict):
+        role: Literal["system", "developer", "user", "assistant"]
+        content: str | list[TextPart] | None = None
+        name: str | None = None  # does not reach the template
+        reasoning_content: str | None = None  # earlier turns' reasoning: the template drops it anyway
+        reasoning: str | None = None
+        refusal: str | None = None
+        tool_calls: list[Any] | None = None
+
+    class StreamOptions(Strict):
+        include_usage: bool = False
+
+    class Sampler(Strict):
+        model: str
+        max_tokens: int | None = Field(default=None, ge=1)
+        max_completion_tokens: int | None = Field(default=None, ge=1)
+        seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        stop: str | list[str] | None = None
+        n: int = 1
+        temperature: float | None = None
+        top_p: float | None = None
+        frequency_penalty: float | None = None
+        presence_penalty: float | None = None
+        logprobs: Any = None
+        user: str | None = None
+        metadata: dict[str, str] | None = None
+        store: bool | None = None
+        return_token_ids: bool = False  # vLLM's extension: token ids in the response
+        stream_drafts: bool = False  # dgport's extension: a `dgport_draft` chunk per denoising step
+        max_denoising_steps: int | None = None
+        t_min: float | None = None
+        t_max: float | None = None
+        entropy_bound: float | None = None
+        stability_threshold: int | None = None
+        confidence_threshold: float | None = None
+
+    class ChatRequest(Sampler):
+        messages: list[Message] = Field(min_length=1)
+        top_logprobs: int | None = None
+        chat_template_kwargs: dict[str, Any] | None = None
+        reasoning_effort: str | None = None
+
+    class CompletionRequest(Sampler):
+        prompt: str | list[str] | list[int]
+        echo: bool = False
+        suffix: str | None = None
+        best_of: int | None = None
+
+    return ChatRequest, CompletionRequest
+
+
+def _validation_error(e) -> ApiError:
+    """The first pydantic error as one line, with the field as OpenAI's `param`."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        return ApiError(400, f"`{loc}` is not supported by dgport serve; remove it", param=loc,
+                        code="unsupported_parameter")
+    if err.get("type") in ("json_invalid", "json_type"):
+        return ApiError(400, f"the request body is not valid JSON ({err.get('msg')})")
+    where = f"`{loc}`: " if loc else ""
+    return ApiError(400, f"{where}{err.get('msg')}", param=loc or None)
+
