@@ -12,7 +12,7 @@ from .config import GenerationDefaults
 from .errors import BackendUnavailable, DgportError
 from .loop import (ENCODE_CHUNK, CanvasEvent, StepEvent, check_context, check_encode_chunk,
                    generate_ids, make_rng)
-from .schema import is_int
+from .schema import is_int, utf8_text
 from .tokenizer import ChatTokenizer
 
 BACKENDS = ("cpu", "cuda", "mlx", "torch")
@@ -48,6 +48,9 @@ class Generator:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise DgportError("the prompt is empty; give some text")
+            utf8_text(prompt, "the prompt")
+            if system is not None:
+                utf8_text(system, "the system prompt")
             if raw:
                 return self.tokenizer.encode_raw(prompt)
             messages = ([{"role": "system", "content": system}] if system else []) + [

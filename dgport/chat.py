@@ -11,6 +11,7 @@ import time
 from .api import Generator, GenerationResult
 from .errors import DgportError
 from .loop import ENCODE_CHUNK, ContextOverflow, check_context, check_encode_chunk, make_rng
+from .schema import utf8_text
 
 
 class ContextFull(ContextOverflow):
@@ -60,6 +61,8 @@ class ChatSession:
         self.settings = gen.settings(max_new_tokens, **sampler_overrides)  # refuses bad settings up front
         if system is not None and not isinstance(system, str):
             raise DgportError(f"the system prompt must be text (got {type(system).__name__})")
+        if system is not None:
+            utf8_text(system, "the system prompt")
         self.system = system
         self.reset()
 
@@ -91,6 +94,7 @@ class ChatSession:
             raise DgportError(f"a chat message must be text (got {type(user_text).__name__})")
         if not user_text.strip():
             raise DgportError("the message is empty; give some text")
+        utf8_text(user_text, "the message")
         ids, keep = self.next_turn_ids(user_text)
         cached = self.gen.backend.cache_len if keep else 0
         try:

@@ -73,7 +73,9 @@ SAMPLER_KEYS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stabi
 
 
 def _warn(message: str) -> None:
-    click.echo(f"dgport: warning: {message}", err=True)
+    from .display import terminal_text
+
+    click.echo(f"dgport: warning: {terminal_text(message)}", err=True)
 
 
 def _plural(n: int, word: str, plural: str | None = None) -> str:
@@ -112,19 +114,35 @@ def _load(path: Path, backend: str):
     return load(path, backend=backend)
 
 
+MAX_PROMPT_BYTES = 64 << 20  # far past any model's context: a bigger prompt is a mistake, not a prompt
+
+
+def _read_bytes(stream, what: str) -> bytes:
+    data = stream.read(MAX_PROMPT_BYTES + 1)
+    if len(data) > MAX_PROMPT_BYTES:
+        raise DgportError(f"{what} is over {MAX_PROMPT_BYTES >> 20} MiB; give a shorter prompt")
+    return data
+
+
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    from .schema import decode_utf8, utf8_text
+
     if prompt is not None and prompt_file is not None:
         raise DgportError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
+        what = f"--prompt-file {prompt_file}"
         try:
-            text = Path(prompt_file).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DgportError(f"--prompt-file {prompt_file}: cannot read it ({e.__class__.__name__}: "
+            with open(prompt_file, "rb") as f:  # a FIFO (`<(...)`) is fine: it is the user's own
+                text = decode_utf8(_read_bytes(f, what), what)
+        except OSError as e:
+            raise DgportError(f"{what}: cannot read it ({e.__class__.__name__}: "
                               f"{getattr(e, 'strerror', None) or e})") from e
     elif prompt is not None:
-        text = prompt
+        text = utf8_text(prompt, "--prompt")
     elif sys.stdin is not None and not sys.stdin.isatty():
-        text = sys.stdin.read()
+        buffer = getattr(sys.stdin, "buffer", None)
+        text = (decode_utf8(_read_bytes(buffer, "standard input"), "standard input") if buffer is not None
+                else sys.stdin.read())
     else:
         raise DgportError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe it on standard input")
     if not text.strip():
@@ -132,14 +150,29 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     return text
 
 
+def _for_stdout():
+    """What model text goes through on its way to stdout: on a terminal, control characters become
+    visible escapes (generated text must not drive the terminal); piped, the text is kept as it is."""
+    from .display import terminal_text
+
+    isatty = getattr(sys.stdout, "isatty", None)
+    return terminal_text if isatty is not None and isatty() else str
+
+
 def _check_prompt_options(tokenizer, text: str | None, raw: bool, system, think: bool, show_thinking: bool) -> None:
     """Refuse a prompt the model's template rejects, before any model loads; warn about options that
     would change nothing."""
+    from .schema import utf8_text
+
+    if system is not None:
+        utf8_text(system, "--system")
     if show_thinking and not think:
         _warn("--show-thinking has no effect without --think")
     if raw:
-        if system is not None or think:
-            _warn("--system and --think have no effect with --raw (the prompt is sent as it is)")
+        ignored = [name for name, given in (("--system", system is not None), ("--think", think)) if given]
+        if ignored:
+            _warn(f"{' and '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with --raw "
+                  "(the prompt is sent as it is)")
         return
     probe = text if text is not None else "x"
     user = [{"role": "user", "content": probe}]
@@ -314,7 +347,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     from rich.console import Console
     from rich.markup import escape
 
-    from .display import AnswerText, CanvasView
+    from .display import AnswerText, CanvasView, terminal_text
     from .task import check_answer
     from .timing import TimedBackend
 
@@ -340,12 +373,14 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
 
         live = Live(view, console=err, refresh_per_second=12, transient=True)
 
+    out = _for_stdout()
+
     def on_canvas(event):
         answer.add(event.tokens)
         if show_canvas and live is None:  # not a terminal: each canvas' last draft, once, as plain text
             err.print(view, soft_wrap=True)
         if not as_json and live is None:
-            sys.stdout.write(answer.delta())
+            sys.stdout.write(out(answer.delta()))
             sys.stdout.flush()
 
     def on_step(event):
@@ -379,11 +414,11 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
         }))
         return
     if live is not None:
-        sys.stdout.write(answer.text())
+        sys.stdout.write(out(answer.text()))
     sys.stdout.write("\n")
     sys.stdout.flush()
     if verdict is not None:
-        err.print(("[green]" if verdict.ok else "[red]") + escape(f"{verdict.task}: {verdict.summary}"),
+        err.print(("[green]" if verdict.ok else "[red]") + escape(terminal_text(f"{verdict.task}: {verdict.summary}")),
                   highlight=False, soft_wrap=True)
     n_canvas = len(result.steps_per_canvas)
     err.print(f"[dim]{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tok/s) | "
@@ -405,8 +440,8 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
 def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens, **sampler):
     """A multi-turn conversation. The KV cache is kept between turns: only each new turn is encoded.
     Ctrl-C stops the answer being generated and keeps the conversation; Ctrl-D (or /exit) quits."""
-    from .chat import ChatSession
-    from .display import AnswerText
+    from .chat import ChatSession, ContextFull
+    from .display import AnswerText, terminal_text
 
     tokenizer = _prompt_tokenizer(export_dir)
     if tokenizer is not None:
@@ -418,30 +453,79 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
                           max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
                           encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
     err = _Stderr()
-    err.write(f"dgport chat (seed {seed}): type a message; Ctrl-C stops an answer, Ctrl-D or /exit quits.\n")
-    interactive = sys.stdin is not None and sys.stdin.isatty()
-    while True:
-        try:
-            line = input("> ") if interactive else sys.stdin.readline()
-        except (EOFError, KeyboardInterrupt):
+    err.write(f"dgport chat (seed {seed}): type a message; Ctrl-C stops an answer, /reset starts over, "
+              "Ctrl-D or /exit quits.\n")
+    for line in _chat_lines(err):
+        text = line.strip()
+        if not text:
+            continue  # an empty line is not a turn
+        if text in ("/exit", "/quit"):
             break
-        if not line or line.strip() in ("/exit", "/quit"):
-            break  # end of input
-        if not line.strip():
+        if text == "/reset":
+            session.reset()
+            err.write("[a new conversation]\n")
             continue
         answer = AnswerText(gen.tokenizer, show_thinking=show_thinking, pad_id=gen.defaults.pad_token_id)
+        out = _for_stdout()
         try:
-            session.say(line.strip(), on_canvas=lambda e: _stream(answer, e))
+            session.say(text, on_canvas=lambda e: _stream(answer, e, out))
         except KeyboardInterrupt:  # the session re-encodes the conversation on the next turn
             sys.stdout.write("\n")
             err.write("[stopped; the conversation goes on without this answer]\n")
             continue
+        except ContextFull as e:
+            err.write(f"dgport: error: {terminal_text(str(e))} (type /reset to start one)\n")
+            continue
         except DgportError as e:  # e.g. a turn the model's template refuses: the session goes on
-            err.write(f"dgport: error: {e}\n")
+            err.write(f"dgport: error: {terminal_text(str(e))}\n")
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         err.write(f"[{session.last_stats}]\n")
+
+
+def _chat_lines(err):
+    """The lines of a chat, decoded, until Ctrl-D or the end of input. On a terminal an empty line is
+    no turn and Ctrl-C clears the line being typed; a line that is not UTF-8 is refused in one line and
+    the chat goes on."""
+    from .schema import decode_utf8
+
+    if sys.stdin is None:
+        return
+    if sys.stdin.isatty():
+        while True:
+            try:
+                line = input("> ")
+            except KeyboardInterrupt:
+                err.write("^C\n")  # the typed line is dropped; Ctrl-D or /exit quits
+                continue
+            except EOFError:
+                err.write("\n")
+                return
+            except UnicodeDecodeError as e:
+                err.write(f"dgport: error: that line is not valid UTF-8 ({e.reason}); type it again\n")
+                continue
+            yield line
+    buffer = getattr(sys.stdin, "buffer", None)
+    number = 0
+    while True:
+        raw = buffer.readline(MAX_PROMPT_BYTES + 1) if buffer is not None else sys.stdin.readline()
+        if not raw:
+            return
+        number += 1
+        what = f"line {number} of standard input"
+        if len(raw) > MAX_PROMPT_BYTES:
+            while raw and not raw.endswith(b"\n"):  # drop the rest of the line
+                raw = buffer.readline(MAX_PROMPT_BYTES)
+            err.write(f"dgport: error: {what} is over {MAX_PROMPT_BYTES >> 20} MiB; skipped\n")
+            continue
+        if isinstance(raw, bytes):
+            try:
+                raw = decode_utf8(raw, what)
+            except DgportError as e:
+                err.write(f"dgport: error: {e}\n")
+                continue
+        yield raw
 
 
 class _Stderr:
@@ -450,9 +534,9 @@ class _Stderr:
         click.echo(text, err=True, nl=False)
 
 
-def _stream(answer, event):
+def _stream(answer, event, out):
     answer.add(event.tokens)
-    sys.stdout.write(answer.delta())
+    sys.stdout.write(out(answer.delta()))
     sys.stdout.flush()
 
 
@@ -524,19 +608,24 @@ def info(export_dir, verify, as_json):
         click.echo(json.dumps(summary, indent=2))
         return
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
+
+    from .display import terminal_text
+
+    def cell(value: str, style: str = "") -> Text:  # manifest strings are text, never markup or controls
+        return Text(terminal_text(value), style=style)
 
     console = Console()
-    table = Table(title=escape(f"dgport export {export.path}"), show_header=False)
-    table.add_row("model", ", ".join(f"{k} {_flat(v)}" for k, v in summary["model"].items()))
+    table = Table(title=cell(f"dgport export {export.path}"), show_header=False)
+    table.add_row("model", cell(", ".join(f"{k} {_flat(v)}" for k, v in summary["model"].items())))
     for name, entry in summary["formats"].items():
         shown = [f"{k} {_flat(v)}" for k, v in entry.items() if k != "bytes" and _shown(k, v)]
-        table.add_row(f"format {name}", escape(", ".join(shown + [_size(entry["bytes"])])))
+        table.add_row(cell(f"format {name}"), cell(", ".join(shown + [_size(entry["bytes"])])))
     table.add_row("total", _size(summary["total_bytes"]))
-    table.add_row("source", escape(f"{m['source'].get('path')} ({m['source'].get('fingerprint', '')[:12]})"))
-    table.add_row("dgport", f"{m['dgport_version']} (format {m['format_version']})")
-    table.add_row("verified", "[green]" + summary["verified"])
+    table.add_row("source", cell(f"{m['source'].get('path')} ({m['source'].get('fingerprint', '')[:12]})"))
+    table.add_row("dgport", cell(f"{m['dgport_version']} (format {m['format_version']})"))
+    table.add_row("verified", cell(summary["verified"], "green"))
     console.print(table)
 
 
@@ -652,7 +741,9 @@ def _quiet_stdout() -> None:
 
 def _error(message: str) -> None:
     try:
-        click.echo(f"dgport: error: {_one_line(message)}", err=True)
+        from .display import terminal_text
+
+        click.echo(f"dgport: error: {terminal_text(_one_line(message))}", err=True)
     except OSError:
         pass  # stderr itself is unusable: the exit code still says it failed
 

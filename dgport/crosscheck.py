@@ -51,13 +51,17 @@ class CheckReport:
     def print(self) -> None:
         """The table, and the verdict when it passed (a failure is the CLI's one error line)."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"dgport check (reference: {self.runs[0].backend}; {self.prompts_from})")
+        from .display import terminal_text
+
+        table = Table(title=escape(terminal_text(f"dgport check (reference: {self.runs[0].backend}; "
+                                                 f"{self.prompts_from})")))
         for col in ("backend", "token agreement", "max per-step entropy diff"):
             table.add_column(col)
         for run in self.runs[1:]:
-            table.add_row(run.backend, f"{100 * self.agreement[run.backend]:.2f} %",
+            table.add_row(escape(terminal_text(run.backend)), f"{100 * self.agreement[run.backend]:.2f} %",
                           f"{self.max_entropy_diff[run.backend]:.3g}")
         Console().print(table)
         if self.ok:

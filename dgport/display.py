@@ -1,7 +1,19 @@
 """What a person sees: answer text without the thought channel, and the live canvas view."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
+
+# C0 controls but tab and newline, DEL and C1: ESC starts CSI/OSC sequences (colours, titles, hyperlinks,
+# clipboard writes), BEL rings, CR overwrites what a line showed
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_text(text: str) -> str:
+    """`text` safe to print on a terminal: every control character but newline and tab shown as a
+    visible escape (ESC -> \\x1b), so text from a model or a manifest never drives the terminal."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def split_channel(ids, open_id, close_id, pad_id=None) -> tuple[list[int], list[int]]:
@@ -67,7 +79,7 @@ class CanvasView:
                       f"mean entropy {float(np.mean(event.entropy)):.3f}")
         self.pieces = []
         for tok_id, ok in zip(event.argmax.tolist(), event.accepted.tolist()):
-            piece = self.tok.decode([tok_id], skip_special_tokens=False)
+            piece = terminal_text(self.tok.decode([tok_id], skip_special_tokens=False))
             self.pieces.append((piece, "bold green" if ok else "dim"))
 
     def __rich__(self):
@@ -93,6 +105,7 @@ def sudoku_grid(cells: str, givens: str = "", styles=None):
             if c and c % 3 == 0:
                 grid.append("| ", style="dim")
             ch = cells[i] if i < len(cells) else "."
+            ch = ch if ch.isprintable() else "?"
             style = "bold" if givens and givens[i] != "." else (styles[i] if styles else "")
             grid.append(ch + " ", style=style)
         grid.append("\n")

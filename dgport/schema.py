@@ -113,3 +113,27 @@ def relative_file(value, path: str) -> str:
     if p.is_absolute() or PureWindowsPath(value).drive or any(part in ("..", ".", "") for part in value.split("/")):
         raise SchemaError(path, f"{_show(value)} is not a relative file path inside the export")
     return value
+
+
+def utf8_text(value: str, what: str) -> str:
+    """`value`, if it is text that UTF-8 can encode. An undecodable byte on the command line reaches
+    Python as a lone surrogate (U+DC80..U+DCFF), and so does a JSON escape such as \\ud800: refused
+    here, naming `what`, instead of failing inside the tokenizer."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        what_char = (f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF
+                     else f"a lone surrogate U+{code:04X}")
+        raise DgportError(f"{what} is not valid UTF-8 text ({what_char} at character {e.start}); "
+                          "give UTF-8 text") from None
+    return value
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """`data` decoded as UTF-8, or one line naming `what` and the first byte that is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DgportError(f"{what} is not valid UTF-8 (the byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
