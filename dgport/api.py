@@ -11,7 +11,7 @@ from .backend import Backend
 from .config import GenerationDefaults
 from .errors import BackendUnavailable, DgportError
 from .loop import (ENCODE_CHUNK, CanvasEvent, StepEvent, check_context, check_encode_chunk,
-                   generate_ids, make_rng)
+                   fresh_seed, generate_ids, make_rng)
 from .schema import is_int, utf8_text
 from .tokenizer import ChatTokenizer
 
@@ -26,6 +26,7 @@ class GenerationResult:
     tokens_per_forward: float
     prompt_ids: list[int] = field(default_factory=list)
     finished: bool = False  # stopped on an EOS id
+    seed: int | None = None  # the seed of the run (drawn fresh when none was given); None when `rng` was
 
     @property
     def text(self) -> str:
@@ -72,7 +73,7 @@ class Generator:
                  think: bool = False, on_step=None, on_canvas=None, keep_cache: bool = False,
                  encode_chunk: int = ENCODE_CHUNK, **sampler_overrides) -> GenerationResult:
         """Generate after `prompt` (string or token ids). `rng` (a numpy Generator) wins over `seed`;
-        with neither, the draw is fresh. Sampler settings (max_denoising_steps, entropy_bound, t_min,
+        with neither, a fresh seed is drawn and returned as the result's `seed`. Sampler settings (max_denoising_steps, entropy_bound, t_min,
         t_max, stability_threshold, confidence_threshold, eos_token_ids, pad_token_id) override the
         checkpoint's generation defaults. `keep_cache=True` continues after what is already encoded.
         `encode_chunk`: prompt tokens per encode call (bounds the encoder's attention memory)."""
@@ -81,9 +82,12 @@ class Generator:
         settings = self.settings(max_new_tokens, **sampler_overrides)
         check_encode_chunk(encode_chunk)
         if rng is None:
+            seed = fresh_seed(seed)
             rng = make_rng(seed)
         elif not isinstance(rng, np.random.Generator):
             raise DgportError(f"rng must be a numpy.random.Generator (got {type(rng).__name__})")
+        else:
+            seed = None
         ids = self.prompt_ids(prompt, raw=raw, system=system, think=think)
         check_context(self.config, self.backend.cache_len if keep_cache else 0, len(ids), settings.max_new_tokens)
         if not keep_cache:
@@ -97,20 +101,36 @@ class Generator:
             tokens_per_forward=out.tokens_per_forward(settings.pad_token_id),
             prompt_ids=ids,
             finished=out.finished,
+            seed=seed,
         )
 
 
 def load(path=None, backend: str = "cpu", **backend_options) -> Generator:
-    """Open a model. backend 'torch' takes a Hugging Face checkpoint folder; 'cpu', 'cuda' (ONNX
-    Runtime) and 'mlx' take a folder written by `dgport export`. Without `path`: the shipped Sudoku
-    model (exported into dgport's cache on first use)."""
+    """Open a model: what `dgport run` takes. `path` is a dgport export folder, a Hugging Face
+    checkpoint folder or a Hub id (a checkpoint is exported once into dgport's cache and reused;
+    backend 'torch' runs the checkpoint itself). Without `path`: the shipped Sudoku model (exported
+    into dgport's cache on first use)."""
     if backend not in BACKENDS:
         raise DgportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "torch":  # before a checkpoint is exported for a runtime that is not installed
+        package = "onnxruntime" if backend in ("cpu", "cuda") else "mlx.core"
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            raise BackendUnavailable(f"backend {backend!r} needs the {package.split('.')[0]} package, which is "
+                                     f"not installed: pip install 'dgport[{backend}]'") from e
     if path is None:
         from .default_model import ensure_default_export
 
-        path = ensure_default_export(backend)
-    path = Path(path)
+        path = Path(ensure_default_export(backend))
+    elif backend == "torch":
+        from .resolve import resolve_checkpoint
+
+        path = resolve_checkpoint(path)
+    else:
+        from .resolve import resolve_model
+
+        path = resolve_model(path, backend)
     if backend == "torch":
         from .exporters.checkpoint import read_config
         from .runtimes.torch_ref import TorchRefBackend
@@ -119,12 +139,6 @@ def load(path=None, backend: str = "cpu", **backend_options) -> Generator:
         return Generator(TorchRefBackend(path, **backend_options), ChatTokenizer(path), defaults)
     from .manifest import open_export
 
-    package = "onnxruntime" if backend in ("cpu", "cuda") else "mlx.core"
-    try:
-        importlib.import_module(package)
-    except ImportError as e:
-        raise BackendUnavailable(f"--backend {backend} needs the {package.split('.')[0]} package, which is not "
-                                 f"installed: pip install 'dgport[{backend}]'") from e
     export = open_export(path, backend)
     if backend in ("cpu", "cuda"):
         from .runtimes.onnx import OnnxBackend

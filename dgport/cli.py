@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import click
 
 from .errors import DgportError
-from .loop import ENCODE_CHUNK
+from .loop import ENCODE_CHUNK, fresh_seed
 
 BACKEND_CHOICES = ("cpu", "cuda", "mlx", "torch")
 _STATE = {"debug": False}
@@ -82,11 +81,6 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
-def _fresh_seed(seed: int | None) -> int:
-    """The seed a run uses: the one given, or a fresh one that is reported so it can be repeated."""
-    return secrets.randbits(32) if seed is None else seed
-
-
 def _resolve(export_dir: Path | None, backend: str, checkpoint: Path | None = None) -> tuple[Path, bool]:
     """(the folder `backend` opens, whether it is the shipped default model). MODEL may be an export,
     a Hugging Face checkpoint folder or a Hub id: checkpoints are exported once into dgport's cache
@@ -148,6 +142,20 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if not text.strip():
         raise DgportError("the prompt is empty; give some text")
     return text
+
+
+def _titled(console, title: str, **options):
+    """A rich Table titled `title`; off a terminal the title is printed as one plain line first (rich
+    wraps a title at the table's width, mid-phrase)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from .display import terminal_text
+
+    if console.is_terminal:
+        return Table(title=Text(terminal_text(title)), **options)
+    console.print(Text(terminal_text(title)), soft_wrap=True)
+    return Table(**options)
 
 
 def _for_stdout():
@@ -242,7 +250,6 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
         return
 
     from rich.console import Console
-    from rich.table import Table
 
     from .exporters.export import ExportOptions, export as run_export, parse_formats
     from .progress import RichProgress
@@ -267,7 +274,7 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
         extra = {"torch": "export", "transformers": "export", "mlx": "mlx"}.get((e.name or "").split(".")[0], "cpu")
         raise DgportError(f"exporting needs the {e.name} package, which is not installed: "
                           f"pip install 'dgport[{extra}]'") from e
-    table = Table(title=f"exported to {summary.out} in {summary.seconds:.1f} s")
+    table = _titled(console, f"exported to {summary.out} in {summary.seconds:.1f} s")
     table.add_column("file")
     table.add_column("size", justify="right")
     for rel, size in sorted(summary.files.items()):
@@ -363,7 +370,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     gen = _load(path, backend)
     gen.backend = TimedBackend(gen.backend)
     C = gen.config.canvas_length
-    seed = _fresh_seed(seed)
+    seed = fresh_seed(seed)
     answer = AnswerText(gen.tokenizer, show_thinking=show_thinking, pad_id=gen.defaults.pad_token_id)
     err = Console(stderr=True)
     view = CanvasView(gen.tokenizer)
@@ -371,15 +378,17 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     if show_canvas and err.is_terminal:
         from rich.live import Live
 
-        live = Live(view, console=err, refresh_per_second=12, transient=True)
-
+        live = Live(view, console=err, refresh_per_second=12, transient=True, redirect_stdout=False)
     out = _for_stdout()
+    screen = live is not None and out is not str  # the live view and the answer share one terminal
 
     def on_canvas(event):
         answer.add(event.tokens)
         if show_canvas and live is None:  # not a terminal: each canvas' last draft, once, as plain text
             err.print(view, soft_wrap=True)
-        if not as_json and live is None:
+        if screen:
+            view.answer = out(answer.text())  # the answer so far, under the live canvas
+        elif not as_json:
             sys.stdout.write(out(answer.delta()))
             sys.stdout.flush()
 
@@ -413,7 +422,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
             "timings": timings, "answer_check": verdict.as_dict() if verdict else None,
         }))
         return
-    if live is not None:
+    if screen:
         sys.stdout.write(out(answer.text()))
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -424,8 +433,8 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     err.print(f"[dim]{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tok/s) | "
               f"{_plural(n_canvas, 'canvas', 'canvases')}, steps {result.steps_per_canvas} | "
               f"{timings['ms_per_step']:.1f} ms/step, {timings['ms_per_encode']:.1f} ms/encode | "
-              f"{result.tokens_per_forward:.2f} tokens/forward | {backend} | seed {seed}"
-              + (f" | shipped Sudoku model, {escape(str(path))}" if is_default else "") + "[/dim]",
+              f"{result.tokens_per_forward:.2f} tokens/forward | {backend} | seed {seed} | "
+              + ("shipped Sudoku model, " if is_default else "") + escape(terminal_text(str(path))) + "[/dim]",
               highlight=False, soft_wrap=True, markup=True)
 
 
@@ -442,19 +451,24 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
     Ctrl-C stops the answer being generated and keeps the conversation; Ctrl-D (or /exit) quits."""
     from .chat import ChatSession, ContextFull
     from .display import AnswerText, terminal_text
+    from .task import SINGLE_TURN
 
     tokenizer = _prompt_tokenizer(export_dir)
     if tokenizer is not None:
         _check_prompt_options(tokenizer, None, False, system, think, show_thinking)
     path, _ = _resolve(export_dir, backend)
     gen = _load(path, backend)
-    seed = _fresh_seed(seed)
+    seed = fresh_seed(seed)
     session = ChatSession(gen, system=system, think=think, seed=seed,
                           max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
                           encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
     err = _Stderr()
     err.write(f"dgport chat (seed {seed}): type a message; Ctrl-C stops an answer, /reset starts over, "
               "Ctrl-D or /exit quits.\n")
+    task = _task_of(path)
+    single_turn = task in SINGLE_TURN
+    if single_turn:
+        err.write(f"this model answers one {task} prompt at a time: each message starts a new conversation\n")
     for line in _chat_lines(err):
         text = line.strip()
         if not text:
@@ -465,6 +479,8 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
             session.reset()
             err.write("[a new conversation]\n")
             continue
+        if single_turn and session.messages:
+            session.reset()  # a second turn of a single-turn task model would be garbage
         answer = AnswerText(gen.tokenizer, show_thinking=show_thinking, pad_id=gen.defaults.pad_token_id)
         out = _for_stdout()
         try:
@@ -562,7 +578,7 @@ def check(export_dir, backends, prompts, raw, as_json, seed, max_new_tokens, **s
     target = {name: _resolve(export_dir, name)[0] for name, _ in chosen if name != "torch"}  # one export per format
     with RichProgress(Console(stderr=True)) as progress:
         report = run_check(target, chosen, list(prompts) or None, raw=raw,
-                           seed=0 if seed is None else seed, max_new_tokens=max_new_tokens,
+                           seed=fresh_seed(seed), max_new_tokens=max_new_tokens,
                            overrides={**{k: sampler[k] for k in SAMPLER_KEYS}, "encode_chunk": sampler["encode_chunk"]},
                            progress=progress)
     if as_json:
@@ -581,10 +597,13 @@ def check(export_dir, backends, prompts, raw, as_json, seed, max_new_tokens, **s
 def info(export_dir, verify, as_json):
     """Summarize an export (default: the shipped model's ONNX export): model dimensions, formats, dtypes,
     quantization, sizes."""
-    from .manifest import read_manifest
+    from .manifest import MANIFEST, read_manifest
 
     # only an export: read_manifest names the export command for a checkpoint folder
     path = Path(export_dir) if export_dir is not None else _resolve(None, "cpu")[0]
+    if (path / "config.json").is_file() and not (path / MANIFEST).exists():
+        raise DgportError(f"{path}: a Hugging Face checkpoint, not a dgport export; `dgport info` reads an "
+                          f"export's manifest: export it first (`dgport export {path} OUT`), then `dgport info OUT`")
     export = read_manifest(path)
     export.verify(checksums=verify, use_cache=False)
     m = export.manifest
@@ -608,7 +627,6 @@ def info(export_dir, verify, as_json):
         click.echo(json.dumps(summary, indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
     from .display import terminal_text
@@ -617,7 +635,7 @@ def info(export_dir, verify, as_json):
         return Text(terminal_text(value), style=style)
 
     console = Console()
-    table = Table(title=cell(f"dgport export {export.path}"), show_header=False)
+    table = _titled(console, f"dgport export {export.path}", show_header=False)
     table.add_row("model", cell(", ".join(f"{k} {_flat(v)}" for k, v in summary["model"].items())))
     for name, entry in summary["formats"].items():
         shown = [f"{k} {_flat(v)}" for k, v in entry.items() if k != "bytes" and _shown(k, v)]
@@ -686,6 +704,10 @@ def demo(export_dir, backend, givens, seed):
     except RuntimeError as e:  # the generator's retries ran out (rare at the low end)
         raise DgportError(f"--givens {givens}: {e}; try another --seed or more givens") from e
     path, _ = _resolve(export_dir, backend)
+    if _task_of(path) != "sudoku":
+        raise DgportError(f"{path}: `dgport demo` solves Sudoku puzzles and this model declares no Sudoku task "
+                          "(\"dgport\": {\"task\": \"sudoku\"} in its tokenizer_config.json); use `dgport run` "
+                          "for other models")
     gen = _load(path, backend)
     console = Console()
     console.print(f"puzzle (seed {seed}, {givens} givens):")

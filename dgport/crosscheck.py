@@ -36,17 +36,18 @@ class Run:
 @dataclass
 class CheckReport:
     runs: list[Run]
-    min_agreement: float
+    min_agreement: float | None  # None: quantized exports, reported and not gated
     agreement: dict[str, float]  # backend -> fraction of tokens equal to the first backend's
     max_entropy_diff: dict[str, float]
     prompts_from: str = ""
+    seed: int | None = None
     ok: bool = True
     failure: str = ""
 
     def as_dict(self) -> dict:
         return {"reference": self.runs[0].backend, "agreement": self.agreement,
                 "max_entropy_diff": self.max_entropy_diff, "required_agreement": self.min_agreement,
-                "prompts": self.prompts_from, "ok": self.ok}
+                "prompts": self.prompts_from, "seed": self.seed, "ok": self.ok}
 
     def print(self) -> None:
         """The table, and the verdict when it passed (a failure is the CLI's one error line)."""
@@ -57,15 +58,20 @@ class CheckReport:
         from .display import terminal_text
 
         table = Table(title=escape(terminal_text(f"dgport check (reference: {self.runs[0].backend}; "
-                                                 f"{self.prompts_from})")))
+                                                 f"{self.prompts_from}; seed {self.seed})")))
         for col in ("backend", "token agreement", "max per-step entropy diff"):
             table.add_column(col)
         for run in self.runs[1:]:
             table.add_row(escape(terminal_text(run.backend)), f"{100 * self.agreement[run.backend]:.2f} %",
                           f"{self.max_entropy_diff[run.backend]:.3g}")
         Console().print(table)
-        if self.ok:
-            Console().print(f"[green]OK[/green] (required agreement {100 * self.min_agreement:.0f} %)")
+        if self.min_agreement is None:
+            Console().print("reported only: quantized exports are not held to a token agreement (4- and 8-bit "
+                            "weights change tokens by design; `dgport export` validated the graph against the "
+                            "dequantized weights)")
+        elif self.ok:
+            Console().print(f"[green]OK[/green] (required agreement {100 * self.min_agreement:.0f} %; "
+                            f"`--seed {self.seed}` repeats this check)")
 
 
 def default_prompts(folder) -> tuple[list[str], str]:
@@ -116,7 +122,8 @@ def preflight(export_dir, backends) -> None:
                               "or leave that backend out")
 
 
-def _required_agreement(export_dir, backends) -> float:
+def _required_agreement(export_dir, backends) -> float | None:
+    """The parity target: 1.0 for fp32, 0.95 for half precision, None (reported only) when quantized."""
     worst = 1.0
     for name, _ in backends:
         if name == "torch":
@@ -124,7 +131,7 @@ def _required_agreement(export_dir, backends) -> float:
         manifest = read_manifest(_locate(export_dir, name)).manifest
         entry = manifest["formats"].get(BACKEND_FORMAT[name], {})
         if entry.get("quantization"):
-            return 0.0  # quantized exports are reported, not gated
+            return None  # quantized exports are reported, not gated
         if entry.get("dtype", "fp32") != "fp32":
             worst = min(worst, 0.95)
     return worst
@@ -174,10 +181,15 @@ def run_check(export_dir, backends, prompts=None, raw=False, seed=0, max_new_tok
         agreement[run.backend] = same / total if total else 1.0
         ent[run.backend] = diff
     need = _required_agreement(export_dir, backends)
-    report = CheckReport(runs, need, agreement, ent, source)
+    report = CheckReport(runs, need, agreement, ent, source, seed)
     worst = min(agreement, key=agreement.get)
-    if agreement[worst] < need:
+    if need is not None and agreement[worst] < need:
         report.ok = False
+        why = ("fp32 exports run the same arithmetic on every backend, so a difference is a bug worth reporting "
+               "with `--json`" if need == 1.0 else
+               "half precision agrees this well only where the model has margins: on random weights one rounding "
+               "flips a token and the rest of the trajectory follows (transformers' own bf16 agrees with its fp32 "
+               "on 3-40 % there); check a trained model, or an fp32 export for token identity")
         report.failure = (f"backend {worst} agrees with {ref.backend} on {100 * agreement[worst]:.2f} % of tokens "
-                          f"({source}); the parity target is {100 * need:.0f} %")
+                          f"({source}, seed {seed}); the parity target is {100 * need:.0f} %: {why}")
     return report

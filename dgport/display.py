@@ -72,6 +72,7 @@ class CanvasView:
         self.tok = tokenizer
         self.title = ""
         self.pieces: list[tuple[str, str]] = []
+        self.answer = ""  # the committed answer so far, shown under the canvas (already terminal-safe)
 
     def update(self, event) -> None:
         self.title = (f"canvas {event.canvas_index + 1}  step {event.step + 1}  T={event.temperature:.3f}  "
@@ -86,10 +87,13 @@ class CanvasView:
         from rich.panel import Panel
         from rich.text import Text
 
+        from rich.console import Group
+
         body = Text()
         for piece, style in self.pieces:
             body.append(piece, style=style)
-        return Panel(body, title=self.title, border_style="cyan")
+        panel = Panel(body, title=self.title, border_style="cyan")
+        return Group(panel, Text(self.answer)) if self.answer else panel
 
 
 def sudoku_grid(cells: str, givens: str = "", styles=None):

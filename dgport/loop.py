@@ -43,6 +43,13 @@ def check_encode_chunk(chunk) -> int:
     return int(chunk)
 
 
+def fresh_seed(seed=None) -> int:
+    """The seed a run uses: `seed` as given, or a fresh one to report, so that any run can be repeated."""
+    import secrets
+
+    return secrets.randbits(32) if seed is None else seed
+
+
 def make_rng(seed) -> np.random.Generator:
     """numpy's PCG64 stream for `seed` (None: fresh entropy); the seed must be an integer in [0, 2**63 - 1]."""
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):

@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import DgportError
 
 TASKS = ("sudoku",)
+SINGLE_TURN = ("sudoku",)  # tasks whose model answers one prompt and was never trained on a conversation
 MAX_CHECK_PROMPTS = 16
 
 

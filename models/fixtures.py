@@ -234,3 +234,60 @@ def build_fixture(name: str, out_dir, **overrides) -> Path:
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     write_tokenizer(out, p.vocab_size)
     return out
+
+
+def main(argv=None) -> int:
+    """`python -m dgport.models.fixtures PRESET OUT`: write a small DiffusionGemma text checkpoint
+    (random weights, fixed seed) to try `dgport export`, `run`, `check` and `serve` on. Written into a
+    temporary folder beside OUT and renamed into place, so OUT is whole or absent."""
+    import shutil
+    import sys
+    import tempfile
+
+    import click
+
+    names = [*PRESETS, *LARGE_PRESETS]
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.argument("preset", metavar="PRESET", type=click.Choice(names))
+    @click.argument("out", type=click.Path(path_type=Path))
+    def command(preset, out):
+        """Write fixture checkpoint PRESET (tiny, confident, long-context, eos; real-slice is ~3 GB) to OUT."""
+        if out.exists() or out.is_symlink():
+            raise click.UsageError(f"{out}: exists; choose a new folder")
+        try:
+            import torch  # noqa: F401
+            from transformers.utils import logging as hf_logging
+        except ImportError as e:
+            raise click.ClickException(f"building a checkpoint needs torch and transformers (no {e.name}): "
+                                       "pip install 'dgport[export]'") from None
+        hf_logging.disable_progress_bar()  # save_pretrained's shard bar: noise for a 1 MB checkpoint
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            build_fixture(preset, tmp)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        click.echo(f"{out}: the {preset!r} fixture checkpoint (random weights; try `dgport export {out} OUT`)",
+                   err=True)
+
+    try:
+        command.main(args=argv, prog_name="python -m dgport.models.fixtures", standalone_mode=False)
+    except click.exceptions.UsageError as e:
+        click.echo(f"dgport: error: {e.format_message()}", err=True)
+        return 2
+    except click.ClickException as e:
+        click.echo(f"dgport: error: {e.format_message()}", err=True)
+        return 1
+    except OSError as e:
+        click.echo(f"dgport: error: {e.filename or out}: {e.strerror or e}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
