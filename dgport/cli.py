@@ -144,20 +144,6 @@ def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     return text
 
 
-def _titled(console, title: str, **options):
-    """A rich Table titled `title`; off a terminal the title is printed as one plain line first (rich
-    wraps a title at the table's width, mid-phrase)."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from .display import terminal_text
-
-    if console.is_terminal:
-        return Table(title=Text(terminal_text(title)), **options)
-    console.print(Text(terminal_text(title)), soft_wrap=True)
-    return Table(**options)
-
-
 def _for_stdout():
     """What model text goes through on its way to stdout: on a terminal, control characters become
     visible escapes (generated text must not drive the terminal); piped, the text is kept as it is."""
@@ -251,6 +237,7 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
 
     from rich.console import Console
 
+    from .display import titled_table
     from .exporters.export import ExportOptions, export as run_export, parse_formats
     from .progress import RichProgress
 
@@ -274,7 +261,7 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
         extra = {"torch": "export", "transformers": "export", "mlx": "mlx"}.get((e.name or "").split(".")[0], "cpu")
         raise DgportError(f"exporting needs the {e.name} package, which is not installed: "
                           f"pip install 'dgport[{extra}]'") from e
-    table = _titled(console, f"exported to {summary.out} in {summary.seconds:.1f} s")
+    table = titled_table(console, f"exported to {summary.out} in {summary.seconds:.1f} s")
     table.add_column("file")
     table.add_column("size", justify="right")
     for rel, size in sorted(summary.files.items()):
@@ -629,13 +616,13 @@ def info(export_dir, verify, as_json):
     from rich.console import Console
     from rich.text import Text
 
-    from .display import terminal_text
+    from .display import terminal_text, titled_table
 
     def cell(value: str, style: str = "") -> Text:  # manifest strings are text, never markup or controls
         return Text(terminal_text(value), style=style)
 
     console = Console()
-    table = _titled(console, f"dgport export {export.path}", show_header=False)
+    table = titled_table(console, f"dgport export {export.path}", show_header=False)
     table.add_row("model", cell(", ".join(f"{k} {_flat(v)}" for k, v in summary["model"].items())))
     for name, entry in summary["formats"].items():
         shown = [f"{k} {_flat(v)}" for k, v in entry.items() if k != "bytes" and _shown(k, v)]

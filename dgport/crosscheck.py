@@ -53,24 +53,24 @@ class CheckReport:
         """The table, and the verdict when it passed (a failure is the CLI's one error line)."""
         from rich.console import Console
         from rich.markup import escape
-        from rich.table import Table
 
-        from .display import terminal_text
+        from .display import terminal_text, titled_table
 
-        table = Table(title=escape(terminal_text(f"dgport check (reference: {self.runs[0].backend}; "
-                                                 f"{self.prompts_from}; seed {self.seed})")))
+        console = Console()
+        table = titled_table(console, f"dgport check (reference: {self.runs[0].backend}; {self.prompts_from}; "
+                                      f"seed {self.seed})")
         for col in ("backend", "token agreement", "max per-step entropy diff"):
             table.add_column(col)
         for run in self.runs[1:]:
             table.add_row(escape(terminal_text(run.backend)), f"{100 * self.agreement[run.backend]:.2f} %",
                           f"{self.max_entropy_diff[run.backend]:.3g}")
-        Console().print(table)
+        console.print(table)
         if self.min_agreement is None:
-            Console().print("reported only: quantized exports are not held to a token agreement (4- and 8-bit "
+            console.print("reported only: quantized exports are not held to a token agreement (4- and 8-bit "
                             "weights change tokens by design; `dgport export` validated the graph against the "
                             "dequantized weights)")
         elif self.ok:
-            Console().print(f"[green]OK[/green] (required agreement {100 * self.min_agreement:.0f} %; "
+            console.print(f"[green]OK[/green] (required agreement {100 * self.min_agreement:.0f} %; "
                             f"`--seed {self.seed}` repeats this check)")
 
 

@@ -16,6 +16,18 @@ def terminal_text(text: str) -> str:
     return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def titled_table(console, title: str, **options):
+    """A rich Table titled `title`; off a terminal the title is printed first as one plain line (rich
+    wraps a table's title at the table's width, mid-phrase)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if console.is_terminal:
+        return Table(title=Text(terminal_text(title)), **options)
+    console.print(Text(terminal_text(title)), soft_wrap=True)
+    return Table(**options)
+
+
 def split_channel(ids, open_id, close_id, pad_id=None) -> tuple[list[int], list[int]]:
     """(answer ids, thought-channel ids) of generated ids: what lies between `<|channel>` (open_id)
     and `<channel|>` (close_id) is the thought channel; PAD and the two markers are dropped."""
