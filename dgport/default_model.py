@@ -39,10 +39,16 @@ def default_checkpoint() -> Path:
 
 
 def _shipped_digest(folder: Path) -> str:
+    from . import safe_files
+
     h = hashlib.sha256()
+    root = safe_files.model_root(folder)
     for name in SHIPPED_FILES:
         p = folder / name
-        h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
+        h.update(name.encode() + b"\0")
+        if os.path.lexists(p):
+            safe_files.hash_into(h, p, root, DgportError, "reinstall dgport")
+        h.update(b"\0")
     return h.hexdigest()[:12]
 
 

@@ -18,7 +18,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import __version__, safe_files
 from . import schema as S
 from .config import GenerationDefaults, TextConfig
 from .errors import ExportError
@@ -28,7 +28,7 @@ MANIFEST = "dgport.json"
 # 3: schema-checked; config.max_position_embeddings; manifest_sha256; chat template files listed
 FORMAT_VERSION = 3
 BACKEND_FORMAT = {"cpu": "onnx", "cuda": "onnx", "mlx": "mlx"}
-MAX_MANIFEST_BYTES = 256 << 20  # a real export's manifest is ~1 MB (one entry per weight tensor)
+MAX_MANIFEST_BYTES = safe_files.CAPS[MANIFEST]  # 64 MiB; a real export's manifest is ~1 MB (an entry per tensor)
 
 DTYPES = ("fp32", "fp16", "bf16")
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "uint8": 1}
@@ -79,7 +79,8 @@ def write_manifest(folder: Path, *, source: dict, config: TextConfig, generation
     manifest = json.loads(json.dumps(manifest))  # the digest is over what a reader will parse
     manifest["manifest_sha256"] = manifest_digest(manifest)
     validate_manifest(manifest)  # a writer bug is caught here, not by the first `run`
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with safe_files.writing(folder / MANIFEST):
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -417,21 +418,13 @@ def _load(path) -> tuple[Path, dict]:
                               f"export it with `dgport export {path} OUT` and use OUT, or use --backend torch")
         raise ExportError(f"{path}: not a dgport export, no {MANIFEST}; give a folder written by "
                           "`dgport export CHECKPOINT OUT`")
-    st = os.lstat(mpath)
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(os.lstat(mpath).st_mode):
         raise ExportError(f"{mpath}: not a regular file; export again")
-    if st.st_size > MAX_MANIFEST_BYTES:
-        raise ExportError(f"{mpath}: {st.st_size} bytes, more than any export's manifest; export again")
-    try:
-        manifest = json.loads(mpath.read_bytes(), parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ExportError(f"{mpath}: not valid JSON ({getattr(e, 'msg', e)}); export again") from None
+    data = safe_files.read_bytes(mpath, Path(os.path.realpath(path)), ExportError, "export again",
+                                 cap=MAX_MANIFEST_BYTES)
+    manifest = safe_files.parse_json(data, mpath, ExportError, "export again", constants=False)
     _checked(mpath, _check_top, manifest)
     return path, manifest
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 def _checked(mpath: Path, fn, *args):

@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from . import safe_files
 from .errors import CheckpointError, DgportError
 from .manifest import BACKEND_FORMAT, FORMAT_VERSION, MANIFEST
 
@@ -19,6 +20,7 @@ from .manifest import BACKEND_FORMAT, FORMAT_VERSION, MANIFEST
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer.model"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _TRUE = {"1", "on", "yes", "true"}
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def is_hub_id(text: str) -> bool:
@@ -50,8 +52,12 @@ def hub_snapshot(repo_id: str) -> Path:
                           "pip install 'dgport[serve]' (or give a local folder)") from e
     offline = hub_offline()
     cache = hub_cache_dir()
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = cached_commit(repo_dir)  # checked before huggingface_hub reads refs/main as a path component
     try:
-        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache, local_files_only=offline)
+        # offline, the checked commit is passed on: huggingface_hub then never reads refs/main itself
+        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache, local_files_only=offline,
+                                 **({"revision": commit} if offline and commit else {}))
     except LocalEntryNotFoundError as e:
         if offline:
             raise DgportError(f"{repo_id}: not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set; "
@@ -66,7 +72,26 @@ def hub_snapshot(repo_id: str) -> Path:
     except (OSError, ValueError) as e:
         raise DgportError(f"{repo_id}: fetching from the Hugging Face Hub failed ({e.__class__.__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    return Path(path)
+    path = Path(path)
+    real, snapshots = Path(os.path.realpath(path)), Path(os.path.realpath(repo_dir / "snapshots"))
+    if real.parent != snapshots or not _COMMIT.match(real.name):
+        raise DgportError(f"{path}: the snapshot of {repo_id} lies outside the Hugging Face cache folder "
+                          f"{repo_dir / 'snapshots'}; delete {repo_dir} and download it again")
+    return path
+
+
+def cached_commit(repo_dir: Path) -> str | None:
+    """The commit `refs/main` of a Hub cache repo folder names, refused unless it is a commit hash
+    (40 hex characters): the file is text from the cache, and huggingface_hub uses it as a folder name."""
+    ref = repo_dir / "refs" / "main"
+    if not os.path.lexists(ref):
+        return None
+    fix = f"delete {repo_dir} and download the model again"
+    text = safe_files.read_bytes(ref, Path(os.path.realpath(repo_dir)), DgportError, fix, cap=safe_files.REF_CAP)
+    commit = text.decode("ascii", errors="replace").strip()
+    if not _COMMIT.match(commit):
+        raise DgportError(f"{ref}: {commit[:60]!r} is not a commit hash (40 hex characters); {fix}")
+    return commit
 
 
 def resolve_checkpoint(model) -> Path:
@@ -89,10 +114,14 @@ def cached_export_path(checkpoint, backend: str, dtype: str = "fp32", quantize: 
 
     folder = Path(checkpoint)
     ckpt = read_checkpoint(folder)
+    root = safe_files.model_root(folder)
     h = hashlib.sha256(ckpt.fingerprint().encode())
     for name in ("generation_config.json", *TOKENIZER_FILES):
         p = folder / name
-        h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
+        h.update(name.encode() + b"\0")
+        if os.path.lexists(p):
+            safe_files.hash_into(h, p, root, CheckpointError)
+        h.update(b"\0")
     fmt = BACKEND_FORMAT[backend]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", _model_name(folder))[:60].strip(".-") or "model"
     quant = f"int{quantize}" if quantize else "none"

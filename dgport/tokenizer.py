@@ -1,13 +1,18 @@
-"""Tokenizer and chat template: `tokenizers` for ids, jinja2 for the checkpoint's own template."""
+"""Tokenizer and chat template: `tokenizers` for ids, jinja2 for the checkpoint's own template.
+
+The files are read through dgport.safe_files (inside the model's folder, regular, size-capped)."""
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import safe_files
 from .errors import DgportError
+
+FIX = "replace it with the model's own file"
 
 
 def _raise_exception(msg):
@@ -22,32 +27,34 @@ class ChatTokenizer:
         from tokenizers import Tokenizer
 
         folder = Path(folder)
+        root = safe_files.model_root(folder)
 
         def usable(name: str) -> bool:
-            return (files is None or name in files) and (folder / name).is_file()
+            return (files is None or name in files) and os.path.lexists(folder / name)
 
         path = folder / "tokenizer.json"
         if not usable("tokenizer.json"):
             raise DgportError(f"{path}: missing; the export or checkpoint must carry its tokenizer.json")
+        text = safe_files.read_text(path, root, DgportError, FIX)
         try:
-            self.tok = Tokenizer.from_file(str(path))
+            self.tok = Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception with serde's message
             raise DgportError(f"{path}: not a readable tokenizer ({str(e).splitlines()[0][:200]}); "
                               "replace it with the checkpoint's tokenizer.json") from None
         cfg_path = folder / "tokenizer_config.json"
         cfg = {}
         if usable("tokenizer_config.json"):
-            try:
-                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise DgportError(f"{cfg_path}: not valid JSON ({e}); replace it with the checkpoint's") from None
+            cfg = safe_files.read_json(cfg_path, root, DgportError, "replace it with the checkpoint's")
             if not isinstance(cfg, dict):
                 raise DgportError(f"{cfg_path}: not a JSON object; replace it with the checkpoint's")
         template = cfg.get("chat_template")
         if usable("chat_template.jinja"):
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
+            template = safe_files.read_text(folder / "chat_template.jinja", root, DgportError, FIX)
         if template is not None and not isinstance(template, str):
             raise DgportError(f"{cfg_path}: chat_template is not a string (named templates are not supported)")
+        if template is not None and len(template) > safe_files.CAPS["chat_template.jinja"]:
+            raise DgportError(f"{cfg_path}: chat_template is over the "
+                              f"{safe_files.size_text(safe_files.CAPS['chat_template.jinja'])} cap; {FIX}")
         self.chat_template = template
         self.bos_token = cfg.get("bos_token") or "<bos>"
         if isinstance(self.bos_token, dict):

@@ -3,16 +3,17 @@ and safetensors weights (never pickle), and check every tensor the text model ne
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from dgport import safe_files
 from dgport.config import GenerationDefaults, TextConfig
 from dgport.errors import CheckpointError
 
-from .safetensors_np import SafetensorsFile
+from .safetensors_np import FLOAT_DTYPES, SafetensorsFile
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -60,11 +61,33 @@ def expected_tensors(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     return t
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
+FIX = "replace it with the checkpoint's own file"
+FINITE_CHUNK = 1 << 22  # elements checked at a time: bounded scratch memory for any tensor
+# bits of an IEEE float's exponent field: all set means inf or NaN
+EXPONENT_MASK = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
+
+
+def _read_json(path: Path, root: Path):
+    return safe_files.read_json(path, root, CheckpointError, FIX)
+
+
+def first_non_finite(t: np.ndarray) -> int | None:
+    """Flat index of the first NaN or infinity in float tensor `t` (any of F16/BF16/F32/F64), or None.
+    Streams through it in chunks on the raw bits (bf16's exponent field is fp32's)."""
+    flat = np.ascontiguousarray(t).reshape(-1)
+    if t.dtype == np.dtype(np.float16):
+        uint, mask = EXPONENT_MASK[2]
+    elif t.dtype.itemsize == 2:  # bfloat16
+        uint, mask = np.uint16, 0x7F80
+    else:
+        uint, mask = EXPONENT_MASK[t.dtype.itemsize]
+    bits = flat.view(uint)
+    mask = uint(mask)
+    for i in range(0, bits.size, FINITE_CHUNK):
+        bad = (bits[i:i + FINITE_CHUNK] & mask) == mask
+        if bad.any():
+            return i + int(np.argmax(bad))
+    return None
 
 
 @dataclass
@@ -75,10 +98,23 @@ class Checkpoint:
     raw_config: dict
     tokenizer_files: list[Path]
     _files: dict[str, SafetensorsFile] = field(repr=False)
+    root: Path | None = None  # the folder its files really lie in (safe_files.model_root)
+    _finite: set = field(default_factory=set, repr=False)
 
     def tensor(self, name: str) -> np.ndarray:
-        """A text-model tensor by its transformers name, as stored (bf16 via ml_dtypes; memory-mapped)."""
-        return self._files[name].tensor(name)
+        """A text-model tensor by its transformers name, as stored (bf16 via ml_dtypes; memory-mapped).
+        The first read of each tensor checks every value is finite (a NaN or infinity would be
+        exported silently and turn every answer into garbage)."""
+        f = self._files[name]
+        t = f.tensor(name)
+        if name not in self._finite:
+            bad = first_non_finite(t)
+            if bad is not None:
+                value = t.reshape(-1)[bad]
+                raise CheckpointError(f"{f.path}: tensor {name} holds NaN or infinite values ({value} at flat index "
+                                      f"{bad}); the checkpoint is damaged: download or save it again")
+            self._finite.add(name)
+        return t
 
     def dtype(self, name: str) -> np.dtype:
         return self._files[name].dtype(name)
@@ -95,11 +131,9 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         """sha256 over config.json and every safetensors header: identifies the source cheaply."""
-        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        h = hashlib.sha256(safe_files.read_bytes(self.path / "config.json", self.root or self.path, CheckpointError, FIX))
         for f in sorted({id(f): f for f in self._files.values()}.values(), key=lambda f: f.path.name):
-            with open(f.path, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(n))
+            h.update(f.header_bytes)
         return h.hexdigest()
 
 
@@ -109,13 +143,14 @@ def read_config(path: Path) -> tuple[TextConfig, GenerationDefaults, dict]:
         raise CheckpointError(f"{path}: no such folder; give the path of a Hugging Face DiffusionGemma checkpoint")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder; give the checkpoint folder, not a file in it")
+    root = safe_files.model_root(path)
     cfg_path = path / "config.json"
-    if not cfg_path.exists():
+    if not os.path.lexists(cfg_path):
         raise CheckpointError(f"{cfg_path}: missing; a Hugging Face checkpoint folder has a config.json")
-    raw = _read_json(cfg_path)
+    raw = _read_json(cfg_path, root)
     text = TextConfig.from_hf(raw, where=str(cfg_path))
     gen_path = path / "generation_config.json"
-    gen = _read_json(gen_path) if gen_path.exists() else {}
+    gen = _read_json(gen_path, root) if os.path.lexists(gen_path) else {}
     return text, GenerationDefaults.from_hf(gen, text, raw.get("eos_token_id")), raw
 
 
@@ -125,11 +160,11 @@ def weight_files(path: Path) -> list[Path]:
     export and the torch reference read the same tensors. Other *.safetensors names only when neither
     exists (transformers cannot load those; `transformers_loadable` says so)."""
     single, index_path = path / SAFETENSORS_SINGLE, path / SAFETENSORS_INDEX
-    if single.is_file():
+    if os.path.lexists(single):  # whatever it is: the reader checks it is a regular file inside the folder
         return [single]
-    if not index_path.is_file():
+    if not os.path.lexists(index_path):
         return sorted(path.glob("*.safetensors"))
-    index = _read_json(index_path)
+    index = _read_json(index_path, safe_files.model_root(path))
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path}: no weight_map of tensor name -> shard file; re-save the checkpoint")
@@ -137,7 +172,7 @@ def weight_files(path: Path) -> list[Path]:
     bad = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
     if bad:
         raise CheckpointError(f"{index_path}: shard {bad[0]!r} is not a .safetensors file in the checkpoint folder")
-    missing = [n for n in names if not (path / n).is_file()]
+    missing = [n for n in names if not os.path.lexists(path / n)]
     if missing:
         raise CheckpointError(f"{index_path}: shard {missing[0]} is missing"
                               f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; download it again")
@@ -162,11 +197,17 @@ def read_checkpoint(path) -> Checkpoint:
                 "`model.save_pretrained(dir, safe_serialization=True)` and export that folder"
             )
         raise CheckpointError(f"{path}: no *.safetensors weights found")
+    root = safe_files.model_root(path)
     files: dict[str, SafetensorsFile] = {}
     for p in st:
-        f = SafetensorsFile(p)
+        f = SafetensorsFile(p, root)
         for name in f.names:
             files[name] = f
+    for name in expected_tensors(text):
+        if name in files and files[name].dtype_name(name) not in FLOAT_DTYPES:
+            raise CheckpointError(f"{files[name].path}: tensor {name} is stored as {files[name].dtype_name(name)}; the "
+                                  f"model needs floating-point weights ({', '.join(FLOAT_DTYPES)}): save the "
+                                  "checkpoint again from its float weights")
     problems = []
     for name, shape in expected_tensors(text).items():
         if name not in files:
@@ -176,7 +217,9 @@ def read_checkpoint(path) -> Checkpoint:
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{path}: {'; '.join(problems[:3])}{more}; the weights do not match config.json")
-    tok = [path / n for n in TOKENIZER_FILES if (path / n).exists()]
-    if not (path / "tokenizer.json").exists():
+    tok = [path / n for n in TOKENIZER_FILES if os.path.lexists(path / n)]
+    if not os.path.lexists(path / "tokenizer.json"):
         raise CheckpointError(f"{path / 'tokenizer.json'}: missing; dgport needs the checkpoint's tokenizer.json")
-    return Checkpoint(path, text, gen, raw, tok, files)
+    for p in tok:  # read later (the export copies them, the tokenizer reads them): refused now, not half-way
+        safe_files.check(p, root, CheckpointError, FIX)
+    return Checkpoint(path, text, gen, raw, tok, files, root)

@@ -14,17 +14,18 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import re
 import shutil
 import signal
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dgport.errors import DgportError, ExportError
+from dgport import safe_files
+from dgport.errors import CheckpointError, DgportError, ExportError
 from dgport.manifest import MANIFEST, write_manifest
 from dgport.progress import Progress
 
@@ -96,13 +97,23 @@ def check_options(opts: ExportOptions) -> None:
         raise DgportError(f"--group-size {opts.group_size}: choose 32, 64 or 128")
 
 
+def _manifest_of(folder: Path) -> dict | None:
+    """The dgport.json dgport wrote in `folder` (JSON with its version keys), read safely (a regular
+    file inside the folder, size-capped); None when there is none."""
+    path = folder / MANIFEST
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        manifest = safe_files.read_json(path, Path(os.path.realpath(folder)), ExportError)
+    except (OSError, DgportError):
+        return None
+    ok = isinstance(manifest, dict) and "format_version" in manifest and "dgport_version" in manifest
+    return manifest if ok else None
+
+
 def is_export(folder: Path) -> bool:
     """Whether `folder` holds a dgport.json that dgport wrote (JSON with its version keys)."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and "format_version" in manifest and "dgport_version" in manifest
+    return _manifest_of(folder) is not None
 
 
 def _same_file(path: Path, st: os.stat_result | None) -> bool:
@@ -294,8 +305,14 @@ def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> E
         try:
             manifest, validation = _write(src, ckpt, tmp, modules, opts, progress)
             _move_into_place(tmp, out, replace)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, safe_files.WriteFailed):  # named as the file it was to become
+                rel = e.path.relative_to(tmp) if tmp in e.path.parents else e.path.name
+                kept = "; the earlier export is kept" if replace else ""
+                raise ExportError(f"{out / rel}: could not be written ({e.reason}); free some space on that disk or "
+                                  f"choose another OUT; nothing was left behind (the partial export was removed"
+                                  f"{kept})") from None
             raise
     files = {rel: meta["size"] for rel, meta in manifest["artifacts"].items()}
     files[MANIFEST] = (out / MANIFEST).stat().st_size
@@ -305,8 +322,10 @@ def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> E
 def _write(src, ckpt, tmp: Path, modules: dict, opts: ExportOptions, progress: Progress) -> tuple[dict, dict]:
     """Every format, the tokenizer files and the manifest into `tmp`; then the validation."""
     tok_files = []
-    for f in ckpt.tokenizer_files:
-        shutil.copy2(f, tmp / f.name)
+    for f in ckpt.tokenizer_files:  # read as checked files of the checkpoint (no link out, size-capped)
+        data = safe_files.read_bytes(f, ckpt.root or Path(src), CheckpointError)
+        with safe_files.writing(tmp / f.name):
+            (tmp / f.name).write_bytes(data)
         tok_files.append(f.name)
     formats = {fmt: mod.export(ckpt, tmp, opts, progress) for fmt, mod in modules.items()}
     manifest = write_manifest(

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dgport.errors import BackendUnavailable
+from dgport.errors import BackendUnavailable, CheckpointError, ExportError
+from dgport.safe_files import WriteFailed, writing
 
-from .checkpoint import DEC
+from .checkpoint import DEC, first_non_finite
+from .safetensors_np import SafetensorsFile
 from .quantize import SCHEME, mlx_quantize
 from .validation import max_abs_rel_err
 
@@ -75,6 +77,12 @@ def _convert(tensors: dict, dtype, opts, fallbacks: dict) -> dict:
             if g is not None:  # the scheme ONNX exports use (exporters/quantize.py): same dequantized values
                 base = name[: -len(".weight")]
                 wq, sc, bi = mlx_quantize(np.asarray(t, np.float32), _bits(name, opts.quantize), g)
+                for label, v in (("scales", sc), ("biases", bi)):
+                    bad = first_non_finite(v)
+                    if bad is not None:
+                        raise ExportError(f"tensor {name}: quantization {label} not finite ({v.reshape(-1)[bad]}; "
+                                          "its scale is not finite): the weights of a group span more than float32 "
+                                          "can hold; the checkpoint's weights are damaged, or export without --quantize")
                 out[f"{base}.weight"] = mx.array(wq)
                 out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(sc).astype(dtype), mx.array(bi).astype(dtype)
                 continue
@@ -109,6 +117,18 @@ def global_tensors(ckpt) -> dict:
     return {n: ckpt.tensor(DEC + n) for n in names}
 
 
+def _check_written(path: Path, arrays: dict) -> None:
+    """MLX reports no error when a write fails (a full disk leaves a short file): the header and
+    length of what was written are checked instead."""
+    try:
+        names = SafetensorsFile(path, root=path.parent).names
+    except CheckpointError as e:
+        raise WriteFailed(path, f"the file on disk is incomplete ({str(e).removeprefix(f'{path}: ').split(';')[0]}); "
+                                "the disk may be full") from None
+    if set(names) != set(arrays):
+        raise WriteFailed(path, "the file on disk lacks tensors; the disk may be full")
+
+
 def export(ckpt, out_dir, opts, progress) -> dict:
     mx = _mx()
     from dgport.runtimes.mlx import DTYPES, LAYOUT
@@ -123,7 +143,10 @@ def export(ckpt, out_dir, opts, progress) -> dict:
     def save(rel, tensors):
         arrays = _convert(tensors, dtype, opts, fallbacks)
         mx.eval(arrays)
-        mx.save_safetensors(str(out_dir / rel), arrays, metadata=meta)
+        path = out_dir / rel
+        with writing(path):
+            mx.save_safetensors(str(path), arrays, metadata=meta)
+        _check_written(path, arrays)
         files.append(rel)
 
     with progress.step("writing MLX embedding and self-conditioning weights"):

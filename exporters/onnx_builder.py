@@ -10,6 +10,11 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from dgport.errors import ExportError
+from dgport.safe_files import writing
+
+from .checkpoint import first_non_finite
+
 OPSET = 21
 FUSED_ATTENTION_OPSET = 23  # the first with ONNX `Attention`
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
@@ -40,30 +45,43 @@ class WeightStore:
     def __init__(self, ckpt, out_dir: Path, dtype: str):
         self.ckpt, self.dtype, self.np_dtype = ckpt, dtype, np_dtype(dtype)
         self.path = Path(out_dir) / WEIGHTS_FILE
-        self.f = open(self.path, "wb")
+        with writing(self.path):
+            self.f = open(self.path, "wb")
         self.offset = 0
         self.index: dict[str, dict] = {}
 
     def close(self):
-        self.f.close()
+        with writing(self.path):  # the last buffered bytes are written here
+            self.f.close()
 
     def raw(self, hf_name: str) -> np.ndarray:
         return self.ckpt.tensor(hf_name)
 
     def get(self, name: str, make, dtype: str | None = None) -> str:
         """Store the array `make()` (cast to the model dtype, or to `dtype` = 'fp32') under `name`."""
-        if name not in self.index and dtype in QUANT_DTYPE:  # bytes as made (uint8; uint4 packed in pairs)
+        if name in self.index:
+            return name
+        shape = None
+        if dtype in QUANT_DTYPE:  # bytes as made (uint8; uint4 packed in pairs)
             arr = np.ascontiguousarray(np.asarray(make(), np.uint8))
             shape = list(arr.shape[:-1]) + [arr.shape[-1] * (2 if dtype == "uint4" else 1)]
-            self._write(name, arr, dtype, shape)
-        elif name not in self.index and dtype == "bf16":  # quantization scales: bf16 in any export
-            self._write(name, np.ascontiguousarray(np.asarray(make()).astype(np_dtype("bf16"))), "bf16", None)
-        if name not in self.index:
+            label = dtype
+        elif dtype == "bf16":  # quantization scales: bf16 in any export
+            arr = np.ascontiguousarray(np.asarray(make()).astype(np_dtype("bf16")))
+            label = "bf16"
+            bad = first_non_finite(arr)
+            if bad is not None:
+                raise ExportError(f"tensor {name}: quantization scale is not finite ({arr.reshape(-1)[bad]}): the "
+                                  "weights of its group span more than float32 can hold; the checkpoint's weights are "
+                                  "damaged, or export it without --quantize")
+        else:
             arr = np.asarray(make())
             target = np.dtype(np.float32) if dtype == "fp32" else self.np_dtype
             if arr.dtype != target:
                 arr = arr.astype(np.float32).astype(target) if arr.dtype != np.float32 else arr.astype(target)
-            self._write(name, np.ascontiguousarray(arr), "fp32" if dtype == "fp32" else self.dtype, None)
+            arr, label = np.ascontiguousarray(arr), "fp32" if dtype == "fp32" else self.dtype
+        with writing(self.path):
+            self._write(name, arr, label, shape)
         return name
 
     def _write(self, name: str, arr: np.ndarray, dtype: str, shape) -> None:

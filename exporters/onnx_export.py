@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 
 from dgport.progress import Progress
+from dgport.safe_files import writing
 
 from .validation import rel_err
 from .onnx_builder import ONNX_DTYPE, WEIGHTS_FILE, WeightStore
@@ -26,7 +27,9 @@ SPARSE_DENOISE = "denoise_step.sparse.onnx"
 
 
 def _save(b, path: Path) -> None:
-    onnx.save(b.model(), str(path))
+    model = b.model()
+    with writing(path):
+        onnx.save(model, str(path))
     onnx.checker.check_model(str(path))  # resolves weights.bin next to it
 
 

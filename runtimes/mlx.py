@@ -8,10 +8,12 @@ position, and gets back argmax, entropy and the sampled ids. The encoder and the
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
+from dgport import safe_files
 from dgport.backend import StepOutput
 from dgport.config import TextConfig
 from dgport.errors import BackendUnavailable, ExportError
@@ -31,10 +33,12 @@ DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
 def load_weights(folder: Path, entry: dict) -> dict:
     """Every MLX weight file of an export entry, merged into one flat dict (lazily loaded)."""
     weights = {}
+    root = Path(os.path.realpath(folder))
     for rel in entry["files"]:
         path = Path(folder) / rel
         if not path.name.endswith(".safetensors"):
             continue
+        safe_files.check(path, root, ExportError, "export again")  # MLX opens it by path
         try:
             weights.update(mx.load(str(path)))
         except Exception as e:  # mlx raises RuntimeError/ValueError with its own wording

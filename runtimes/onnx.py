@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 
 import numpy as np
 
+from dgport import safe_files
 from dgport.backend import StepOutput
 from dgport.config import TextConfig
 from dgport.errors import BackendUnavailable, DgportError, ExportError
@@ -128,6 +130,7 @@ class OnnxBackend:
         self._profile_prefix = profile_prefix
         if self.quantization is not None and device == "cpu":
             fixed_mmap_threshold()
+        self._root = Path(os.path.realpath(self.export.path))
         self._weights = self._load_weights(graphs)
         so_kw = dict(session_options)
         if threads is None:
@@ -150,7 +153,8 @@ class OnnxBackend:
         ort = self._ort
         meta = self.entry["weights"]
         path = self.export.file(meta["file"])
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        with safe_files.open_binary(path, self._root, ExportError, "export again") as f:  # a regular file inside
+            mm = np.memmap(f, dtype=np.uint8, mode="r")
         self._mm = mm
         needed = sorted({w for g in graphs.values() for w in g["weights"]})
         values = {}
@@ -189,6 +193,7 @@ class OnnxBackend:
                 so.add_initializer(name, self._weights[name])
         providers = self._providers()
         path = self.export.file(g["file"])
+        safe_files.check(path, self._root, ExportError, "export again")  # onnxruntime opens it by path
         try:
             sess = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types

@@ -34,13 +34,17 @@ def one_line(e) -> str:
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
-    """The checkpoint's small JSON files copied (to edit), its weights linked."""
+    """The checkpoint's small JSON files copied (to edit), its weights hard-linked where the file
+    system allows (a symlink out of the folder is refused: dgport reads only files inside it)."""
     dst.mkdir(parents=True)
     for f in src.iterdir():
         if f.suffix == ".json" or f.suffix == ".jinja":
             shutil.copy2(f, dst / f.name)
         else:
-            os.symlink(f.resolve(), dst / f.name)
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
     return dst
 
 
