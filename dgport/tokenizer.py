@@ -1,23 +1,25 @@
 """Tokenizer and chat template: `tokenizers` for ids, jinja2 for the checkpoint's own template.
 
-The files are read through dgport.safe_files (inside the model's folder, regular, size-capped)."""
+The files are read through dgport.safe_files (inside the model's folder, regular, size-capped) and
+the template, which is code from the model's author, runs in jinja2's immutable sandbox with a
+work budget per render (dgport.template_budget): calls, loop iterations and outputs are counted,
+and every string or list it builds is measured, refused before it is built when it would be too big."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import safe_files
+from . import template_budget as budget
 from .errors import DgportError
 
+# The budget of one render (module attributes, read at each render). A real chat template over a long
+# conversation takes a few steps per message; see template_budget.py for what is counted.
+MAX_TEMPLATE_STEPS = 1_000_000
+MAX_TEMPLATE_CHARS = 64 << 20
 FIX = "replace it with the model's own file"
-
-
-def _raise_exception(msg):
-    """`raise_exception(...)` inside a chat template: the template's refusal, as one error line."""
-    raise DgportError(f"chat template: {msg}")
 
 
 class ChatTokenizer:
@@ -66,25 +68,15 @@ class ChatTokenizer:
     def _template(self) -> jinja2.Template:
         """The chat template compiled once (compiling the Sudoku model's took ~20 ms per render)."""
         if getattr(self, "_compiled", None) is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_exception
-            try:
-                self._compiled = env.from_string(self.chat_template)
-            except jinja2.TemplateError as e:
-                raise DgportError(f"chat template failed to compile: {e}") from e
+            self._compiled = budget.compile_template(self.chat_template)
         return self._compiled
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False) -> str:
         if not self.chat_template:
             raise DgportError("this model has no chat template; pass raw=True (CLI: --raw) to send the prompt as is")
-        template = self._template()
-        try:
-            return template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                enable_thinking=enable_thinking, bos_token=self.bos_token,
-            )
-        except jinja2.TemplateError as e:
-            raise DgportError(f"chat template failed to render: {e}") from e
+        return budget.render(self._template(), MAX_TEMPLATE_STEPS, MAX_TEMPLATE_CHARS,
+                             messages=messages, add_generation_prompt=add_generation_prompt,
+                             enable_thinking=enable_thinking, bos_token=self.bos_token)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text that already carries its special tokens (e.g. a rendered chat)."""
