@@ -116,6 +116,48 @@ def is_export(folder: Path) -> bool:
     return _manifest_of(folder) is not None
 
 
+def foreign_entry(folder: Path) -> Path | None:
+    """The first file or folder in an export that its manifest does not list (a user's notes, a
+    benchmark's CSV, a subfolder, a link), or None when it holds only what dgport wrote there."""
+    manifest = _manifest_of(folder)
+    artifacts = manifest.get("artifacts") if manifest else None
+    listed = {MANIFEST} | {rel for rel in artifacts if isinstance(rel, str)} if isinstance(artifacts, dict) else {MANIFEST}
+    dirs = {str(parent) for rel in listed for parent in Path(rel).parents if str(parent) != "."}
+
+    def walk(d: Path, prefix: str):
+        with os.scandir(d) as entries:
+            for e in sorted(entries, key=lambda e: e.name):
+                rel = prefix + e.name
+                if e.is_dir(follow_symlinks=False) and rel in dirs:
+                    found = walk(Path(e.path), rel + "/")
+                    if found is not None:
+                        return found
+                elif rel not in listed or not e.is_file(follow_symlinks=False):
+                    return Path(e.path)
+        return None
+
+    return walk(folder, "")
+
+
+def _refuse_foreign(out: Path) -> None:
+    found = foreign_entry(out)
+    if found is not None:
+        raise ExportError(f"{found}: not written by dgport (its {MANIFEST} does not list it); --force replaces only "
+                          f"what an earlier export wrote: move it out of {out}, or choose another OUT")
+
+
+def _refuse_links_into(src: Path, out: Path) -> None:
+    """A checkpoint file whose real path lies inside OUT (a link into the export being replaced)
+    would lose its data when --force removes the earlier export: refused."""
+    o = Path(os.path.realpath(out))
+    with os.scandir(src) as entries:
+        for e in entries:
+            real = Path(os.path.realpath(e.path))
+            if real == o or o in real.parents:
+                raise ExportError(f"{Path(e.path)}: links to {real}, inside {out}, which --force would remove; choose "
+                                  "another OUT, or copy the file into the checkpoint folder first")
+
+
 def _same_file(path: Path, st: os.stat_result | None) -> bool:
     try:
         return st is not None and os.path.samestat(path.stat(), st)
@@ -152,6 +194,7 @@ def _prepare_out(out: Path, force: bool) -> bool:
     if not is_export(out):
         raise ExportError(f"{out}: is not a dgport export (no {MANIFEST} written by dgport); --force replaces only an "
                           "earlier export, so choose another folder or empty this one yourself")
+    _refuse_foreign(out)
     return True
 
 
@@ -228,7 +271,7 @@ def _clean_stale(out: Path, progress: Progress) -> None:
         if pid != os.getpid() and _pid_alive(pid):  # our own pid's is stale: we have not made ours yet
             continue
         if m.group(1) == "old":
-            if not is_export(p):
+            if not is_export(p) or foreign_entry(p) is not None:
                 continue
             if not out.exists() and not out.is_symlink():
                 p.rename(out)
@@ -269,6 +312,7 @@ def _move_into_place(tmp: Path, out: Path, replace: bool) -> None:
         return
     if out.is_symlink() or not is_export(out):
         raise ExportError(appeared)
+    _refuse_foreign(out)  # a file added to the earlier export meanwhile is kept, with the export
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     out.rename(old)
     try:
@@ -289,6 +333,8 @@ def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> E
     started = time.perf_counter()
     with progress.step("reading checkpoint"):
         ckpt = read_checkpoint(src)
+    if out.exists():
+        _refuse_links_into(Path(src), out)
     if opts.quantize and "onnx" in opts.formats:  # before anything is written: names the tensor
         from .quantize import check
 

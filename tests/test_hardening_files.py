@@ -125,6 +125,117 @@ def test_symlink_out_is_refused(ckpt, tmp_path):
     assert is_export(tmp_path / "real")
 
 
+def _tree(folder: Path) -> list[str]:
+    """Every entry under folder (files, folders, links), relative."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "bench/results.csv", "runs/", "weights.bin.bak", "link.txt"])
+def test_force_refuses_an_export_holding_files_it_does_not_list(ckpt, tmp_path, extra):
+    """--force removes an earlier export whole: not when it holds something its manifest does not list."""
+    out = tmp_path / "exp"
+    export(ckpt, out, FAST)
+    target = out / extra.rstrip("/")
+    if extra.endswith("/"):
+        target.mkdir()
+    elif extra == "link.txt":
+        (tmp_path / "elsewhere.txt").write_text("the user's")
+        target.symlink_to(tmp_path / "elsewhere.txt")
+    else:
+        target.parent.mkdir(exist_ok=True)
+        target.write_text("the user's own file")
+    before, entries = _snapshot(out), _tree(out)
+    with pytest.raises(ExportError, match="not written by dgport") as e:
+        export(ckpt, out, FORCE)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(out / extra.split("/")[0])) and "move it out of" in msg, msg
+    code, errors = _cli("export", ckpt, out, "--force", "--no-validate")
+    assert code == 1 and len(errors) == 1 and "not written by dgport" in errors[0]
+    assert _snapshot(out) == before and _tree(out) == entries and _leftovers(tmp_path, "exp") == []
+
+
+def test_force_refuses_a_file_added_inside_an_export_subfolder(ckpt, tmp_path):
+    pytest.importorskip("mlx.core")
+    out = tmp_path / "exp"
+    export(ckpt, out, ExportOptions(formats=("onnx", "mlx"), validate=False))
+    (out / "mlx" / "notes.md").write_text("mine")
+    with pytest.raises(ExportError, match=r"mlx/notes\.md: not written by dgport"):
+        export(ckpt, out, FORCE)
+    assert (out / "mlx" / "notes.md").read_text() == "mine"
+    (out / "mlx" / "notes.md").unlink()
+    export(ckpt, out, FORCE)  # only what dgport wrote: replaced
+    assert not (out / "mlx").exists()
+
+
+def test_force_refuses_a_file_added_while_the_export_runs(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    export(ckpt, out, FAST)
+    real_write = export_mod._write
+
+    def write_then_user_adds_a_file(*args):
+        result = real_write(*args)
+        (out / "notes.txt").write_text("written meanwhile")
+        return result
+
+    monkeypatch.setattr(export_mod, "_write", write_then_user_adds_a_file)
+    with pytest.raises(ExportError, match="notes.txt: not written by dgport"):
+        export(ckpt, out, FORCE)
+    assert (out / "notes.txt").read_text() == "written meanwhile" and is_export(out)
+    assert _leftovers(tmp_path, "exp") == []
+
+
+@pytest.mark.parametrize("layout", ["hub", "folder"])
+def test_force_never_removes_an_export_the_checkpoint_links_into(ckpt, tmp_path, layout):
+    """A checkpoint file linked into OUT (here tokenizer.json -> OUT/tokenizer.json): replacing OUT would
+    delete what the checkpoint reads. In a Hub cache snapshot links may point anywhere in the repo's
+    folder, so OUT inside it is refused by this rule; elsewhere the link itself is refused."""
+    if layout == "hub":
+        src = tmp_path / "models--a--b" / "snapshots" / ("cd" * 20)
+        shutil.copytree(ckpt, src)
+        out = tmp_path / "models--a--b" / "exp"
+    else:
+        src, out = ckpt, tmp_path / "exp"
+    export(src, out, FAST)
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.json").symlink_to(os.path.relpath(out / "tokenizer.json", src))
+    before = _snapshot(out)
+    with pytest.raises(ExportError if layout == "hub" else CheckpointError,
+                       match="which --force would remove" if layout == "hub" else "outside the model folder") as e:
+        export(src, out, FORCE)
+    assert "\n" not in str(e.value) and str(src / "tokenizer.json") in str(e.value)
+    assert _snapshot(out) == before and _leftovers(out.parent, "exp") == []
+
+
+def test_force_never_removes_an_export_holding_the_checkpoint(ckpt, tmp_path):
+    out = tmp_path / "exp"
+    export(ckpt, out, FAST)
+    shutil.copytree(ckpt, out / "ckpt")
+    (tmp_path / "link").symlink_to(out / "ckpt", target_is_directory=True)
+    before = _snapshot(out)
+    with pytest.raises(ExportError, match="contains the checkpoint folder"):
+        export(tmp_path / "link", out, FORCE)
+    assert _snapshot(out) == before
+
+
+def test_force_with_a_fifo_manifest_does_not_block(ckpt, tmp_path):
+    out = tmp_path / "exp"
+    out.mkdir()
+    os.mkfifo(out / MANIFEST)
+
+    def expired(signum, frame):
+        raise AssertionError("blocked reading a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(60)
+    try:
+        with pytest.raises(ExportError, match="is not a dgport export"):
+            export(ckpt, out, FORCE)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST]
+
+
 # --------------------------------------------------------------------------- concurrent exports
 
 def test_out_appearing_during_export_is_not_replaced(ckpt, tmp_path, monkeypatch):
