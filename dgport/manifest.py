@@ -367,37 +367,41 @@ class Export:
         """Every artifact present with its recorded size (and sha256 when `checksums`; with
         `use_cache`, files hashed before and unchanged since are trusted)."""
         self.check_paths()
+        root = Path(os.path.realpath(self.path))
         for rel, meta in self.manifest["artifacts"].items():
             p = self.path / rel
-            size = os.lstat(p).st_size
-            if size != meta["size"]:
-                raise ExportError(f"{p}: size {size} != {meta['size']} recorded in {MANIFEST}; "
+            st = safe_files.check(p, root, ExportError, "export again")
+            if st.st_size != meta["size"]:
+                raise ExportError(f"{p}: size {st.st_size} != {meta['size']} recorded in {MANIFEST}; "
                                   "the file is truncated or was changed. Export again")
-            if checksums and not (use_cache and _verified_before(p, meta["sha256"])):
-                if sha256_file(p) != meta["sha256"]:
+            if checksums and not (use_cache and _verified_before(p, st, meta["sha256"])):
+                digest, hashed = safe_files.sha256(p, root, ExportError, "export again")
+                if digest != meta["sha256"]:
                     raise ExportError(f"{p}: sha256 does not match {MANIFEST}; the file was changed or "
                                       "corrupted. Export again")
-                _remember_verified(p, meta["sha256"])
+                if hashed is not None:  # unchanged while it was read: that version is the one verified
+                    _remember_verified(p, hashed, meta["sha256"])
 
 
-def _stamp_path(path: Path, sha: str) -> Path:
+def _stamp_path(path: Path, st: os.stat_result, sha: str) -> Path:
+    """The stamp of one verified version of a file. st_ctime_ns is in the key because a user can set
+    a file's mtime back after editing it (`touch -d`, os.utime) but not its ctime: any write, and
+    setting the mtime itself, moves the ctime to now."""
     from .default_model import cache_dir  # late: default_model imports this module
 
-    cache = cache_dir() / "verified"
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{sha}".encode()).hexdigest()
-    return cache / key
+    key = f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{sha}"
+    return cache_dir() / "verified" / hashlib.sha256(key.encode()).hexdigest()
 
 
-def _verified_before(path: Path, sha: str) -> bool:
+def _verified_before(path: Path, st: os.stat_result, sha: str) -> bool:
     """Checksums of multi-GB weights cost seconds: a file is hashed once, then trusted while its
-    path, size, mtime and inode stay the same."""
-    return _stamp_path(path, sha).exists()
+    path, device, inode, size, mtime and ctime stay the same."""
+    return _stamp_path(path, st, sha).exists()
 
 
-def _remember_verified(path: Path, sha: str) -> None:
+def _remember_verified(path: Path, st: os.stat_result, sha: str) -> None:
     try:
-        stamp = _stamp_path(path, sha)
+        stamp = _stamp_path(path, st, sha)
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.touch()
     except OSError:

@@ -429,3 +429,24 @@ def test_mlx_short_write_is_caught(ckpt, tmp_path, monkeypatch):
     msg = one_line(e)
     assert "mlx/layer-001.safetensors: could not be written" in msg and "incomplete" in msg, msg
     assert not (tmp_path / "exp").exists() and _leftovers(tmp_path, "exp") == []
+
+
+# ------------------------------------------------------------------------ 5. verified-before stamps
+
+def test_edit_with_restored_mtime_is_detected(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("DGPORT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "exp"
+    export(checkpoints["tiny"], out, FAST)
+    open_export(out, "cpu")  # hashed once, stamped
+    open_export(out, "cpu")  # trusted from the stamp
+    victim = out / "weights.bin"
+    st = os.stat(victim)
+    with open(victim, "r+b") as f:  # same size, same inode, other bytes
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # `touch -d` puts the mtime back
+    assert os.stat(victim).st_mtime_ns == st.st_mtime_ns and os.stat(victim).st_ino == st.st_ino
+    with pytest.raises(ExportError, match="weights.bin: sha256 does not match"):
+        open_export(out, "cpu")
