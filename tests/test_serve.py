@@ -31,6 +31,19 @@ PUZZLES = [  # held-out streams of the shipped model's puzzle generator (40 give
 LONG = {"max_denoising_steps": 3000, "stability_threshold": 1000}
 
 
+def wait_for(predicate, what: str, timeout: float = 60.0):
+    """Poll `predicate` (a read of the server's state) until it is truthy: the tests wait on state,
+    never on a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.02)  # the polling interval
+
+
 def answer_ids(ids):
     """`dgport run`'s ids as the server reports them: whole canvases with PAD (0) after the first EOS
     there, the generated tokens without the PAD here (as vLLM reports them)."""
@@ -202,7 +215,7 @@ def test_bad_fields_get_400(client, kw, match):
 
 
 def test_errors_in_openai_shape(server, client):
-    auth = {"Authorization": f"Bearer {KEY}"}
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}  # raw bodies: say it is JSON
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers=auth)
@@ -244,20 +257,24 @@ def test_client_disconnect_mid_stream_then_normal_request(server, client):
                 break  # the first draft canvas arrived: hang up
     expected = _chat(client, PUZZLES[0], seed=3).choices[0].message.content
     assert time.perf_counter() - started < 30
-    deadline = time.monotonic() + 20
-    while server.health()["cancelled"] == before and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: server.health()["cancelled"] != before, "the hung-up stream's cancellation")
     assert server.health()["cancelled"] == before + 1, server.health()
     again = _chat(client, PUZZLES[0], seed=3)
     assert again.choices[0].message.content == expected and again.choices[0].finish_reason
-    # a non-streaming client that gives up is cancelled too
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False, "stream_drafts": False},
-                   headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5)
-    deadline = time.monotonic() + 20
-    while server.health()["cancelled"] == before + 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # a non-streaming client that gives up is cancelled too: it hangs up once its request runs
+    served = wait_for(lambda: (lambda h: not h["busy"] and h["served"])(server.health()), "an idle worker")
+    raw = json.dumps({**body, "stream": False, "stream_drafts": False}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                     + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+        wait_for(lambda: server.health()["busy"], "the non-streaming request to run")
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)  # no answer yet: the client gives up on it
+    wait_for(lambda: server.health()["cancelled"] != before + 1, "the non-streaming request's cancellation")
     assert server.health()["cancelled"] == before + 2, server.health()
+    assert server.health()["served"] == served + 1
     assert _chat(client, PUZZLES[0], seed=3).choices[0].message.content == expected
 
 
@@ -340,15 +357,17 @@ def test_queue_full_gets_503_with_retry_after(export):
         running, c1 = _hold(srv.url)
         _running(running)
         waiting, c2 = _hold(srv.url)  # it waits: the queue holds one
-        assert srv.health()["waiting"] == 1, srv.health()
-        r = httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
+        wait_for(lambda: srv.health()["waiting"] == 1, "the second request in the queue")
+        assert srv.health()["waiting"] == 1 and srv.health()["busy"], srv.health()
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
             "model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[1]}]})
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["type"] == "server_overloaded"
         for resp, client in ((waiting, c2), (running, c1)):
             resp.close()
             client.close()
-        ok = httpx.post(srv.url + "/v1/chat/completions", timeout=60, json={
+        wait_for(lambda: srv.health()["cancelled"] == 2, "both held requests to be cancelled")
+        ok = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
             "model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[1]}], "seed": 0})
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]  # served normally
     finally:
@@ -375,14 +394,12 @@ def test_client_that_leaves_while_queued_is_never_run(server):
     running, c1 = _hold(server.url, auth)
     _running(running)
     waiting, c2 = _hold(server.url, auth)
-    assert server.health()["waiting"] == 1
+    wait_for(lambda: server.health()["waiting"] == 1, "the second request in the queue")
     waiting.close()  # leaves while queued
     c2.close()
     running.close()  # and the running one is cancelled between two steps
     c1.close()
-    deadline = time.monotonic() + 20
-    while server.health()["cancelled"] < before["cancelled"] + 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: server.health()["cancelled"] >= before["cancelled"] + 2, "both cancellations")
     after = server.health()
     assert after["cancelled"] == before["cancelled"] + 2, after
     assert after["served"] == before["served"] + 1, after  # the queued one never ran

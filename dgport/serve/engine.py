@@ -115,9 +115,9 @@ class Engine:
                 log.exception("generation failed")
                 job.post(("error", 500, f"generation failed: {e.__class__.__name__}: {e}"))
             finally:
-                self.busy, self.current = False, None
                 self.served += 1
                 self.durations.append(time.perf_counter() - started)
+                self.busy, self.current = False, None  # last: /health showing busy=false means all is counted
 
     def _prompt(self, plan: Plan) -> tuple[list[int], int]:
         """(the token stream this request generates after, how many of its first ids are cached)."""
