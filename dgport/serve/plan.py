@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from ..errors import DgportError
-from .protocol import MAX_STOP, REASONING_EFFORTS, SAMPLER_FIELDS, ApiError
+from .protocol import MAX_STOP, MAX_STOP_CHARS, REASONING_EFFORTS, SAMPLER_FIELDS, ApiError
 
 
 @dataclass
@@ -51,8 +51,9 @@ def _check_common(req, gen) -> tuple[int, dict, list[str]]:
     except DgportError as e:
         raise ApiError(400, str(e)) from e
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP or any(not s for s in stop):
-        raise ApiError(400, f"stop: give at most {MAX_STOP} non-empty strings", param="stop")
+    if len(stop) > MAX_STOP or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"stop: give at most {MAX_STOP} non-empty strings of up to {MAX_STOP_CHARS} characters",
+                       param="stop")
     if req.stream_options is not None and not req.stream:
         raise ApiError(400, "stream_options needs stream=true", param="stream_options")
     if req.stream_drafts and not req.stream:

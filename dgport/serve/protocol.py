@@ -6,6 +6,7 @@ SAMPLER_FIELDS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "sta
                   "confidence_threshold")
 MAX_BODY_BYTES = 4 << 20
 MAX_STOP = 16
+MAX_STOP_CHARS = 256  # per stop string: the held-back tail of each delta is checked against its prefixes
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 
 # ---------------------------------------------------------------------------------------------

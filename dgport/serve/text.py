@@ -1,4 +1,9 @@
-"""Text: content vs thought channel, stop strings, deltas that never split a character."""
+"""Text: content vs thought channel, stop strings, deltas that never split a character.
+
+The app calls a TextStream on a worker thread (decoding the answer so far is linear in its length).
+The stop-string search is incremental: each call scans only the text added since the last one plus
+the longest stop string's length - 1 characters before it, so a whole answer costs time linear in
+its length, however many deltas it arrives in."""
 
 from ..display import split_channel
 
@@ -17,6 +22,9 @@ class TextStream:
         self.sent_content = 0
         self.sent_reasoning = 0
         self.stopped = False
+        self.stop_at = 0  # where the content ends, once a stop string was found
+        self.searched = 0  # content[:searched] was searched: no stop string starts in it, but for the last
+        self.longest = max((len(s) for s in stop), default=0)  # longest - 1 characters
 
     def add(self, ids) -> None:
         self.ids.extend(int(t) for t in ids if int(t) != self.pad_id)
@@ -39,13 +47,19 @@ class TextStream:
         if not final:
             content, reasoning = content.rstrip("\ufffd"), reasoning.rstrip("\ufffd")
         end = len(content)
-        for s in self.stop:
-            at = content.find(s)
-            if at != -1 and at < end:
-                end = at
-                self.stopped = True
-        if not self.stopped and not final:
+        if self.stopped:
+            end = self.stop_at
+        elif self.stop:
+            start = max(0, self.searched - self.longest + 1)  # a stop string starting before this was seen whole
+            window = content[start:]
             for s in self.stop:
+                at = window.find(s)
+                if at != -1 and start + at < end:
+                    end = start + at
+                    self.stopped, self.stop_at = True, end
+            self.searched = len(content)
+        if not self.stopped and not final:
+            for s in self.stop:  # bounded by the stop strings' lengths (MAX_STOP_CHARS), not the text's
                 for k in range(min(len(s) - 1, len(content)), 0, -1):
                     if content.endswith(s[:k]):
                         end = min(end, len(content) - k)
@@ -58,4 +72,9 @@ class TextStream:
 
     def text(self) -> tuple[str, str]:
         return self._split()
+
+    def feed(self, ids, final: bool = False) -> tuple[str, str]:
+        """add(ids), then deltas(final): one call for the app to run off the event loop."""
+        self.add(ids)
+        return self.deltas(final)
 
