@@ -73,7 +73,8 @@ def _kind(mode: int) -> str:
 
 
 def _real(path: Path, root: Path, error, fix: str) -> Path:
-    """The real path of `path`, refused unless it lies inside `root` (already real)."""
+    """The real path of `path`, refused unless it lies inside `root`."""
+    root = Path(os.path.realpath(root))  # a relative or linked root names the same folder
     try:
         os.lstat(path)
     except FileNotFoundError:

@@ -11,7 +11,7 @@ cannot read English questions). The section is untrusted input like the rest of 
 """
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +40,16 @@ class Verdict:
 
 def declared(folder) -> Declaration:
     """The `dgport` section of FOLDER/tokenizer_config.json (empty when there is none)."""
+    from . import safe_files
+
     path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return Declaration()
-    try:
-        section = json.loads(path.read_text()).get("dgport")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise DgportError(f"{path}: cannot read it ({e.__class__.__name__}); the tokenizer files are damaged") from e
+    config = safe_files.read_json(path, safe_files.model_root(folder), DgportError,
+                                  "replace it with the model's own file")
+    if not isinstance(config, dict):
+        raise DgportError(f"{path}: not a JSON object; the tokenizer files are damaged")
+    section = config.get("dgport")
     if section is None:
         return Declaration()
     if not isinstance(section, dict):

@@ -154,3 +154,27 @@ def test_canvas_view_shows_the_answer_so_far():
     buf = io.StringIO()
     Console(file=buf, width=80).print(view)
     assert "ABC" in buf.getvalue() and "the committed answer so far" in buf.getvalue()
+
+
+def test_export_to_a_relative_out_writes_both_formats(checkpoints, tmp_path, monkeypatch):
+    """The checked reader resolves a relative folder: MLX's written-file check refused `./x` exports."""
+    monkeypatch.chdir(tmp_path)
+    export(checkpoints["tiny"], Path("rel"), ExportOptions(formats=("onnx", "mlx"), validate=False))
+    assert dgport.load("rel", backend="mlx").generate("Hi", seed=0, max_new_tokens=16).token_ids == \
+        dgport.load("rel", backend="cpu").generate("Hi", seed=0, max_new_tokens=16).token_ids
+
+
+def test_task_declaration_read_only_inside_the_model(tiny_onnx, tmp_path):
+    import os
+    import shutil
+
+    from dgport.task import declared
+
+    copy = tmp_path / "export"
+    shutil.copytree(tiny_onnx, copy)
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text('{"dgport": {"task": "sudoku"}}')
+    (copy / "tokenizer_config.json").unlink()
+    os.symlink(outside, copy / "tokenizer_config.json")
+    with pytest.raises(DgportError, match="outside the model folder"):
+        declared(copy)
