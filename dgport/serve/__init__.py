@@ -13,6 +13,10 @@ drop the thought channel, so the re-rendered conversation rarely starts with the
 model's own answer tokens, the template's turn close, then the new turns. Either way the request
 runs on the token stream it reports (`prompt_token_ids`), as a fresh run of that stream would.
 
+max_tokens (or max_completion_tokens) is a hard cap on the answer: the model runs the whole canvases
+that cover it (canvas_length tokens each), and the text, token_ids and usage.completion_tokens are
+cut to max_tokens tokens, with finish_reason "length" when the cut removed any.
+
 Sampling fields. DiffusionGemma samples each step at a temperature the schedule t_max -> t_min sets
 (over max_denoising_steps) and keeps the tokens an entropy budget accepts; there is no per-token
 temperature or nucleus to map OpenAI's `temperature` and `top_p` onto. They are accepted only at
@@ -22,8 +26,9 @@ the sampler's own settings are body fields (`max_denoising_steps`, `t_min`, `t_m
 and that dgport cannot honour (tools, logprobs, penalties, response_format, n > 1...) get a 400.
 
 Modules, one job each: protocol (errors in OpenAI's shape, request bodies), plan (a request -> the
-checked, tokenized Plan), engine (the worker thread, the cache reuse), text (channels, stop strings,
-deltas), app (the ASGI app: routes, middleware, SSE), command (the click command and `main`).
+checked, tokenized Plan), engine (the worker thread, the cache reuse, shutdown), text (channels, stop
+strings, deltas), guard (the Host check, the API key, JSON-only bodies), app (the ASGI app: routes,
+SSE, the thread pools that keep CPU work off the event loop), command (the click command and `main`).
 Importing the package needs only click: pydantic, fastapi and uvicorn are imported on first use.
 """
 

@@ -1,41 +1,31 @@
-"""The ASGI app: routes, the API-key middleware, non-streaming answers and SSE streams."""
+"""The ASGI app: routes, non-streaming answers and SSE streams.
+
+The event loop's thread only moves bytes and events. What a request makes the CPU do runs on two
+small thread pools: `planning` parses and validates the body, renders the chat template and
+tokenizes (seconds for a 4 MB prompt), `text` decodes the answer and searches its stop strings (so
+a big request never delays the deltas of streams already running). /health answers meanwhile.
+
+`app.state.shutdown()` (on the loop's thread; `dgport serve` calls it on SIGTERM) answers what waits
+with a 503 in OpenAI's shape and ends open streams with an error event and `data: [DONE]`."""
 
 import asyncio
+import functools
 import hashlib
-import hmac
 import json
+import os
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..errors import DgportError
 from .engine import Engine, Job
+from .guard import ApiKeyMiddleware, HostGuard, check_json_content_type
 from .plan import Plan, plan_chat, plan_completion
 from .protocol import _STATUS_TYPES, MAX_BODY_BYTES, ApiError, _models, _validation_error, error_body
 from .text import TextStream
-
-
-class ApiKeyMiddleware:
-    """Plain ASGI (no BaseHTTPMiddleware, which would buffer streams and hide disconnects): /v1 needs
-    `Authorization: Bearer KEY`, compared in constant time; /health stays open for probes."""
-
-    def __init__(self, app, key: str):
-        self.app = app
-        self.key = key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = given.partition(b" ")
-            if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)):
-                from starlette.responses import JSONResponse
-
-                e = ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY",
-                             type_="authentication_error", code="invalid_api_key")
-                await JSONResponse(e.body(), status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -45,6 +35,29 @@ class ServeConfig:
     fingerprint: str
     api_key: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    # names the Host header may carry besides localhost and IP addresses; None: any Host (--allow-host '*')
+    allowed_hosts: frozenset | None = frozenset()
+    # this machine's folders (the model's, the home folder) that no response may show: replaced by their names
+    private_paths: tuple = ()
+
+
+class Redactor:
+    """Replaces this machine's folders in a message by their names (the home folder by ~), longest first."""
+
+    def __init__(self, paths):
+        home = os.path.normpath(str(Path.home()))
+        pairs = {}
+        for p in paths:
+            p = str(p)
+            if os.path.isabs(p) and os.path.normpath(p) != "/":
+                for form in (p.rstrip("/"), os.path.normpath(p)):
+                    pairs[form] = "~" if os.path.normpath(p) == home else Path(p).name
+        self.pairs = sorted(pairs.items(), key=lambda kv: -len(kv[0]))
+
+    def __call__(self, text: str) -> str:
+        for path, name in self.pairs:
+            text = text.replace(path, name)
+        return text
 
 
 def export_fingerprint(path: Path, backend: str) -> str:
@@ -57,12 +70,40 @@ def export_fingerprint(path: Path, backend: str) -> str:
     return f"dgport-{__version__}-{backend}-{digest[:12]}"
 
 
+def parse_body(model, body: bytes):
+    """The request body as `model` (pydantic): JSON parse and validation, one ApiError on failure."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+@dataclass
+class Answer:
+    """What a request's events have brought so far."""
+    text: TextStream
+    generated: list[int] = field(default_factory=list)  # the answer's ids without PAD, cut at max_tokens
+    cut: bool = False  # max_tokens cut it
+    done: dict | None = None  # the worker's result (None: stopped early at a stop string)
+    prompt_ids: list[int] | None = None  # the token stream it ran on (known once it starts)
+    cached: int = 0
+
+    def finish_reason(self) -> str:
+        if self.text.stopped:
+            return "stop"
+        return "stop" if not self.cut and self.done and self.done["finished"] else "length"
+
+
 def create_app(model, cfg: ServeConfig, max_queue: int = 16):
     """The ASGI app. `model`: a Generator, or a function returning one (run on the worker thread)."""
+    from contextlib import asynccontextmanager
+
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import ValidationError
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     class JobStream(StreamingResponse):
         """Cancels its job however the response ends, even when the client leaves before the body
@@ -83,61 +124,83 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
     gen = engine.gen  # the handlers read only its tokenizer, config and defaults; the worker runs it
     created = int(time.time())
     pad_id = gen.defaults.pad_token_id
+    redact = Redactor(cfg.private_paths)
+    planning = ThreadPoolExecutor(2, thread_name_prefix="dgport-serve-plan")
+    texting = ThreadPoolExecutor(2, thread_name_prefix="dgport-serve-text")
 
-    from contextlib import asynccontextmanager
+    async def off(pool, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    def close():
+        engine.close()
+        for pool in (planning, texting):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @asynccontextmanager
     async def lifespan(app):
+        app.state.loop = asyncio.get_running_loop()
         yield
-        engine.close()
+        close()
 
     app = FastAPI(title="dgport", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     app.state.engine = engine
+    app.state.shutdown = engine.shutdown
+    app.state.close = close
 
-    def error_response(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    def error_json(e: ApiError) -> dict:
+        body = e.body()
+        body["error"]["message"] = redact(body["error"]["message"])
+        return body
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return error_response(e)
+        return JSONResponse(error_json(e), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-        return JSONResponse(error_body(message, _STATUS_TYPES.get(e.status_code, "invalid_request_error"),
+        return JSONResponse(error_body(redact(message), _STATUS_TYPES.get(e.status_code, "invalid_request_error"),
                                        code=str(e.status_code)), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
     if cfg.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=cfg.api_key)
+    app.add_middleware(HostGuard, allowed=cfg.allowed_hosts)  # added last: runs first
 
     async def read_body(request: Request, model):
+        check_json_content_type(request.headers.get("content-type"))
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
             raise ApiError(413, f"the request body is {declared} bytes; the limit is {cfg.max_body_bytes}",
                            code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_body_bytes:
-                raise ApiError(413, f"the request body exceeds the limit of {cfg.max_body_bytes} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
         try:
-            req = model.model_validate_json(b"".join(chunks))
-        except ValidationError as e:
-            raise _validation_error(e) from None
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    raise ApiError(413, f"the request body exceeds the limit of {cfg.max_body_bytes} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # nobody reads the answer; no traceback in the server's log
+            raise ApiError(400, "the client closed the connection before the whole body arrived") from None
+        req = await off(planning, parse_body, model, b"".join(chunks))
         if req.model != cfg.model_id:
             raise ApiError(404, f"the model `{req.model}` does not exist; this server serves `{cfg.model_id}`",
                            type_="not_found_error", param="model", code="model_not_found")
         return req
 
+    async def plan_off(planner, req) -> Plan:
+        try:
+            return await off(planning, planner, req, gen)
+        except DgportError as e:  # e.g. the chat template's work budget: the request's fault
+            raise ApiError(400, str(e), param="messages" if planner is plan_chat else "prompt") from e
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": cfg.model_id, "busy": engine.busy, "waiting": engine.queue.qsize(),
-                "served": engine.served, "cancelled": engine.cancelled}
+        return {"status": "shutting down" if engine.closing else "ok", "model": cfg.model_id, "busy": engine.busy,
+                "waiting": engine.queue.qsize(), "served": engine.served, "cancelled": engine.cancelled}
 
     @app.get("/v1/models")
     async def models():
@@ -157,13 +220,13 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await read_body(request, ChatRequest)
-        plan = plan_chat(req, gen)
+        plan = await plan_off(plan_chat, req)
         return await respond(request, plan, f"chatcmpl-{uuid.uuid4().hex}")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await read_body(request, CompletionRequest)
-        plan = plan_completion(req, gen)
+        plan = await plan_off(plan_completion, req)
         return await respond(request, plan, f"cmpl-{uuid.uuid4().hex}")
 
     def start(plan: Plan) -> tuple[Job, asyncio.Queue]:
@@ -180,11 +243,11 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
         engine.submit(job)
         return job, events
 
-    def usage(plan: Plan, stream: TextStream, done: dict | None, generated: int) -> dict:
-        prompt = len(done["prompt_ids"]) if done else len(plan.ids)
-        out = {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-               "prompt_tokens_details": {"cached_tokens": done["cached_tokens"] if done else 0}}
-        return out
+    def usage(plan: Plan, ans: Answer) -> dict:
+        prompt = len(ans.prompt_ids if ans.prompt_ids is not None else plan.ids)
+        generated = len(ans.generated)
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+                "prompt_tokens_details": {"cached_tokens": ans.cached}}
 
     def figures(done: dict | None) -> dict | None:
         if done is None:
@@ -211,62 +274,63 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
                 job.cancel.set()
                 return
 
-    def finish_reason(stream: TextStream, done: dict | None) -> str:
-        return "stop" if stream.stopped or (done and done["finished"]) else "length"
-
-    async def run(plan: Plan, job: Job, events: asyncio.Queue, stream: TextStream):
-        """Yields ("delta", content, reasoning), ("step", ...), then ("done", result-or-None, generated ids)."""
-        generated: list[int] = []
+    async def run(plan: Plan, job: Job, events: asyncio.Queue, ans: Answer):
+        """Yields ("start",), ("delta", content, reasoning) and ("step", ...) as the job's events come;
+        returns when it is done or stopped at a stop string (then its job is cancelled)."""
         while True:
             event = await events.get()
             kind = event[0]
-            if kind == "canvas":
-                generated.extend(t for t in event[2] if t != pad_id)
-                stream.add(event[2])
-                c, r = stream.deltas()
+            if kind == "start":
+                ans.prompt_ids, ans.cached = event[1], event[2]
+                yield ("start",)
+            elif kind == "canvas":
+                ids = [t for t in event[2] if t != pad_id]
+                if plan.max_tokens is not None and len(ans.generated) + len(ids) > plan.max_tokens:
+                    # only the last canvas can pass the cap: the model ran whole canvases, the client gets max_tokens
+                    ids, ans.cut = ids[:plan.max_tokens - len(ans.generated)], True
+                ans.generated.extend(ids)
+                c, r = await off(texting, ans.text.feed, ids)
                 if c or r:
                     yield ("delta", c, r)
-                if stream.stopped:
+                if ans.text.stopped:
                     job.cancel.set()  # the rest would be cut off: stop computing it
-                    yield ("done", None, generated)
                     return
             elif kind == "step":
                 yield event
             elif kind == "done":
-                c, r = stream.deltas(final=True)
+                ans.done = event[1]
+                c, r = await off(texting, ans.text.deltas, True)
                 if c or r:
                     yield ("delta", c, r)
-                yield ("done", event[1], generated)
                 return
             elif kind == "error":
-                raise ApiError(event[1], event[2], type_="invalid_request_error" if event[1] == 400 else "server_error")
+                _, status, message, code = event
+                raise ApiError(status, message, type_=_STATUS_TYPES.get(status, "server_error"), code=code)
             elif kind == "cancelled":
                 raise ApiError(499, "cancelled")
 
     async def collect(plan: Plan, job: Job, events, rid: str):
-        stream = TextStream(gen.tokenizer, pad_id, plan.chat, plan.stop)
-        done, generated = None, []
-        async for item in run(plan, job, events, stream):
-            if item[0] == "done":
-                done, generated = item[1], item[2]
-        content, reasoning = stream.text()
-        if stream.stopped:
-            content = content[:stream.sent_content]
-        choice: dict = {"index": 0, "finish_reason": finish_reason(stream, done), "logprobs": None}
+        ans = Answer(TextStream(gen.tokenizer, pad_id, plan.chat, plan.stop))
+        async for _ in run(plan, job, events, ans):
+            pass
+        content, reasoning = await off(texting, ans.text.text)
+        if ans.text.stopped:
+            content = content[:ans.text.sent_content]
+        choice: dict = {"index": 0, "finish_reason": ans.finish_reason(), "logprobs": None}
         if plan.chat:
             choice["message"] = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
         else:
             choice["text"] = content
         body = {"id": rid, "object": "chat.completion" if plan.chat else "text_completion", "created": int(time.time()),
                 "model": cfg.model_id, "system_fingerprint": cfg.fingerprint, "choices": [choice],
-                "usage": usage(plan, stream, done, len(generated)), "dgport": figures(done)}
+                "usage": usage(plan, ans), "dgport": figures(ans.done)}
         if plan.return_token_ids:
-            choice["token_ids"] = generated
-            body["prompt_token_ids"] = done["prompt_ids"] if done else plan.ids
+            choice["token_ids"] = ans.generated
+            body["prompt_token_ids"] = ans.prompt_ids if ans.prompt_ids is not None else plan.ids
         return JSONResponse(body)
 
     async def sse(plan: Plan, job: Job, events, rid: str):
-        stream = TextStream(gen.tokenizer, pad_id, plan.chat, plan.stop)
+        ans = Answer(TextStream(gen.tokenizer, pad_id, plan.chat, plan.stop))
         obj = "chat.completion.chunk" if plan.chat else "text_completion"
         now = int(time.time())
 
@@ -285,31 +349,31 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
                 return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, **extra}
             return {"index": 0, "text": content, "logprobs": None, "finish_reason": finish, **extra}
 
+        ids_extra = {"token_ids": []} if plan.return_token_ids else {}
         try:
-            if plan.chat:
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            done, generated = None, []
-            async for item in run(plan, job, events, stream):
-                if item[0] == "delta":
-                    extra = {"token_ids": []} if plan.return_token_ids else {}
-                    yield chunk([delta_choice(item[1], item[2], **extra)])
+            async for item in run(plan, job, events, ans):
+                if item[0] == "start":  # the first chunk: the role, and the prompt's ids as vLLM sends them
+                    first = {"prompt_token_ids": ans.prompt_ids} if plan.return_token_ids else {}
+                    if plan.chat:
+                        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}], **first)
+                    elif first:
+                        yield chunk([delta_choice("", **ids_extra)], **first)
+                elif item[0] == "delta":
+                    yield chunk([delta_choice(item[1], item[2], **ids_extra)])
                 elif item[0] == "step":
                     _, k, step, temp, draft, accepted = item
+                    text = await off(texting, functools.partial(gen.tokenizer.decode, skip_special_tokens=False), draft)
                     yield chunk([], dgport_draft={"canvas": k, "step": step, "temperature": temp, "accepted": accepted,
-                                                  "text": gen.tokenizer.decode(draft, skip_special_tokens=False),
-                                                  "token_ids": draft})
-                else:
-                    done, generated = item[1], item[2]
-            extra = {"token_ids": generated} if plan.return_token_ids else {}
-            yield chunk([delta_choice("", finish=finish_reason(stream, done), **extra)], dgport=figures(done))
+                                                  "text": text, "token_ids": draft})
+            extra = {"token_ids": ans.generated} if plan.return_token_ids else {}
+            yield chunk([delta_choice("", finish=ans.finish_reason(), **extra)], dgport=figures(ans.done))
             if plan.include_usage:
-                yield chunk([], usage=usage(plan, stream, done, len(generated)), dgport=figures(done))
+                yield chunk([], usage=usage(plan, ans), dgport=figures(ans.done))
         except ApiError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield f"data: {json.dumps(error_json(e))}\n\n"
         finally:
             job.cancel.set()  # the client went away (or the stream ended): stop between two steps
         yield "data: [DONE]\n\n"
 
     return app
-

@@ -16,10 +16,16 @@ from .protocol import ApiError
 from .text import TextStream
 
 log = logging.getLogger("dgport.serve")
+SHUTTING_DOWN = "the server is shutting down; retry on another server or once it is back"
 
 
 class Cancelled(Exception):
-    """Raised from on_step when the job's client has gone: ends the generation between two steps."""
+    """Raised from on_step when the job's client has gone or the server stops: ends the generation
+    between two steps."""
+
+
+def shutting_down(job: "Job") -> None:
+    job.post(("error", 503, SHUTTING_DOWN, "server_shutting_down"))
 
 
 @dataclass
@@ -42,6 +48,7 @@ class Engine:
         self.busy = False
         self.served = 0
         self.cancelled = 0
+        self.closing = False  # shutdown() was called: nothing more runs
         self.current: Job | None = None
         self.gen = None
         loaded = threading.Event()
@@ -72,6 +79,8 @@ class Engine:
         return gen
 
     def submit(self, job: Job) -> None:
+        if self.closing:
+            raise ApiError(503, SHUTTING_DOWN, type_="server_error", code="server_shutting_down")
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -80,17 +89,24 @@ class Engine:
             raise ApiError(503, f"the server is busy ({self.queue.maxsize} requests waiting); retry in {wait} s",
                            type_="server_overloaded", headers={"Retry-After": str(wait)}) from None
 
-    def close(self) -> None:
-        while True:  # drop what waits, then wake the worker to end
+    def shutdown(self) -> None:
+        """Stop serving (thread-safe, returns at once): the jobs that wait get a 503, the running one ends
+        at its next step with a 503 (a stream: an error event), later submits get a 503."""
+        self.closing = True
+        while True:
             try:
                 job = self.queue.get_nowait()
             except queue.Empty:
                 break
             if job is not None:
-                job.post(("error", 503, "the server is shutting down"))
+                shutting_down(job)
         current = self.current
         if current is not None:
             current.cancel.set()
+
+    def close(self) -> None:
+        """shutdown(), then end the worker thread."""
+        self.shutdown()
         self.queue.put(None)
         self.thread.join(timeout=30)
 
@@ -102,18 +118,25 @@ class Engine:
             if job.cancel.is_set():  # its client left while it waited
                 self.cancelled += 1
                 continue
+            if self.closing:  # taken before shutdown() emptied the queue
+                shutting_down(job)
+                continue
             started = time.perf_counter()
             self.busy, self.current = True, job
             try:
                 job.post(("done", self._generate(job, started)))
             except Cancelled:
-                self.cancelled += 1
-                job.post(("cancelled",))
+                if self.closing:
+                    shutting_down(job)
+                else:
+                    self.cancelled += 1
+                    job.post(("cancelled",))
             except DgportError as e:
-                job.post(("error", 400, str(e)))
+                job.post(("error", 400, str(e), None))
             except Exception as e:  # a bug or a runtime failure: the request gets a 500, the server goes on
-                log.exception("generation failed")
-                job.post(("error", 500, f"generation failed: {e.__class__.__name__}: {e}"))
+                log.exception("generation failed")  # the details stay in the server's log
+                job.post(("error", 500, f"generation failed ({e.__class__.__name__}); the server's log has the "
+                                        "details", None))
             finally:
                 self.served += 1
                 self.durations.append(time.perf_counter() - started)
@@ -162,12 +185,13 @@ class Engine:
         plan, gen = job.plan, self.gen
         backend = gen.backend
         ids, n = self._prompt(plan)
+        job.post(("start", ids, n))  # the token stream it runs on: a stream's first chunk reports it
         self.state = CacheState()  # unknown until this generation ends
         backend.timings = Timings()
         C = gen.config.canvas_length
 
         def on_step(event):
-            if job.cancel.is_set():
+            if job.cancel.is_set() or self.closing:
                 raise Cancelled()
             if plan.drafts:
                 job.post(("step", event.canvas_index, event.step, float(event.temperature),

@@ -1,4 +1,6 @@
-"""Planning: a validated request -> the Plan the worker runs (checked, rendered and tokenized)."""
+"""Planning: a validated request -> the Plan the worker runs (checked, rendered and tokenized).
+
+The app runs these functions on a worker thread: a 4 MB prompt takes seconds to tokenize."""
 
 from dataclasses import dataclass
 
@@ -10,7 +12,8 @@ from .protocol import MAX_STOP, MAX_STOP_CHARS, REASONING_EFFORTS, SAMPLER_FIELD
 class Plan:
     """What a request asks of the worker, checked before it is queued."""
     ids: list[int]
-    max_new_tokens: int
+    max_new_tokens: int  # what the model runs: whole canvases covering it
+    max_tokens: int | None  # the client's cap on the answer's tokens (None: the whole canvases)
     seed: int | None
     overrides: dict
     stop: list[str]
@@ -21,6 +24,20 @@ class Plan:
     return_token_ids: bool
     messages: list[dict] | None = None  # chat requests: the conversation, as rendered
     think: bool = False
+
+
+def encode(tokenizer, text: str, raw: bool = False, check=None) -> list[int]:
+    """tokenizer.encode(text) (raw: encode_raw) with the GIL released: `tokenizers` holds it through
+    Tokenizer.encode (a 4 MB prompt: seconds in which the server's event loop could not run) and
+    releases it in encode_batch, which gives the same ids. `check(n)` sees the token count (without
+    the <bos> encode_raw may add) before the list of ids is built (50 ms with the GIL for 4M ids)."""
+    enc = tokenizer.tok.encode_batch([text], add_special_tokens=False)[0]
+    if check is not None:
+        check(len(enc))
+    ids = enc.ids
+    if raw and tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
+        ids = [tokenizer.bos_id] + ids
+    return ids
 
 
 def _check_common(req, gen) -> tuple[int, dict, list[str]]:
@@ -102,8 +119,13 @@ def plan_chat(req, gen) -> Plan:
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's (dgport does not continue an assistant turn)",
                        param="messages")
+    for i, m in enumerate(messages):
+        if m["role"] == "user" and not m["content"].strip():
+            raise ApiError(400, f"messages[{i}]: the user message is empty; give some text",
+                           param=f"messages[{i}].content")
     try:
-        ids = gen.tokenizer.encode(gen.tokenizer.render(messages, enable_thinking=think))
+        ids = encode(gen.tokenizer, gen.tokenizer.render(messages, enable_thinking=think),
+                     check=lambda n: _fits(gen, n, max_new, chat=True))
     except DgportError as e:
         raise ApiError(400, str(e), param="messages") from e
     plan = _plan(gen, ids, max_new, req, overrides, stop, chat=True)
@@ -124,7 +146,7 @@ def plan_completion(req, gen) -> Plan:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ApiError(400, "the prompt is empty; give some text", param="prompt")
-        ids = gen.tokenizer.encode_raw(prompt)
+        ids = encode(gen.tokenizer, prompt, raw=True, check=lambda n: _fits(gen, n, max_new, chat=False))
     else:
         ids = [int(t) for t in prompt]
         V = gen.config.vocab_size
@@ -133,15 +155,20 @@ def plan_completion(req, gen) -> Plan:
     return _plan(gen, ids, max_new, req, overrides, stop, chat=False)
 
 
-def _plan(gen, ids, max_new, req, overrides, stop, chat) -> Plan:
+def _fits(gen, n: int, max_new: int, chat: bool) -> None:
     from ..loop import check_context
 
     try:
-        check_context(gen.config, 0, len(ids), max_new)
+        check_context(gen.config, 0, n, max_new)
     except DgportError as e:
         raise ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from e
+
+
+def _plan(gen, ids, max_new, req, overrides, stop, chat) -> Plan:
+    _fits(gen, len(ids), max_new, chat)
     opts = req.stream_options
-    return Plan(ids=ids, max_new_tokens=max_new, seed=req.seed, overrides=overrides, stop=stop, chat=chat,
-                stream=req.stream, include_usage=bool(opts and opts.include_usage), drafts=req.stream_drafts,
+    return Plan(ids=ids, max_new_tokens=max_new, max_tokens=req.max_completion_tokens or req.max_tokens,
+                seed=req.seed, overrides=overrides, stop=stop, chat=chat, stream=req.stream,
+                include_usage=bool(opts and opts.include_usage), drafts=req.stream_drafts,
                 return_token_ids=req.return_token_ids)
 

@@ -29,7 +29,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded"}
+                 405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                 421: "invalid_request_error", 500: "server_error", 503: "server_error"}
 
 
 # ---------------------------------------------------------------------------------------------
