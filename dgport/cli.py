@@ -201,13 +201,14 @@ def cli():
 
 @cli.command()
 @click.argument("src", metavar="CHECKPOINT", type=click.Path(path_type=Path))
-@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.argument("out", metavar="OUT", required=False, type=click.Path(path_type=Path))
 @click.option("--format", "formats", default="onnx", show_default=True, help="onnx, mlx or onnx,mlx.")
 @click.option("--dtype", default="fp32", show_default=True, help="fp32, fp16 or bf16.")
 @click.option("--quantize", default=None, callback=lambda ctx, param, v: _bits(v),
               help="Block-wise weight quantization, ONNX and MLX: int4 or int8 (or 4, 8).")
-@click.option("--group-size", type=int, default=64, show_default=True,
-              help="Quantization group size (with --quantize).")
+@click.option("--group-size", type=int, default=None,
+              help="Quantization group size, 32, 64 or 128 (with --quantize; default 64, or 32 where 64 does not "
+                   "divide the model's widths).")
 @click.option("--with-logits", is_flag=True, help="ONNX: also output the fp32 logits (parity/debug exports).")
 @click.option("--encoder-moe", default="sparse", show_default=True,
               help="ONNX encoder experts: sparse (each expert on its routed tokens; long prompts) or dense.")
@@ -218,7 +219,8 @@ def cli():
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-validate", is_flag=True,
               help="Skip the comparison against the source model (which needs torch and transformers).")
-@click.option("--plan", is_flag=True, help="ONNX: print the export's size (from config.json alone) and exit.")
+@click.option("--plan", is_flag=True, help="Print the export's size and a CPU run's peak memory (from config.json "
+              "alone; OUT not needed) and exit.")
 @debug_option
 @click.pass_context
 def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, encoder_moe, denoise_moe, attention,
@@ -226,22 +228,29 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
     """Export the Hugging Face DiffusionGemma checkpoint folder CHECKPOINT to the folder OUT."""
     import importlib.util
 
-    if plan:  # nothing is read but config.json, nothing written
-        from .exporters.export import ExportOptions as Opts, check_options
-        from .exporters.plan import format_plan, plan as make_plan
+    if plan:  # nothing is read but config.json, nothing written; OUT is not needed
+        from .exporters.export import ExportOptions as Opts, check_options, parse_formats
+        from .exporters.plan import format_plan, format_plan_mlx, plan as make_plan, plan_mlx
 
-        popts = Opts(formats=("onnx",), dtype=dtype, quantize=quantize, group_size=group_size)
+        popts = Opts(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size)
         check_options(popts)
-        click.echo(format_plan(make_plan(src, popts), popts))
+        config = _plan_config(src)
+        blocks = []
+        if "onnx" in popts.formats:
+            blocks.append(format_plan(make_plan(config, popts), popts))
+        if "mlx" in popts.formats:
+            blocks.append(format_plan_mlx(plan_mlx(config, popts), popts))
+        click.echo("\n".join(blocks))
         return
-
+    if out is None:
+        raise click.UsageError("Missing argument 'OUT' (the folder to export to; only --plan goes without it).")
     from rich.console import Console
 
     from .display import titled_table
     from .exporters.export import ExportOptions, export as run_export, parse_formats
     from .progress import RichProgress
 
-    if quantize is None and ctx.get_parameter_source("group_size") == click.core.ParameterSource.COMMANDLINE:
+    if quantize is None and group_size is not None:
         raise DgportError("--group-size applies only to quantized exports; add --quantize int4|int8 or drop it")
     opts = ExportOptions(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size,
                          with_logits=with_logits, encoder_moe=encoder_moe, denoise_moe=denoise_moe,
@@ -276,6 +285,16 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
         console.print("validation: skipped (--no-validate)")
     else:
         console.print(skipped, markup=False, highlight=False, soft_wrap=True)
+
+
+def _plan_config(src: Path) -> Path:
+    """The config.json `--plan` reads: CHECKPOINT/config.json, a config.json given itself, or a Hub id's
+    config.json (fetched alone into the Hugging Face cache; HF_HUB_OFFLINE=1 reads only the cache)."""
+    from .resolve import hub_config, is_hub_id
+
+    if src.exists() or not is_hub_id(str(src)):
+        return src
+    return hub_config(str(src))
 
 
 def _validation_line(name: str, errs: dict, dtype: str, quantize) -> str:

@@ -42,8 +42,15 @@ def hub_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """The local snapshot folder of a Hub model repo, downloading what is missing unless offline."""
+def hub_config(repo_id: str) -> Path:
+    """A Hub model's config.json alone, fetched into the Hugging Face cache unless it is there (for
+    `export --plan`: planning the 26B-A4B needs no download of its weights)."""
+    return hub_snapshot(repo_id, ["config.json"]) / "config.json"
+
+
+def hub_snapshot(repo_id: str, patterns: list[str] = HUB_PATTERNS) -> Path:
+    """The local snapshot folder of a Hub model repo (the files `patterns` match), downloading what
+    is missing unless offline."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
@@ -56,7 +63,7 @@ def hub_snapshot(repo_id: str) -> Path:
     commit = cached_commit(repo_dir)  # checked before huggingface_hub reads refs/main as a path component
     try:
         # offline, the checked commit is passed on: huggingface_hub then never reads refs/main itself
-        path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache, local_files_only=offline,
+        path = snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache, local_files_only=offline,
                                  **({"revision": commit} if offline and commit else {}))
     except LocalEntryNotFoundError as e:
         if offline:

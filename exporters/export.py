@@ -21,6 +21,7 @@ import signal
 import stat
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class ExportOptions:
     formats: tuple[str, ...] = ("onnx",)
     dtype: str = "fp32"
     quantize: int | None = None
-    group_size: int = 64
+    group_size: int | None = None  # None: 64, or 32 where 64 does not divide (quantize.choose_group)
     with_logits: bool = False
     encoder_moe: str = "sparse"  # ONNX experts per graph: "sparse" (per-expert loop) or "dense" (all experts)
     denoise_moe: str = "auto"  # "auto": both forms, each device runs its faster one (onnx_export.moe_forms)
@@ -93,7 +94,7 @@ def check_options(opts: ExportOptions) -> None:
                           "drop the --*-moe flag")
     if opts.attention not in ("explicit", "fused"):
         raise DgportError(f"--attention {opts.attention!r}: choose explicit or fused")
-    if opts.group_size not in (32, 64, 128):
+    if opts.group_size is not None and opts.group_size not in (32, 64, 128):
         raise DgportError(f"--group-size {opts.group_size}: choose 32, 64 or 128")
 
 
@@ -335,10 +336,15 @@ def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> E
         ckpt = read_checkpoint(src)
     if out.exists():
         _refuse_links_into(Path(src), out)
-    if opts.quantize and "onnx" in opts.formats:  # before anything is written: names the tensor
-        from .quantize import check
+    if opts.quantize:  # before anything is written: one group size for every format, or the tensor it fails
+        from .quantize import check, choose_group
 
-        check(ckpt.config, opts.quantize, opts.group_size)
+        group, why = choose_group(ckpt.config, opts.quantize, opts.group_size)
+        if why:
+            progress.log(why)
+        opts = dataclasses.replace(opts, group_size=group)
+        if "onnx" in opts.formats:
+            check(ckpt.config, opts.quantize, group)  # and 4-bit packing's even output widths
     modules = {fmt: importlib.import_module(FORMAT_MODULES[fmt]) for fmt in opts.formats}
     out.parent.mkdir(parents=True, exist_ok=True)
     with _sigterm_as_interrupt(), _out_lock(out):

@@ -16,9 +16,8 @@ self-conditioning expectation p @ E; it and attention stay 8-bit in 4-bit export
 (`<name>.weight` packed uint32, `<name>.scales`, `<name>.biases`) with the scheme ONNX exports use
 (exporters/quantize.py: bf16-valued scales, biases = -zero_point * scale), so in fp32 exports both
 formats dequantize to the same numbers bit for bit; norms, scalars and the router stay in the export dtype
-(the router decides which experts run: it is 0.01 % of the weights). A tensor whose input width
-is not a multiple of the group size falls back to the largest of 64/32 that divides it, else stays
-unquantized; the entry lists those fallbacks.
+(the router decides which experts run: it is 0.01 % of the weights). One group size serves every
+quantized tensor, as in ONNX (quantize.choose_group).
 """
 from __future__ import annotations
 
@@ -57,35 +56,28 @@ def _bits(name: str, bits: int) -> int:
     return 8 if name.endswith("embed_tokens.weight") or ".self_attn." in name else bits
 
 
-def _group_size(in_dims: int, requested: int) -> int | None:
-    for g in (requested, 64, 32):
-        if g <= requested and in_dims % g == 0:
-            return g
-    return None
-
-
-def _convert(tensors: dict, dtype, opts, fallbacks: dict) -> dict:
+def _convert(tensors: dict, dtype, opts) -> dict:
     """name -> numpy tensor  =>  name -> mx arrays in the export dtype, quantized when asked."""
     mx = _mx()
     out = {}
     for name, t in tensors.items():
         a = mx.array(np.asarray(t)).astype(dtype)
         if opts.quantize and _quantizable(name):
-            g = _group_size(a.shape[-1], opts.group_size)
-            if g != opts.group_size:
-                fallbacks[name] = g
-            if g is not None:  # the scheme ONNX exports use (exporters/quantize.py): same dequantized values
-                base = name[: -len(".weight")]
-                wq, sc, bi = mlx_quantize(np.asarray(t, np.float32), _bits(name, opts.quantize), g)
-                for label, v in (("scales", sc), ("biases", bi)):
-                    bad = first_non_finite(v)
-                    if bad is not None:
-                        raise ExportError(f"tensor {name}: quantization {label} not finite ({v.reshape(-1)[bad]}; "
-                                          "its scale is not finite): the weights of a group span more than float32 "
-                                          "can hold; the checkpoint's weights are damaged, or export without --quantize")
-                out[f"{base}.weight"] = mx.array(wq)
-                out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(sc).astype(dtype), mx.array(bi).astype(dtype)
-                continue
+            g = opts.group_size  # divides every quantized width (export.py, quantize.choose_group)
+            if a.shape[-1] % g:
+                raise ExportError(f"tensor {name}: group size {g} does not divide its input width {a.shape[-1]}")
+            # the scheme ONNX exports use (exporters/quantize.py): same dequantized values
+            base = name[: -len(".weight")]
+            wq, sc, bi = mlx_quantize(np.asarray(t, np.float32), _bits(name, opts.quantize), g)
+            for label, v in (("scales", sc), ("biases", bi)):
+                bad = first_non_finite(v)
+                if bad is not None:
+                    raise ExportError(f"tensor {name}: quantization {label} not finite ({v.reshape(-1)[bad]}; "
+                                      "its scale is not finite): the weights of a group span more than float32 "
+                                      "can hold; the checkpoint's weights are damaged, or export without --quantize")
+            out[f"{base}.weight"] = mx.array(wq)
+            out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(sc).astype(dtype), mx.array(bi).astype(dtype)
+            continue
         out[name] = a
     return out
 
@@ -136,12 +128,11 @@ def export(ckpt, out_dir, opts, progress) -> dict:
     out_dir = Path(out_dir)
     (out_dir / "mlx").mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[opts.dtype]
-    fallbacks: dict = {}
     files = []
     meta = {"format": "dgport-mlx", "layout": LAYOUT, "dtype": opts.dtype}
 
     def save(rel, tensors):
-        arrays = _convert(tensors, dtype, opts, fallbacks)
+        arrays = _convert(tensors, dtype, opts)
         mx.eval(arrays)
         path = out_dir / rel
         with writing(path):
@@ -154,17 +145,13 @@ def export(ckpt, out_dir, opts, progress) -> dict:
     for i in progress.track(range(ckpt.config.num_layers), "writing MLX layer weights",
                             total=ckpt.config.num_layers):
         save(f"mlx/layer-{i:03d}.safetensors", layer_tensors(ckpt, i))
-    for name, g in fallbacks.items():
-        progress.log(f"mlx: {name}: input width not a multiple of {opts.group_size}; "
-                     + (f"quantized with group size {g}" if g else "kept unquantized"))
     quant = None
     if opts.quantize:
         quant = {"bits": opts.quantize, "group_size": opts.group_size, "mode": "affine", "scheme": SCHEME,
                  "embedding_bits": _bits("embed_tokens.weight", opts.quantize),
                  "attention_bits": _bits("layers.0.self_attn.q_proj.weight", opts.quantize),
                  "quantized": "projections, experts, self-conditioning MLP, embedding (tied lm_head)",
-                 "unquantized": "norms, layer scalars, router",
-                 "group_size_fallbacks": fallbacks}
+                 "unquantized": "norms, layer scalars, router"}
     return {"files": files, "layout": LAYOUT, "dtype": opts.dtype, "quantization": quant}
 
 

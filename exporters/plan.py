@@ -1,4 +1,4 @@
-"""`dgport export SRC OUT --plan`: the ONNX export's size, computed from config.json alone (no weights
+"""`dgport export SRC --plan`: the ONNX export's size (and the MLX one's with --format mlx), computed from config.json alone (no weights
 read, nothing written), and an estimate of a CPU-EP run's peak memory.
 
 The weights file is exact up to alignment: every tensor the ONNX exporter stores (each transformers
@@ -18,7 +18,7 @@ from dgport.config import TextConfig
 from .checkpoint import DEC, expected_tensors, read_config
 from .onnx_builder import ALIGN
 from .onnx_head import VOCAB_CHUNK
-from .quantize import check, quantized_tensors, tensor_bytes
+from .quantize import check, choose_group, quantized_tensors, tensor_bytes
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 SAMPLER_ARRAYS = 5
@@ -73,9 +73,11 @@ def plan(src, opts) -> dict:
     src = Path(src)
     cfg, _, _ = read_config(src.parent if src.name == "config.json" else src)
     bits = opts.quantize
+    group = None
     if bits:
-        check(cfg, bits, opts.group_size)
-    rows = stored_tensors(cfg, opts.dtype, bits, opts.group_size)
+        group, _ = choose_group(cfg, bits, opts.group_size)
+        check(cfg, bits, group)
+    rows = stored_tensors(cfg, opts.dtype, bits, group)
     by_role: dict[str, int] = {}
     for _, role, _, nbytes in rows:
         by_role[role] = by_role.get(role, 0) + nbytes
@@ -110,23 +112,69 @@ def plan(src, opts) -> dict:
     else:
         rss_rows = [("weights.bin, memory-mapped", weights)] + head
         rss_total, rss_by_level = sum(n for _, n in rss_rows), None
-    return {"config": cfg, "rows": sorted(by_role.items(), key=lambda kv: -kv[1]), "weights_bytes": weights,
+    return {"config": cfg, "group": group, "rows": sorted(by_role.items(), key=lambda kv: -kv[1]),
+            "weights_bytes": weights,
             "padding_max": padding_max, "rss": rss_rows, "rss_bytes": rss_total, "rss_by_level": rss_by_level}
 
 
+MLX_QUANTIZED = ("_proj.weight", "embed_tokens.weight", "experts.gate_up_proj", "experts.down_proj")
+
+
+def plan_mlx(src, opts) -> dict:
+    """{"rows": [(role, bytes)], "weights_bytes": int} of an MLX export (exporters/mlx_export.py): every
+    tensor in the export dtype; with --quantize, the projections, experts and embedding as MLX affine
+    integers (attention and the embedding at 8 bits in 4-bit exports) with a scale and a bias per group
+    in the export dtype. Safetensors headers are not counted."""
+    src = Path(src)
+    cfg, _, _ = read_config(src.parent if src.name == "config.json" else src)
+    item = ITEMSIZE[opts.dtype]
+    group = choose_group(cfg, opts.quantize, opts.group_size)[0] if opts.quantize else None
+    by_role: dict[str, int] = {}
+    for name, shape in expected_tensors(cfg).items():
+        n = math.prod(shape)
+        if opts.quantize and name.endswith(MLX_QUANTIZED) and ".router." not in name:
+            bits = 8 if name.endswith("embed_tokens.weight") or ".self_attn." in name else opts.quantize
+            nbytes = n * bits // 8 + 2 * (n // group) * item
+        else:
+            nbytes = n * item
+        by_role[_role(name)] = by_role.get(_role(name), 0) + nbytes
+    return {"group": group, "rows": sorted(by_role.items(), key=lambda kv: -kv[1]),
+            "weights_bytes": sum(by_role.values())}
+
+
+def size(n: int) -> str:
+    """Bytes for a person: the unit that keeps 1-3 digits before the point."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def _what(p: dict, opts) -> str:
+    return f"int{opts.quantize} group {p['group']}" if opts.quantize else opts.dtype
+
+
 def format_plan(p: dict, opts) -> str:
-    what = f"int{opts.quantize} group {opts.group_size}" if opts.quantize else opts.dtype
-    lines = [f"ONNX export plan ({what}), from config.json; nothing written"]
+    lines = [f"ONNX export plan ({_what(p, opts)}), from config.json; nothing written"]
     for role, n in p["rows"]:
-        lines.append(f"  {role:<40} {n / 1e9:10.3f} GB")
-    lines.append(f"  {'weights.bin':<40} {p['weights_bytes'] / 1e9:10.3f} GB  ({p['weights_bytes']} bytes "
+        lines.append(f"  {role:<40} {size(n):>10}")
+    lines.append(f"  {'weights.bin':<40} {size(p['weights_bytes']):>10}  ({p['weights_bytes']} bytes "
                  f"+ at most {p['padding_max']} bytes of alignment)")
     lines.append("CPU-EP run, estimated peak resident memory" +
                  (" (MatMulNBits accuracy level 4, dgport's default):" if p["rss_by_level"] else ":"))
     for what_, n in p["rss"]:
-        lines.append(f"  {what_:<56} {n / 1e9:8.3f} GB")
-    lines.append(f"  {'total':<56} {p['rss_bytes'] / 1e9:8.3f} GB (+ activations and onnxruntime itself)")
+        lines.append(f"  {what_:<56} {size(n):>10}")
+    lines.append(f"  {'total':<56} {size(p['rss_bytes']):>10} (+ activations and onnxruntime itself)")
     if p["rss_by_level"]:
         lines.append(f"  {'total at accuracy level 0 (fp32 activations, ~2x slower)':<56} "
-                     f"{p['rss_by_level'][0] / 1e9:8.3f} GB (DGPORT_ORT_ACCURACY_LEVEL=0)")
+                     f"{size(p['rss_by_level'][0]):>10} (DGPORT_ORT_ACCURACY_LEVEL=0)")
+    return "\n".join(lines)
+
+
+def format_plan_mlx(p: dict, opts) -> str:
+    lines = [f"MLX export plan ({_what(p, opts)}), from config.json; nothing written"]
+    for role, n in p["rows"]:
+        lines.append(f"  {role:<40} {size(n):>10}")
+    lines.append(f"  {'mlx/*.safetensors':<40} {size(p['weights_bytes']):>10}  (MLX loads the weights once: "
+                 "about this much memory, + activations)")
     return "\n".join(lines)

@@ -112,6 +112,31 @@ def quantized_tensors(cfg: TextConfig, bits: int) -> dict[str, tuple[str, int]]:
     return out
 
 
+DEFAULT_GROUPS = (64, 32)  # the default: 64, or 32 where 64 does not divide a quantized tensor's width
+
+
+def choose_group(cfg: TextConfig, bits: int, requested: int | None) -> tuple[int, str | None]:
+    """(the group size of the whole export, a line saying why when it is not the default's first
+    choice). One rule for ONNX and MLX: the group size divides the input width of every quantized
+    tensor. `requested` (--group-size) is used as given or refused, naming the tensor; without it the
+    first of DEFAULT_GROUPS that divides every width."""
+    if requested is not None:
+        check(cfg, bits, requested)
+        return requested, None
+    from .checkpoint import expected_tensors
+
+    widths = {name: expected_tensors(cfg)[name][-1] for name in quantized_tensors(cfg, bits)}
+    for g in DEFAULT_GROUPS:
+        if all(w % g == 0 for w in widths.values()):
+            if g == DEFAULT_GROUPS[0]:
+                return g, None
+            name, width = next((n, w) for n, w in widths.items() if w % DEFAULT_GROUPS[0])
+            return g, (f"quantization group size {g}: {DEFAULT_GROUPS[0]} does not divide the input width {width} "
+                       f"of {name} (--group-size chooses)")
+    check(cfg, bits, DEFAULT_GROUPS[-1])  # raises, naming the tensor
+    raise AssertionError("check() accepted a group that divides no width")
+
+
 def check(cfg: TextConfig, bits: int, group: int) -> None:
     """Refuse (one line, naming the tensor) a group size that does not divide a quantized tensor's
     input width, or an odd output width a 4-bit tensor cannot be packed along."""

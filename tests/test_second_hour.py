@@ -178,3 +178,55 @@ def test_task_declaration_read_only_inside_the_model(tiny_onnx, tmp_path):
     os.symlink(outside, copy / "tokenizer_config.json")
     with pytest.raises(DgportError, match="outside the model folder"):
         declared(copy)
+
+
+def test_default_int4_export_uses_one_group_size_for_both_formats(checkpoints, tmp_path, capsys):
+    code, out, err = dg(capsys, "export", checkpoints["tiny"], tmp_path / "q", "--format", "onnx,mlx", "--quantize",
+                        "int4", "--no-validate")
+    assert code == 0, err
+    assert err.count("quantization group size 32: 64 does not divide the input width 96") == 1
+    manifest = json.loads((tmp_path / "q" / "dgport.json").read_text())
+    groups = {fmt: manifest["formats"][fmt]["quantization"]["group_size"] for fmt in ("onnx", "mlx")}
+    assert groups == {"onnx": 32, "mlx": 32}
+    for backend in ("cpu", "mlx"):  # (tokens differ: ONNX Runtime runs 4-bit products with int8 activations)
+        assert len(dgport.load(tmp_path / "q", backend=backend).generate("Hi", seed=0, max_new_tokens=16).token_ids[0]) == 16
+    code, out, err = dg(capsys, "export", checkpoints["tiny"], tmp_path / "q64", "--quantize", "int4",
+                        "--group-size", "64", "--format", "mlx", "--no-validate")
+    assert code == 1 and "--group-size 64: does not divide the input width 96" in err  # as given, or refused
+    assert not (tmp_path / "q64").exists()
+
+
+def test_plan_needs_no_out_reads_mlx_and_shows_small_sizes(checkpoints, capsys, tmp_path):
+    code, out, err = dg(capsys, "export", checkpoints["tiny"], "--plan", "--quantize", "int4", "--format", "onnx,mlx")
+    assert code == 0, err
+    assert "ONNX export plan (int4 group 32)" in out and "MLX export plan (int4 group 32)" in out
+    assert "0.000 GB" not in out and " KB" in out
+    code, out, err = dg(capsys, "export", checkpoints["tiny"])
+    assert code == 2 and "Missing argument 'OUT'" in err
+    # the MLX plan against a real MLX export's weights: headers aside, within 10 %
+    from dgport.exporters.export import parse_formats
+    from dgport.exporters.plan import plan_mlx
+
+    planned = plan_mlx(checkpoints["tiny"], ExportOptions(formats=parse_formats("mlx")))["weights_bytes"]
+    export(checkpoints["tiny"], tmp_path / "m", ExportOptions(formats=("mlx",), validate=False))
+    real = sum(p.stat().st_size for p in (tmp_path / "m" / "mlx").iterdir())
+    assert 0.9 * real <= planned <= real
+
+
+def test_plan_of_a_hub_id_reads_its_config_from_the_cache_offline(checkpoints, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    repo = tmp_path / "hub" / "models--google--tiny-dg"
+    commit = "a" * 40
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    shutil.copy(checkpoints["tiny"] / "config.json", repo / "blobs" / "cfg")
+    (snap / "config.json").symlink_to(repo / "blobs" / "cfg")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = dg(capsys, "export", "google/tiny-dg", "--plan")
+    assert code == 0, err
+    assert "ONNX export plan (fp32)" in out
