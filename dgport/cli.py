@@ -23,6 +23,11 @@ def _set_debug(ctx, param, value):
     return value
 
 
+def _debug() -> bool:
+    """--debug given (to any command; `serve` sets DGPORT_DEBUG for its own) or DGPORT_DEBUG set."""
+    return _STATE["debug"] or bool(os.environ.get("DGPORT_DEBUG"))
+
+
 def debug_option(f):
     """--debug, accepted before and after the subcommand."""
     return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
@@ -799,7 +804,7 @@ def main(argv=None) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.UsageError as e:
-        if _STATE["debug"]:
+        if _debug():
             raise
         _error(e.format_message())
         return 2
@@ -807,7 +812,7 @@ def main(argv=None) -> int:
         _error("interrupted")
         return 130
     except DgportError as e:
-        if _STATE["debug"]:
+        if _debug():
             raise
         _error(str(e))
         return 1
@@ -815,7 +820,7 @@ def main(argv=None) -> int:
         _quiet_stdout()
         return 1
     except OSError as e:
-        if _STATE["debug"]:
+        if _debug():
             raise
         if e.filename is None:
             _quiet_stdout()
@@ -824,7 +829,7 @@ def main(argv=None) -> int:
         _error(f"{where}{e.strerror or e} ({e.__class__.__name__})")
         return 1
     except Exception as e:  # a runtime's load error (ONNX Runtime, MLX) or a bug: one line, --debug for more
-        if _STATE["debug"]:
+        if _debug():
             raise
         _error(f"{e.__class__.__name__}: {e} (run with --debug for the traceback)")
         return 1

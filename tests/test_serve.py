@@ -154,7 +154,7 @@ def test_stream_drafts_one_chunk_per_step(server):
                     drafts.append(data["dgport_draft"])
                 elif data["choices"] and data["choices"][0]["finish_reason"]:
                     final = data
-    assert len(drafts) == sum(final["dgport"]["steps_per_canvas"]) and drafts[0]["step"] == 0
+    assert len(drafts) == sum(final["dgport"]["steps_per_canvas"]) and drafts[0]["step"] == 1 and drafts[0]["canvas"] == 1
     assert all(len(d["token_ids"]) == 82 for d in drafts)
 
 

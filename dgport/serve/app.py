@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import DgportError
+from .access_log import TOKENS, AccessLog
 from .engine import Engine, Job
 from .guard import ApiKeyMiddleware, HostGuard, check_json_content_type
 from .plan import Plan, plan_chat, plan_completion
@@ -167,7 +168,8 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
 
     if cfg.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, key=cfg.api_key)
-    app.add_middleware(HostGuard, allowed=cfg.allowed_hosts)  # added last: runs first
+    app.add_middleware(HostGuard, allowed=cfg.allowed_hosts)
+    app.add_middleware(AccessLog)  # added last: runs first, so refused requests are logged too
 
     async def read_body(request: Request, model):
         check_json_content_type(request.headers.get("content-type"))
@@ -257,12 +259,13 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
 
     async def respond(request: Request, plan: Plan, rid: str):
         job, events = start(plan)
+        tokens = request.scope.get(TOKENS, [None])
         if plan.stream:
-            return JobStream(job, sse(plan, job, events, rid), media_type="text/event-stream",
+            return JobStream(job, sse(plan, job, events, rid, tokens), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(watch_disconnect(request, job))
         try:
-            return await collect(plan, job, events, rid)
+            return await collect(plan, job, events, rid, tokens)
         finally:
             watcher.cancel()
             job.cancel.set()  # no-op when done; stops the worker if this handler was cancelled
@@ -309,10 +312,11 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
             elif kind == "cancelled":
                 raise ApiError(499, "cancelled")
 
-    async def collect(plan: Plan, job: Job, events, rid: str):
+    async def collect(plan: Plan, job: Job, events, rid: str, tokens: list):
         ans = Answer(TextStream(gen.tokenizer, pad_id, plan.chat, plan.stop))
         async for _ in run(plan, job, events, ans):
             pass
+        tokens[0] = len(ans.generated)
         content, reasoning = await off(texting, ans.text.text)
         if ans.text.stopped:
             content = content[:ans.text.sent_content]
@@ -329,7 +333,7 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
             body["prompt_token_ids"] = ans.prompt_ids if ans.prompt_ids is not None else plan.ids
         return JSONResponse(body)
 
-    async def sse(plan: Plan, job: Job, events, rid: str):
+    async def sse(plan: Plan, job: Job, events, rid: str, tokens: list):
         ans = Answer(TextStream(gen.tokenizer, pad_id, plan.chat, plan.stop))
         obj = "chat.completion.chunk" if plan.chat else "text_completion"
         now = int(time.time())
@@ -364,7 +368,8 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
                 elif item[0] == "step":
                     _, k, step, temp, draft, accepted = item
                     text = await off(texting, functools.partial(gen.tokenizer.decode, skip_special_tokens=False), draft)
-                    yield chunk([], dgport_draft={"canvas": k, "step": step, "temperature": temp, "accepted": accepted,
+                    # canvases and steps count from 1, as `dgport run --show-canvas` shows them
+                    yield chunk([], dgport_draft={"canvas": k + 1, "step": step + 1, "temperature": temp, "accepted": accepted,
                                                   "text": text, "token_ids": draft})
             extra = {"token_ids": ans.generated} if plan.return_token_ids else {}
             yield chunk([delta_choice("", finish=ans.finish_reason(), **extra)], dgport=figures(ans.done))
@@ -374,6 +379,7 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
             yield f"data: {json.dumps(error_json(e))}\n\n"
         finally:
             job.cancel.set()  # the client went away (or the stream ended): stop between two steps
+            tokens[0] = len(ans.generated)
         yield "data: [DONE]\n\n"
 
     return app

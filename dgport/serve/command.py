@@ -18,6 +18,25 @@ from .guard import allowed_hosts, check_allow_host
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def _set_debug(ctx, param, value):
+    if value:
+        os.environ["DGPORT_DEBUG"] = "1"  # read by both error handlers (this main's and the CLI's)
+    return value
+
+
+def _log_requests() -> None:
+    """One line per request on stderr (access_log.py); with --debug, tracebacks of failed generations."""
+    import logging
+
+    log = logging.getLogger("dgport.serve")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("dgport serve: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if os.environ.get("DGPORT_DEBUG") else logging.INFO)
+    log.propagate = False
+
+
 def _allow_host(ctx, param, values):
     try:
         for v in values:
@@ -43,6 +62,8 @@ def _allow_host(ctx, param, values):
 @click.option("--allow-host", "allow_host", multiple=True, callback=_allow_host, metavar="NAME",
               help="Also accept requests whose Host header is NAME (repeatable; localhost, IP addresses and "
                    "the --host name are always accepted; '*' accepts any Host).")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Show the traceback of an error at start, and of a failed generation in the log.")
 @click.pass_context
 def serve(ctx, model, backend, host, port, api_key, max_queue, served_model_name, allow_host):
     """An OpenAI-compatible API (chat, completions, models) for MODEL: an export folder, a Hugging Face
@@ -96,6 +117,7 @@ def serve(ctx, model, backend, host, port, api_key, max_queue, served_model_name
                 loop.call_soon_threadsafe(app.state.shutdown)
             super().handle_exit(sig, frame)
 
+    _log_requests()
     if threading.current_thread() is threading.main_thread():
         import signal
 

@@ -134,7 +134,9 @@ class Engine:
             except DgportError as e:
                 job.post(("error", 400, str(e), None))
             except Exception as e:  # a bug or a runtime failure: the request gets a 500, the server goes on
-                log.exception("generation failed")  # the details stay in the server's log
+                # the details stay in the server's log; the traceback with --debug
+                log.error("generation failed (%s: %s)", e.__class__.__name__, e,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
                 job.post(("error", 500, f"generation failed ({e.__class__.__name__}); the server's log has the "
                                         "details", None))
             finally:
