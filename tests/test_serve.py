@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from bench.serve_process import ServerProcess  # noqa: E402
+from bench.serve_process import ServerProcess, wait_for  # noqa: E402
 
 KEY = "test-key"
 PUZZLES = [  # held-out streams of the shipped model's puzzle generator (40 givens)
@@ -29,19 +29,6 @@ PUZZLES = [  # held-out streams of the shipped model's puzzle generator (40 give
 # the stability rule cannot stop it before step 1001: a request that lasts seconds even on a fast machine;
 # the tests that send it hang up, which cancels it
 LONG = {"max_denoising_steps": 3000, "stability_threshold": 1000}
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0):
-    """Poll `predicate` (a read of the server's state) until it is truthy: the tests wait on state,
-    never on a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)  # the polling interval
 
 
 def answer_ids(ids):

@@ -24,25 +24,13 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from bench.serve_process import ServerProcess, free_port  # noqa: E402
+from bench.serve_process import ServerProcess, free_port, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PUZZLE = ".741......3.67.5.22.53..47..1....8....842.163356..8.2....83..466...9.21.1..24.357"
 PUZZLE2 = "..9..351....8..9.....75.6..1....2.539.3475.6.785......658.9147.41726..9..92..718."
 LONG = {"max_denoising_steps": 3000, "stability_threshold": 1000}  # >= 1001 steps a canvas: held until closed
 JSON = {"Content-Type": "application/json"}
-
-
-def wait_for(predicate, what: str, timeout: float = 60.0):
-    """Poll `predicate` (a read of the server's state) until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)  # the polling interval, not a synchronization
 
 
 def chat_body(content=PUZZLE, **kw) -> dict:
