@@ -231,7 +231,7 @@ def test_a_checkpoint_given_where_an_export_is_needed_gets_the_right_export_comm
 
 
 def test_a_validation_passed_by_the_relative_rule_says_so():
-    from dgport.cli import _validation_line
+    from dgport.cli_export import _validation_line
 
     errs = {"encoder_kv": 3.1e-2, "step_entropy": 1e-3, "encoder_kv_vs_fp32": 2e-2, "step_entropy_vs_fp32": 1e-3,
             "reference_encoder_kv_vs_fp32": 1.5e-2, "reference_step_entropy_vs_fp32": 1e-3}
@@ -248,7 +248,7 @@ def test_a_validation_passed_by_the_relative_rule_says_so():
 
 
 def test_chat_survives_ctrl_c_and_empty_lines(capsys, monkeypatch):
-    import dgport.cli as cli_module
+    import dgport.cli_chat as cli_module  # where chat looks up _load
 
     real_load = cli_module._load
     calls = {"n": 0}
@@ -292,7 +292,7 @@ def test_show_canvas_off_a_terminal(capsys):
 
 
 def test_info_leaves_out_what_is_not_there(capsys, checkpoints, tmp_path, monkeypatch):
-    from dgport.cli import _flat
+    from dgport.cli_inspect import _flat
 
     monkeypatch.setenv("COLUMNS", "400")  # one table row per line
 

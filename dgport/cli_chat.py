@@ -1,0 +1,130 @@
+"""`dgport chat`: a conversation on a terminal or from piped lines, its cache kept between turns."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .cli import (BACKEND_CHOICES, MAX_PROMPT_BYTES, SAMPLER_KEYS, _check_prompt_options, _for_stdout, _load,
+                  _prompt_tokenizer, _resolve, _task_of, cli, debug_option, sampler_options)
+from .errors import DgportError
+from .loop import fresh_seed
+
+
+@cli.command()
+@click.argument("export_dir", metavar="[EXPORT]", required=False, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="cpu", show_default=True)
+@click.option("--system", default=None, help="A system prompt for the conversation.")
+@click.option("--think", is_flag=True, help="Thinking mode.")
+@click.option("--show-thinking", is_flag=True, help="Print the thought channel too (with --think).")
+@sampler_options
+@debug_option
+def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens, **sampler):
+    """A multi-turn conversation. The KV cache is kept between turns: only each new turn is encoded.
+    Ctrl-C stops the answer being generated and keeps the conversation; Ctrl-D (or /exit) quits."""
+    from .chat import ChatSession, ContextFull
+    from .display import AnswerText, terminal_text
+    from .task import SINGLE_TURN
+
+    tokenizer = _prompt_tokenizer(export_dir)
+    if tokenizer is not None:
+        _check_prompt_options(tokenizer, None, False, system, think, show_thinking)
+    path, _ = _resolve(export_dir, backend)
+    gen = _load(path, backend)
+    seed = fresh_seed(seed)
+    session = ChatSession(gen, system=system, think=think, seed=seed,
+                          max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
+                          encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
+    err = _Stderr()
+    err.write(f"dgport chat (seed {seed}): type a message; Ctrl-C stops an answer, /reset starts over, "
+              "Ctrl-D or /exit quits.\n")
+    task = _task_of(path)
+    single_turn = task in SINGLE_TURN
+    if single_turn:
+        err.write(f"this model answers one {task} prompt at a time: each message starts a new conversation\n")
+    for line in _chat_lines(err):
+        text = line.strip()
+        if not text:
+            continue  # an empty line is not a turn
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            err.write("[a new conversation]\n")
+            continue
+        if single_turn and session.messages:
+            session.reset()  # a second turn of a single-turn task model would be garbage
+        answer = AnswerText(gen.tokenizer, show_thinking=show_thinking, pad_id=gen.defaults.pad_token_id)
+        out = _for_stdout()
+        try:
+            session.say(text, on_canvas=lambda e: _stream(answer, e, out))
+        except KeyboardInterrupt:  # the session re-encodes the conversation on the next turn
+            sys.stdout.write("\n")
+            err.write("[stopped; the conversation goes on without this answer]\n")
+            continue
+        except ContextFull as e:
+            err.write(f"dgport: error: {terminal_text(str(e))} (type /reset to start one)\n")
+            continue
+        except DgportError as e:  # e.g. a turn the model's template refuses: the session goes on
+            err.write(f"dgport: error: {terminal_text(str(e))}\n")
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        err.write(f"[{session.last_stats}]\n")
+
+
+def _chat_lines(err):
+    """The lines of a chat, decoded, until Ctrl-D or the end of input. On a terminal an empty line is
+    no turn and Ctrl-C clears the line being typed; a line that is not UTF-8 is refused in one line and
+    the chat goes on."""
+    from .schema import decode_utf8
+
+    if sys.stdin is None:
+        return
+    if sys.stdin.isatty():
+        while True:
+            try:
+                line = input("> ")
+            except KeyboardInterrupt:
+                err.write("^C\n")  # the typed line is dropped; Ctrl-D or /exit quits
+                continue
+            except EOFError:
+                err.write("\n")
+                return
+            except UnicodeDecodeError as e:
+                err.write(f"dgport: error: that line is not valid UTF-8 ({e.reason}); type it again\n")
+                continue
+            yield line
+    buffer = getattr(sys.stdin, "buffer", None)
+    number = 0
+    while True:
+        raw = buffer.readline(MAX_PROMPT_BYTES + 1) if buffer is not None else sys.stdin.readline()
+        if not raw:
+            return
+        number += 1
+        what = f"line {number} of standard input"
+        if len(raw) > MAX_PROMPT_BYTES:
+            while raw and not raw.endswith(b"\n"):  # drop the rest of the line
+                raw = buffer.readline(MAX_PROMPT_BYTES)
+            err.write(f"dgport: error: {what} is over {MAX_PROMPT_BYTES >> 20} MiB; skipped\n")
+            continue
+        if isinstance(raw, bytes):
+            try:
+                raw = decode_utf8(raw, what)
+            except DgportError as e:
+                err.write(f"dgport: error: {e}\n")
+                continue
+        yield raw
+
+
+class _Stderr:
+    @staticmethod
+    def write(text: str) -> None:
+        click.echo(text, err=True, nl=False)
+
+
+def _stream(answer, event, out):
+    answer.add(event.tokens)
+    sys.stdout.write(out(answer.delta()))
+    sys.stdout.flush()
