@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from . import safe_files
-from .errors import CheckpointError, DgportError
+from .errors import CheckpointError, DgportError, ExportError
 from .manifest import BACKEND_FORMAT, FORMAT_VERSION, MANIFEST
 
 # What a DiffusionGemma checkpoint needs from a Hub repo: never pickles, never other large files.
@@ -153,8 +153,8 @@ def resolve_model(model, backend: str, dtype: str = "fp32", quantize: int | None
             raise DgportError(f"{path}: a dgport export; --backend torch runs a Hugging Face checkpoint folder")
         return path
     if path.exists() and not (path / "config.json").exists():
-        raise DgportError(f"{path}: neither a dgport export (no {MANIFEST}) nor a Hugging Face checkpoint "
-                          "(no config.json)")
+        raise ExportError(f"{path}: neither a dgport export (not a dgport export, no {MANIFEST}) nor a Hugging "
+                          "Face checkpoint (no config.json); give an export folder or a checkpoint folder")
     checkpoint = resolve_checkpoint(text)
     if backend == "torch":
         return checkpoint
