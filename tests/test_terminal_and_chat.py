@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import signal
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,9 @@ def spawn_on_terminal(args: list[str], stderr_file: Path | None = None) -> tuple
     pid, fd = pty.fork()
     if pid == 0:  # the child: never returns
         try:
+            # as a terminal's shell starts a program: a test run started in the background (bash `&`)
+            # ignores SIGINT, and an ignored signal stays ignored across exec
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             if stderr_file is not None:
                 err = os.open(stderr_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 os.dup2(err, 2)
