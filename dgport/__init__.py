@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 from . import ort_env  # noqa: E402,F401  (first: ONNX Runtime telemetry off before anything imports it)
 
 from .api import GenerationResult, Generator, load  # noqa: E402
+from .canvas_template import Hole, Template  # noqa: E402
 
-__all__ = ["load", "Generator", "GenerationResult", "__version__"]
+__all__ = ["load", "Generator", "GenerationResult", "Template", "Hole", "__version__"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import Backend
+from .canvas_template import Template, TemplateError
 from .config import GenerationDefaults
 from .errors import BackendUnavailable, DgportError
 from .loop import (ENCODE_CHUNK, CanvasEvent, StepEvent, check_context, check_encode_chunk,
@@ -27,10 +28,16 @@ class GenerationResult:
     prompt_ids: list[int] = field(default_factory=list)
     finished: bool = False  # stopped on an EOS id
     seed: int | None = None  # the seed of the run (drawn fresh when none was given); None when `rng` was
+    hole_texts: list[list[str]] | None = None  # per batch row, with a template: each hole's text
 
     @property
     def text(self) -> str:
         return self.texts[0]
+
+    @property
+    def holes(self) -> list[str] | None:
+        """With a canvas template: the text the model wrote in each hole, in order (None without one)."""
+        return None if self.hole_texts is None else self.hole_texts[0]
 
 
 class Generator:
@@ -71,14 +78,23 @@ class Generator:
     def generate(self, prompt, max_new_tokens: int | None = None, seed: int | None = None,
                  rng: np.random.Generator | None = None, raw: bool = False, system: str | None = None,
                  think: bool = False, on_step=None, on_canvas=None, keep_cache: bool = False,
-                 encode_chunk: int = ENCODE_CHUNK, **sampler_overrides) -> GenerationResult:
+                 encode_chunk: int = ENCODE_CHUNK, template=None, **sampler_overrides) -> GenerationResult:
         """Generate after `prompt` (string or token ids). `rng` (a numpy Generator) wins over `seed`;
         with neither, a fresh seed is drawn and returned as the result's `seed`. Sampler settings (max_denoising_steps, entropy_bound, t_min,
         t_max, stability_threshold, confidence_threshold, eos_token_ids, pad_token_id) override the
         checkpoint's generation defaults. `keep_cache=True` continues after what is already encoded.
-        `encode_chunk`: prompt tokens per encode call (bounds the encoder's attention memory)."""
+        `encode_chunk`: prompt tokens per encode call (bounds the encoder's attention memory).
+        `template`: a dgport.Template (or its list of parts) the answer must follow: its text is fixed
+        in the canvas, its holes are filled; max_new_tokens defaults to the canvases it spans."""
         if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens <= 0):
             raise DgportError(f"max_new_tokens must be a positive integer (got {max_new_tokens!r})")
+        layout = None
+        if template is not None:
+            if think:
+                raise TemplateError("a template fixes the answer from its first position, so it cannot follow "
+                                    "thinking mode's thought channel; drop think or the template")
+            layout = (template if isinstance(template, Template) else Template(template)).layout(self.tokenizer)
+            max_new_tokens = layout.check_budget(self.config.canvas_length, max_new_tokens)
         settings = self.settings(max_new_tokens, **sampler_overrides)
         check_encode_chunk(encode_chunk)
         if rng is None:
@@ -93,7 +109,7 @@ class Generator:
         if not keep_cache:
             self.backend.reset()
         out = generate_ids(self.backend, ids, settings, rng, on_step=on_step, on_canvas=on_canvas,
-                           encode_chunk=encode_chunk)
+                           encode_chunk=encode_chunk, template=layout)
         return GenerationResult(
             token_ids=[out.token_ids],
             texts=[self.tokenizer.decode([t for t in out.token_ids if t != settings.pad_token_id])],
@@ -102,6 +118,7 @@ class Generator:
             prompt_ids=ids,
             finished=out.finished,
             seed=seed,
+            hole_texts=None if out.holes is None else [[self.tokenizer.decode(h) for h in out.holes]],
         )
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .backend import Backend
+from .canvas_template import Layout
 from .config import GenerationDefaults
 from .errors import DgportError
 from .schema import is_int
@@ -90,6 +91,7 @@ class StepEvent:
     entropy: np.ndarray  # [C]
     accepted: np.ndarray  # [C] bool
     canvas: np.ndarray  # [C] next step's input canvas (accepted samples + renoise)
+    fixed: np.ndarray | None = None  # [C] bool: positions a canvas template fixes (None: no template)
 
 
 @dataclass
@@ -97,14 +99,17 @@ class CanvasEvent:
     canvas_index: int
     tokens: np.ndarray  # [C] committed ids (PAD after the first EOS)
     steps: int
-    finished: bool  # an EOS id was committed
+    finished: bool  # an EOS id was committed (with a template: its last canvas)
+    fixed: np.ndarray | None = None  # [C] bool: positions a canvas template fixed (None: no template)
 
 
 @dataclass
 class LoopResult:
     token_ids: list[int]  # whole canvases after the prompt, PAD after the first EOS (as HF generate returns)
     steps_per_canvas: list[int] = field(default_factory=list)
-    finished: bool = False  # stopped on an EOS id (else: ran out of max_new_tokens)
+    finished: bool = False  # stopped on an EOS id (else: ran out of max_new_tokens); a template: completed
+    fixed_tokens: int = 0  # non-PAD tokens a canvas template fixed (not generated)
+    holes: list[list[int]] | None = None  # a template's holes: their committed tokens, PAD dropped
 
     @property
     def decoder_passes(self) -> int:
@@ -112,7 +117,7 @@ class LoopResult:
 
     def tokens_per_forward(self, pad_id: int) -> float:
         """Non-PAD generated tokens per decoder pass (the reference's metric)."""
-        n = sum(1 for t in self.token_ids if t != pad_id)
+        n = sum(1 for t in self.token_ids if t != pad_id) - self.fixed_tokens
         return n / self.decoder_passes if self.decoder_passes else 0.0
 
 
@@ -124,10 +129,16 @@ def generate_ids(
     on_step: Callable[[StepEvent], None] | None = None,
     on_canvas: Callable[[CanvasEvent], None] | None = None,
     encode_chunk: int = ENCODE_CHUNK,
+    template: Layout | None = None,
 ) -> LoopResult:
     """Generate after `prompt_ids` (the uncached tokens; the backend's cache may already hold a
     prefix, e.g. earlier chat turns). Positions continue from `backend.cache_len`; the prompt is
-    encoded `encode_chunk` tokens at a time."""
+    encoded `encode_chunk` tokens at a time.
+
+    `template` (a canvas template's Layout): its fixed tokens are written into every step's input and
+    argmax canvas, accepted at no cost to the entropy budget (their entropy counts as 0) and left out
+    of the stopping rule's mean entropy; a canvas with no hole takes no step. The answer is the
+    template's canvases, committed as Layout.commit says (and encoded so for the next canvas)."""
     settings.validate()
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
     if prompt.size == 0:
@@ -141,35 +152,53 @@ def generate_ids(
     to_encode = prompt
     start = backend.cache_len
     enc_pos = np.arange(start, start + prompt.size, dtype=np.int64)
-    for k in range(math.ceil(settings.max_new_tokens / C)):
+    canvases = math.ceil(settings.max_new_tokens / C) if template is None else template.canvases(C)
+    eos, pad = settings.eos_token_ids, settings.pad_token_id
+    for k in range(canvases):
         encode_chunked(backend, to_encode[None], enc_pos[None], encode_chunk)
         dec_pos = np.arange(enc_pos[-1] + 1, enc_pos[-1] + 1 + C, dtype=np.int64)[None]
         canvas = rng.integers(0, V, size=(1, C))
+        fixed = free = None
+        if template is not None:
+            fixed_ids, fixed = template.canvas(k, C, eos[0], pad)
+            free = ~fixed
+            canvas = np.where(fixed, fixed_ids, canvas)
         argmax = canvas
         backend.new_canvas()
         stopper.reset()
         steps = 0
-        for cur_step in range(settings.max_denoising_steps, 0, -1):
+        for cur_step in range(settings.max_denoising_steps if free is None or free.any() else 0, 0, -1):
             t = temperature(cur_step, settings.max_denoising_steps, settings.t_min, settings.t_max)
             uniforms = rng.random((1, C), dtype=np.float32)
             out = backend.denoise(canvas, dec_pos, t, uniforms)
             renoise = rng.integers(0, V, size=(1, C))
-            accepted = accept_mask(out.entropy, settings.entropy_bound)
+            entropy, argmax = out.entropy, out.argmax
+            if fixed is not None:
+                entropy = np.where(fixed, np.float32(0), entropy)
+                argmax = np.where(fixed, fixed_ids, argmax)
+            accepted = accept_mask(entropy, settings.entropy_bound)
             canvas = np.where(accepted, out.sampled, renoise)
-            argmax = out.argmax
-            stop = stopper(argmax, out.entropy)
+            if fixed is not None:
+                canvas = np.where(fixed, fixed_ids, canvas)
+            stop = stopper(argmax, out.entropy, free)
             steps += 1
             if on_step is not None:
-                on_step(StepEvent(k, steps - 1, float(t), argmax[0], out.entropy[0], accepted[0], canvas[0]))
+                on_step(StepEvent(k, steps - 1, float(t), argmax[0], out.entropy[0], accepted[0], canvas[0], fixed))
             if stop.all():
                 break
-        committed, finished = pad_after_eos(argmax[0], settings.eos_token_ids, settings.pad_token_id)
+        if template is None:
+            committed, finished = pad_after_eos(argmax[0], eos, pad)
+        else:
+            committed, finished = template.commit(argmax[0], fixed_ids, fixed, eos, pad), k == canvases - 1
+            result.fixed_tokens += int(np.count_nonzero(fixed & (committed != pad)))
         result.token_ids.extend(int(t) for t in committed)
         result.steps_per_canvas.append(steps)
         result.finished = finished
         if on_canvas is not None:
-            on_canvas(CanvasEvent(k, committed, steps, finished))
+            on_canvas(CanvasEvent(k, committed, steps, finished, fixed))
         if finished:
             break
-        to_encode, enc_pos = argmax[0], dec_pos[0]
+        to_encode, enc_pos = (argmax[0] if template is None else committed), dec_pos[0]
+    if template is not None:
+        result.holes = template.hole_ids(result.token_ids, pad)
     return result

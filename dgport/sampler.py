@@ -42,7 +42,9 @@ class StableAndConfident:
     def reset(self) -> None:
         self.history = None
 
-    def __call__(self, argmax: np.ndarray, entropy: np.ndarray) -> np.ndarray:
+    def __call__(self, argmax: np.ndarray, entropy: np.ndarray, free: np.ndarray | None = None) -> np.ndarray:
+        """`free` [C] (a canvas template's holes): the mean entropy is taken over those positions only;
+        fixed positions are always stable (the loop writes their token into the argmax canvas)."""
         if self.stability_threshold == 0:
             stable = np.ones(argmax.shape[0], dtype=bool)
         else:
@@ -51,7 +53,11 @@ class StableAndConfident:
             stable = (self.history == argmax[None]).all(axis=-1).all(axis=0)
             self.history = np.roll(self.history, -1, axis=0)
             self.history[-1] = argmax
-        confident = entropy.astype(np.float32).mean(axis=-1, dtype=np.float32) < self.confidence_threshold
+        if free is None:
+            mean = entropy.astype(np.float32).mean(axis=-1, dtype=np.float32)
+        else:
+            mean = entropy.astype(np.float32)[..., free].mean(axis=-1, dtype=np.float32)
+        confident = mean < self.confidence_threshold
         return stable & confident
 
 

@@ -65,6 +65,22 @@ def declared(folder) -> Declaration:
     return Declaration(task, tuple(prompts))
 
 
+def answer_template(task: str, prompt: str):
+    """The canvas template a task's answer follows (a dgport.Template), or None when the task has none.
+    Sudoku: every given digit fixed where the grid has it, a one-position hole for each blank (the
+    answer can then never change a given). `prompt` must be a puzzle the model's template accepts."""
+    from .canvas_template import Hole, Template
+
+    if task == "sudoku":
+        from .models.sudoku.puzzles import normalize
+
+        puzzle = normalize(prompt)
+        if len(puzzle) != 81 or any(ch not in "123456789." for ch in puzzle):
+            raise DgportError("not a Sudoku puzzle: give the 81 cells row by row, digits 1-9 and . or 0 for a blank")
+        return Template([Hole(1) if ch == "." else ch for ch in puzzle])
+    return None
+
+
 def check_answer(task: str, prompt: str, answer: str) -> Verdict:
     """Judge a model's answer to `prompt` by the rules of `task`."""
     if task == "sudoku":
