@@ -26,9 +26,11 @@ def parse_answer(text: str) -> str:
 
 
 def run(path, backend="torch", puzzles=100, seed=0, min_givens=36, max_givens=45, overrides=None,
-        verbose=False, generator=None):
-    """Solve `puzzles` puzzles; returns a dict of results (see `main` for the report)."""
+        verbose=False, generator=None, template=False):
+    """Solve `puzzles` puzzles; returns a dict of results (see `main` for the report). `template`: each
+    puzzle through the task's answer template (givens fixed, a one-cell hole per blank)."""
     import dgport
+    from dgport.task import answer_template
 
     if not eval_seeds_disjoint(seed, puzzles):
         raise SystemExit(f"seed {seed} with {puzzles} puzzles would overlap the training seeds; use seed 0..8")
@@ -43,7 +45,8 @@ def run(path, backend="torch", puzzles=100, seed=0, min_givens=36, max_givens=45
     blanks = right = 0
     t0 = time.time()
     for p in items:
-        res = gen.generate(p.puzzle, seed=p.seed, **overrides)
+        res = gen.generate(p.puzzle, seed=p.seed, template=answer_template("sudoku", p.puzzle) if template else None,
+                           **overrides)
         answer = parse_answer(res.text)
         ok = is_valid_solution(p.puzzle, answer)
         by_givens[p.givens][0] += ok
@@ -64,7 +67,7 @@ def run(path, backend="torch", puzzles=100, seed=0, min_givens=36, max_givens=45
     solved = sum(r["solved"] for r in rows)
     return {
         "path": str(path), "backend": backend, "seed": seed, "puzzles": len(rows),
-        "min_givens": min_givens, "max_givens": max_givens, "overrides": overrides,
+        "min_givens": min_givens, "max_givens": max_givens, "overrides": overrides, "template": template,
         "solved": solved, "solve_rate": solved / len(rows),
         "blank_cell_accuracy": right / blanks if blanks else 1.0,
         "by_givens": {g: {"solved": s, "total": n, "rate": s / n} for g, (s, n) in sorted(by_givens.items())},
@@ -78,7 +81,8 @@ def run(path, backend="torch", puzzles=100, seed=0, min_givens=36, max_givens=45
 
 def report(r) -> str:
     lines = [f"{r['path']}  backend={r['backend']}  seed={r['seed']}  givens {r['min_givens']}-{r['max_givens']}"
-             + (f"  overrides {r['overrides']}" if r["overrides"] else "")]
+             + (f"  overrides {r['overrides']}" if r["overrides"] else "")
+             + ("  answer template" if r.get("template") else "")]
     lines.append(" givens  solved/total  rate")
     for g, v in r["by_givens"].items():
         lines.append(f"  {g:>5}  {v['solved']:>6}/{v['total']:<5} {100 * v['rate']:5.1f}%")
@@ -107,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--entropy-bound", type=float, default=None)
     ap.add_argument("--t-min", type=float, default=None)
     ap.add_argument("--t-max", type=float, default=None)
+    ap.add_argument("--template", action="store_true", help="solve through the answer template (givens fixed)")
     ap.add_argument("--json", default=None, help="also write the full results (with token ids) to this file")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     overrides = {"max_denoising_steps": args.max_denoising_steps, "entropy_bound": args.entropy_bound,
                  "t_min": args.t_min, "t_max": args.t_max}
     r = run(args.path, args.backend, args.puzzles, args.seed, args.min_givens, args.max_givens, overrides,
-            verbose=args.verbose)
+            verbose=args.verbose, template=args.template)
     print(report(r))
     if args.json:
         with open(args.json, "w") as f:
