@@ -42,3 +42,33 @@ class Backend(Protocol):
 
     def reset(self) -> None:
         """Empty the cache and the self-conditioning state."""
+
+
+@runtime_checkable
+class RowBackend(Protocol):
+    """Batched generation (dgport.loop.BatchLoop): many independent rows, each with its own KV cache
+    (its own length), its own self-conditioning signal and its own temperature, denoised together as
+    one batch. Separate from the single-row methods above, whose state it never touches.
+
+    Rows of different cache lengths share one batched denoise call: the backend left-pads each row's
+    cache to the longest and the graph masks the padding (a past key whose implied position,
+    first canvas position - cache length + index, is negative). Row i's outputs equal a single-row
+    `denoise` of that row alone, up to kernels whose rounding depends on the batch (docs)."""
+
+    def open_row(self, copy_of: int | None = None) -> int:
+        """A new row with an empty cache (or a copy of row `copy_of`'s cache and length); its id."""
+
+    def close_row(self, row: int) -> None:
+        """Forget a row and free its cache (an unknown id is an error)."""
+
+    def row_cache_len(self, row: int) -> int:
+        """Positions encoded into the row's cache so far."""
+
+    def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray) -> None:
+        """`encode` on one row's cache: ids and positions [1, T], positions continuing its cache."""
+
+    def denoise_rows(self, rows: list[int], canvas: np.ndarray, positions: np.ndarray, temperatures: np.ndarray,
+                     uniforms: np.ndarray, fresh: np.ndarray) -> StepOutput:
+        """One denoising step of rows (in this order, b of them) as one batch: canvas, positions and
+        uniforms [b, C], temperatures [b] float32, fresh [b] bool (the row starts a canvas: a zero
+        self-conditioning signal). Each row reads its own cache and keeps its own next signal."""
