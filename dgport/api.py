@@ -86,6 +86,54 @@ class Generator:
         `encode_chunk`: prompt tokens per encode call (bounds the encoder's attention memory).
         `template`: a dgport.Template (or its list of parts) the answer must follow: its text is fixed
         in the canvas, its holes are filled; max_new_tokens defaults to the canvases it spans."""
+        ids, settings, rng, seed, layout = self._prepare(prompt, max_new_tokens, seed, rng, raw, system, think,
+                                                         template, sampler_overrides)
+        check_encode_chunk(encode_chunk)
+        check_context(self.config, self.backend.cache_len if keep_cache else 0, len(ids), settings.max_new_tokens)
+        if not keep_cache:
+            self.backend.reset()
+        out = generate_ids(self.backend, ids, settings, rng, on_step=on_step, on_canvas=on_canvas,
+                           encode_chunk=encode_chunk, template=layout)
+        return self._result(out, ids, settings, seed)
+
+    def generate_batch(self, prompts, seeds=None, max_new_tokens: int | None = None, raw: bool = False,
+                       system: str | None = None, templates=None, max_batch: int | None = None,
+                       encode_chunk: int = ENCODE_CHUNK, **sampler_overrides) -> list[GenerationResult]:
+        """Generate after each of `prompts` (strings or token-id lists, of any lengths) as one batch.
+        Returns one result per prompt, each exactly what `generate(prompt, seed=its seed)` returns
+        (the randomness contract per row; see docs/python-api.md for where floats may differ).
+        `seeds`: one per prompt (None entries, or no list: fresh seeds, reported on the results);
+        `templates`: one per prompt (None entries: free); `max_batch`: rows per backend call (None: all).
+        The single-row cache (`keep_cache`) is not used or changed."""
+        from .batch import BatchLoop
+
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)) or not prompts:
+            raise DgportError("prompts must be a non-empty list of prompts (strings or token-id lists)")
+        n = len(prompts)
+        seeds = [None] * n if seeds is None else list(seeds)
+        templates = [None] * n if templates is None else list(templates)
+        if len(seeds) != n or len(templates) != n:
+            raise DgportError(f"seeds and templates need one entry per prompt ({n}); got {len(seeds)} seeds and "
+                              f"{len(templates)} templates")
+        check_encode_chunk(encode_chunk)
+        prepared = [self._prepare(p, max_new_tokens, s, None, raw, system, False, t, sampler_overrides)
+                    for p, s, t in zip(prompts, seeds, templates)]
+        for ids, settings, *_ in prepared:
+            check_context(self.config, 0, len(ids), settings.max_new_tokens)
+        loop = BatchLoop(self.backend, max_batch)
+        entries = []
+        try:
+            for ids, settings, rng, _, layout in prepared:
+                entries.append(loop.add(ids, settings, rng, layout, encode_chunk=encode_chunk))
+            loop.run()
+        finally:
+            for e in list(loop.entries):
+                loop.remove(e)
+        return [self._result(e.row.result, ids, settings, seed)
+                for e, (ids, settings, _, seed, _) in zip(entries, prepared)]
+
+    def _prepare(self, prompt, max_new_tokens, seed, rng, raw, system, think, template, overrides):
+        """(prompt ids, settings, rng, seed, template layout) of one generation, every argument checked."""
         if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens <= 0):
             raise DgportError(f"max_new_tokens must be a positive integer (got {max_new_tokens!r})")
         layout = None
@@ -95,8 +143,8 @@ class Generator:
                                     "thinking mode's thought channel; drop think or the template")
             layout = (template if isinstance(template, Template) else Template(template)).layout(self.tokenizer)
             max_new_tokens = layout.check_budget(self.config.canvas_length, max_new_tokens)
-        settings = self.settings(max_new_tokens, **sampler_overrides)
-        check_encode_chunk(encode_chunk)
+        settings = self.settings(max_new_tokens, **overrides)
+        settings.validate()
         if rng is None:
             seed = fresh_seed(seed)
             rng = make_rng(seed)
@@ -105,11 +153,9 @@ class Generator:
         else:
             seed = None
         ids = self.prompt_ids(prompt, raw=raw, system=system, think=think)
-        check_context(self.config, self.backend.cache_len if keep_cache else 0, len(ids), settings.max_new_tokens)
-        if not keep_cache:
-            self.backend.reset()
-        out = generate_ids(self.backend, ids, settings, rng, on_step=on_step, on_canvas=on_canvas,
-                           encode_chunk=encode_chunk, template=layout)
+        return ids, settings, rng, seed, layout
+
+    def _result(self, out, ids, settings, seed) -> GenerationResult:
         return GenerationResult(
             token_ids=[out.token_ids],
             texts=[self.tokenizer.decode([t for t in out.token_ids if t != settings.pad_token_id])],

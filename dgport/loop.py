@@ -121,6 +121,112 @@ class LoopResult:
         return n / self.decoder_passes if self.decoder_passes else 0.0
 
 
+class Row:
+    """One generation's state: its canvases, steps, stopping rule and randomness stream. The two
+    drivers (generate_ids, one row on the single-row methods; dgport.batch.BatchLoop, many rows on a
+    RowBackend) encode `to_encode` at `enc_pos`, then call `begin_canvas`, then alternate
+    `step_inputs` / the backend's denoise / `after_step` while `denoising`, until `done`."""
+
+    def __init__(self, prompt_ids, settings: GenerationDefaults, rng: np.random.Generator, config, start: int = 0,
+                 template: Layout | None = None, on_step=None, on_canvas=None):
+        settings.validate()
+        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if prompt.size == 0:
+            raise DgportError("the prompt is empty; give at least one token")
+        C, V = config.canvas_length, config.vocab_size
+        if prompt.min() < 0 or prompt.max() >= V:
+            raise DgportError(f"prompt token ids must lie in [0, {V}) (got {prompt.min()}..{prompt.max()})")
+        self.settings, self.rng, self.C, self.V = settings, rng, C, V
+        self.template, self.on_step, self.on_canvas = template, on_step, on_canvas
+        self.stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
+        self.result = LoopResult(token_ids=[])
+        self.to_encode = prompt
+        self.enc_pos = np.arange(start, start + prompt.size, dtype=np.int64)
+        self.canvases = math.ceil(settings.max_new_tokens / C) if template is None else template.canvases(C)
+        self.k = -1  # the canvas being denoised
+        self.cur_step = 0  # the countdown N..1 of the canvas being denoised; 0: not denoising
+        self.done = False
+
+    @property
+    def denoising(self) -> bool:
+        return self.cur_step > 0
+
+    @property
+    def fresh(self) -> bool:
+        """The next step is the canvas' first (a zero self-conditioning signal)."""
+        return self.steps == 0
+
+    def begin_canvas(self) -> None:
+        """After `to_encode` is encoded: draw the next canvas (a canvas with no hole is committed at once)."""
+        s, C = self.settings, self.C
+        self.k += 1
+        self.dec_pos = np.arange(self.enc_pos[-1] + 1, self.enc_pos[-1] + 1 + C, dtype=np.int64)[None]
+        self.canvas = self.rng.integers(0, self.V, size=(1, C))
+        self.fixed = self.free = None
+        if self.template is not None:
+            self.fixed_ids, self.fixed = self.template.canvas(self.k, C, s.eos_token_ids[0], s.pad_token_id)
+            self.free = ~self.fixed
+            self.canvas = np.where(self.fixed, self.fixed_ids, self.canvas)
+        self.argmax = self.canvas
+        self.stopper.reset()
+        self.steps = 0
+        self.cur_step = s.max_denoising_steps if self.free is None or self.free.any() else 0
+        if not self.denoising:
+            self._commit()
+
+    def step_inputs(self):
+        """(canvas [1, C], positions [1, C], temperature, uniforms [1, C]) of the next step."""
+        s = self.settings
+        self.t = temperature(self.cur_step, s.max_denoising_steps, s.t_min, s.t_max)
+        uniforms = self.rng.random((1, self.C), dtype=np.float32)
+        return self.canvas, self.dec_pos, self.t, uniforms
+
+    def after_step(self, argmax: np.ndarray, entropy: np.ndarray, sampled: np.ndarray) -> None:
+        """The backend's outputs for this row ([1, C] each): accept, renoise, stop or go on."""
+        s, fixed = self.settings, self.fixed
+        renoise = self.rng.integers(0, self.V, size=(1, self.C))
+        model_entropy = entropy
+        if fixed is not None:
+            entropy = np.where(fixed, np.float32(0), entropy)
+            argmax = np.where(fixed, self.fixed_ids, argmax)
+        accepted = accept_mask(entropy, s.entropy_bound)
+        canvas = np.where(accepted, sampled, renoise)
+        if fixed is not None:
+            canvas = np.where(fixed, self.fixed_ids, canvas)
+        self.canvas, self.argmax = canvas, argmax
+        stop = self.stopper(argmax, model_entropy, self.free)
+        self.steps += 1
+        self.cur_step -= 1
+        if self.on_step is not None:
+            self.on_step(StepEvent(self.k, self.steps - 1, float(self.t), argmax[0], model_entropy[0], accepted[0],
+                                   canvas[0], fixed))
+        if stop.all() or self.cur_step == 0:
+            self.cur_step = 0
+            self._commit()
+
+    def _commit(self) -> None:
+        s, res = self.settings, self.result
+        eos, pad = s.eos_token_ids, s.pad_token_id
+        if self.template is None:
+            committed, finished = pad_after_eos(self.argmax[0], eos, pad)
+        else:
+            committed = self.template.commit(self.argmax[0], self.fixed_ids, self.fixed, eos, pad)
+            finished = self.k == self.canvases - 1
+            res.fixed_tokens += int(np.count_nonzero(self.fixed & (committed != pad)))
+        res.token_ids.extend(int(t) for t in committed)
+        res.steps_per_canvas.append(self.steps)
+        res.finished = finished
+        if self.on_canvas is not None:
+            self.on_canvas(CanvasEvent(self.k, committed, self.steps, finished, self.fixed))
+        if finished or self.k == self.canvases - 1:
+            self.done = True
+            if self.template is not None:
+                res.holes = self.template.hole_ids(res.token_ids, pad)
+            return
+        self.to_encode = self.argmax[0] if self.template is None else committed
+        self.enc_pos = self.dec_pos[0]
+
+
 def generate_ids(
     backend: Backend,
     prompt_ids,
@@ -139,66 +245,12 @@ def generate_ids(
     argmax canvas, accepted at no cost to the entropy budget (their entropy counts as 0) and left out
     of the stopping rule's mean entropy; a canvas with no hole takes no step. The answer is the
     template's canvases, committed as Layout.commit says (and encoded so for the next canvas)."""
-    settings.validate()
-    prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
-    if prompt.size == 0:
-        raise DgportError("the prompt is empty; give at least one token")
-    cfg = backend.config
-    C, V = cfg.canvas_length, cfg.vocab_size
-    if prompt.min() < 0 or prompt.max() >= V:
-        raise DgportError(f"prompt token ids must lie in [0, {V}) (got {prompt.min()}..{prompt.max()})")
-    stopper = StableAndConfident(settings.stability_threshold, settings.confidence_threshold)
-    result = LoopResult(token_ids=[])
-    to_encode = prompt
-    start = backend.cache_len
-    enc_pos = np.arange(start, start + prompt.size, dtype=np.int64)
-    canvases = math.ceil(settings.max_new_tokens / C) if template is None else template.canvases(C)
-    eos, pad = settings.eos_token_ids, settings.pad_token_id
-    for k in range(canvases):
-        encode_chunked(backend, to_encode[None], enc_pos[None], encode_chunk)
-        dec_pos = np.arange(enc_pos[-1] + 1, enc_pos[-1] + 1 + C, dtype=np.int64)[None]
-        canvas = rng.integers(0, V, size=(1, C))
-        fixed = free = None
-        if template is not None:
-            fixed_ids, fixed = template.canvas(k, C, eos[0], pad)
-            free = ~fixed
-            canvas = np.where(fixed, fixed_ids, canvas)
-        argmax = canvas
+    row = Row(prompt_ids, settings, rng, backend.config, backend.cache_len, template, on_step, on_canvas)
+    while not row.done:
+        encode_chunked(backend, row.to_encode[None], row.enc_pos[None], encode_chunk)
         backend.new_canvas()
-        stopper.reset()
-        steps = 0
-        for cur_step in range(settings.max_denoising_steps if free is None or free.any() else 0, 0, -1):
-            t = temperature(cur_step, settings.max_denoising_steps, settings.t_min, settings.t_max)
-            uniforms = rng.random((1, C), dtype=np.float32)
-            out = backend.denoise(canvas, dec_pos, t, uniforms)
-            renoise = rng.integers(0, V, size=(1, C))
-            entropy, argmax = out.entropy, out.argmax
-            if fixed is not None:
-                entropy = np.where(fixed, np.float32(0), entropy)
-                argmax = np.where(fixed, fixed_ids, argmax)
-            accepted = accept_mask(entropy, settings.entropy_bound)
-            canvas = np.where(accepted, out.sampled, renoise)
-            if fixed is not None:
-                canvas = np.where(fixed, fixed_ids, canvas)
-            stop = stopper(argmax, out.entropy, free)
-            steps += 1
-            if on_step is not None:
-                on_step(StepEvent(k, steps - 1, float(t), argmax[0], out.entropy[0], accepted[0], canvas[0], fixed))
-            if stop.all():
-                break
-        if template is None:
-            committed, finished = pad_after_eos(argmax[0], eos, pad)
-        else:
-            committed, finished = template.commit(argmax[0], fixed_ids, fixed, eos, pad), k == canvases - 1
-            result.fixed_tokens += int(np.count_nonzero(fixed & (committed != pad)))
-        result.token_ids.extend(int(t) for t in committed)
-        result.steps_per_canvas.append(steps)
-        result.finished = finished
-        if on_canvas is not None:
-            on_canvas(CanvasEvent(k, committed, steps, finished, fixed))
-        if finished:
-            break
-        to_encode, enc_pos = (argmax[0] if template is None else committed), dec_pos[0]
-    if template is not None:
-        result.holes = template.hole_ids(result.token_ids, pad)
-    return result
+        row.begin_canvas()
+        while row.denoising:
+            out = backend.denoise(*row.step_inputs())
+            row.after_step(out.argmax, out.entropy, out.sampled)
+    return row.result

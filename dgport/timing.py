@@ -10,6 +10,7 @@ class Timings:
     encode_s: list[float] = field(default_factory=list)
     encode_tokens: int = 0
     denoise_s: list[float] = field(default_factory=list)
+    denoise_rows: int = 0  # rows denoised by batched calls (denoise_rows), summed over calls
 
     def as_dict(self) -> dict:
         enc, den = sum(self.encode_s), sum(self.denoise_s)
@@ -46,6 +47,19 @@ class TimedBackend:
         t = time.perf_counter()
         out = self.inner.denoise(canvas, positions, temperature, uniforms)
         self.timings.denoise_s.append(time.perf_counter() - t)
+        return out
+
+    def encode_row(self, row, ids, positions):
+        t = time.perf_counter()
+        self.inner.encode_row(row, ids, positions)
+        self.timings.encode_s.append(time.perf_counter() - t)
+        self.timings.encode_tokens += int(ids.shape[-1])
+
+    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh):
+        t = time.perf_counter()
+        out = self.inner.denoise_rows(rows, canvas, positions, temperatures, uniforms, fresh)
+        self.timings.denoise_s.append(time.perf_counter() - t)
+        self.timings.denoise_rows += len(rows)
         return out
 
     def new_canvas(self):

@@ -122,3 +122,61 @@ class TorchRefBackend:
             entropy = torch.distributions.Categorical(logits=proc).entropy()
             self._sc_logits = proc.to(self.model.model.decoder.embed_tokens.weight.dtype)
         return StepOutput(argmax.numpy().astype(np.int64), entropy.float().numpy(), sampled.numpy().astype(np.int64))
+
+    # ---------------------------------------------------------------- rows (dgport.backend.RowBackend)
+    # The reference runs each row alone, one after another, through the single-row methods above on
+    # that row's own cache: what batched backends must reproduce.
+    def open_row(self, copy_of: int | None = None) -> int:
+        import copy
+
+        from transformers import DynamicCache
+
+        rows = self.__dict__.setdefault("_rows", {})
+        if copy_of is None:
+            state = {"cache": DynamicCache(config=self.model.config.get_text_config(decoder=True)), "len": 0,
+                     "sc": None}
+        else:
+            src = self._row(copy_of)
+            state = {"cache": copy.deepcopy(src["cache"]), "len": src["len"], "sc": None}
+        rid = self.__dict__.get("_next_row", 0)
+        self._next_row = rid + 1
+        rows[rid] = state
+        return rid
+
+    def _row(self, row: int) -> dict:
+        from dgport.errors import DgportError
+
+        state = self.__dict__.get("_rows", {}).get(row)
+        if state is None:
+            raise DgportError(f"row {row!r} is not open on this backend")
+        return state
+
+    def close_row(self, row: int) -> None:
+        self._row(row)
+        del self._rows[row]
+
+    def row_cache_len(self, row: int) -> int:
+        return self._row(row)["len"]
+
+    def _as_row(self, state: dict, fn):
+        """Run fn() with the row's cache, length and signal in place of the single-row state."""
+        saved = self.cache, self._cache_len, self._sc_logits, self._logits
+        self.cache, self._cache_len, self._sc_logits = state["cache"], state["len"], state["sc"]
+        try:
+            return fn()
+        finally:
+            state["cache"], state["len"], state["sc"] = self.cache, self._cache_len, self._sc_logits
+            self.cache, self._cache_len, self._sc_logits, self._logits = saved
+
+    def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray) -> None:
+        self._as_row(self._row(row), lambda: self.encode(ids, positions))
+
+    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh) -> StepOutput:
+        outs = []
+        for i, row in enumerate(rows):
+            state = self._row(row)
+            if fresh[i]:
+                state["sc"] = None
+            outs.append(self._as_row(state, lambda i=i: self.denoise(canvas[i:i + 1], positions[i:i + 1],
+                                                                     np.float32(temperatures[i]), uniforms[i:i + 1])))
+        return StepOutput(*(np.concatenate([getattr(o, f) for o in outs]) for f in StepOutput._fields))
