@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from .cli_template import NO_TEMPLATE_HELP
 from .errors import DgportError
 from .loop import ENCODE_CHUNK, fresh_seed
 
@@ -236,19 +237,29 @@ def _prompt_tokenizer(folder: Path | None):
 @click.option("--show-thinking", is_flag=True, help="Print the thought channel too (with --think).")
 @click.option("--show-canvas", is_flag=True, help="Watch each canvas denoise live (on stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens, text, timings and stats as JSON.")
+@click.option("--template", "template_file", default=None, metavar="FILE",
+              help="A canvas template: fixed text with {{hole:N}} holes the model fills (a .json file: the JSON "
+                   "form). See docs/templates.md.")
+@click.option("--suffix", default=None, help="In-filling: the prompt is the prefix, TEXT is fixed after one hole of "
+                                              "--max-new-tokens positions (default: one canvas).")
+@click.option("--no-template", is_flag=True, help=NO_TEMPLATE_HELP)
 @sampler_options
 @debug_option
 def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think, show_thinking, show_canvas,
-        as_json, seed, max_new_tokens, **sampler):
+        as_json, template_file, suffix, no_template, seed, max_new_tokens, **sampler):
     """Generate from a prompt with an export (default: the shipped Sudoku model)."""
     from rich.console import Console
     from rich.markup import escape
 
+    from . import cli_template
+    from .canvas_template import Template
     from .display import AnswerText, CanvasView, terminal_text
     from .task import check_answer
     from .timing import TimedBackend
 
     text = _read_prompt(prompt, prompt_file)
+    cli_template.check_flags(template_file, suffix, no_template, think)
+    template = cli_template.read_template(template_file) if template_file is not None else None
     if checkpoint is not None and backend != "torch":
         raise DgportError("--checkpoint is for --backend torch; an ONNX or MLX backend runs an EXPORT folder")
     given = checkpoint or export_dir
@@ -257,9 +268,21 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
         _check_prompt_options(tokenizer, text, raw, system, think, show_thinking)
     path, is_default = _resolve(export_dir, backend, checkpoint)
     task = None if raw else _task_of(path)
+    default_template = template is None and suffix is None and not raw
+    if default_template:
+        template = cli_template.task_template(task, text, think, no_template)
+        default_template = template is not None
     gen = _load(path, backend)
     gen.backend = TimedBackend(gen.backend)
     C = gen.config.canvas_length
+    if suffix is not None:  # the hole is --max-new-tokens; the run spans the canvases hole and suffix need
+        template, max_new_tokens = Template.infill(suffix, max_new_tokens or C), None
+    elif template is not None:
+        cli_template.check_budget(template, gen.tokenizer, C, max_new_tokens,
+                                  f"--template {template_file}" if template_file is not None else
+                                  f"this model's {task} answer template (--no-template runs without it)")
+    elif max_new_tokens is None:
+        max_new_tokens = 4 * C
     seed = fresh_seed(seed)
     answer = AnswerText(gen.tokenizer, show_thinking=show_thinking, pad_id=gen.defaults.pad_token_id)
     err = Console(stderr=True)
@@ -292,9 +315,9 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     if live is not None:
         live.start()
     try:
-        result = gen.generate(text, max_new_tokens=max_new_tokens or 4 * C, seed=seed, raw=raw, system=system,
+        result = gen.generate(text, max_new_tokens=max_new_tokens, seed=seed, raw=raw, system=system,
                               think=think, on_canvas=on_canvas, on_step=on_step if show_canvas else None,
-                              encode_chunk=sampler["encode_chunk"], **overrides)
+                              encode_chunk=sampler["encode_chunk"], template=template, **overrides)
     finally:
         if live is not None:
             live.stop()
@@ -310,6 +333,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
             "seconds": elapsed, "tokens_per_second": n_tokens / elapsed if elapsed else None,
             "backend": backend, "seed": seed, "export": str(path), "default_model": is_default,
             "timings": timings, "answer_check": verdict.as_dict() if verdict else None,
+            "template": template is not None, "holes": result.holes,
         }))
         return
     if screen:
@@ -324,6 +348,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
               f"{_plural(n_canvas, 'canvas', 'canvases')}, steps {result.steps_per_canvas} | "
               f"{timings['ms_per_step']:.1f} ms/step, {timings['ms_per_encode']:.1f} ms/encode | "
               f"{result.tokens_per_forward:.2f} tokens/forward | {backend} | seed {seed} | "
+              + escape(cli_template.summary(template, result.holes, default_template))
               + ("shipped Sudoku model, " if is_default else "") + escape(terminal_text(str(path))) + "[/dim]",
               highlight=False, soft_wrap=True, markup=True)
 

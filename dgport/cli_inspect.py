@@ -136,8 +136,10 @@ def _flat(value) -> str:
 @click.option("--seed", type=click.IntRange(0, 9_999_999), default=None,
               help="Seed of the run: it picks the puzzle (held out from training) and seeds the sampler. "
                    "Default: a fresh one, printed.")
+@click.option("--no-template", is_flag=True, help="Solve without the answer template (by default the givens are "
+                                                  "fixed in the canvas, so the model fills only the blanks).")
 @debug_option
-def demo(export_dir, backend, givens, seed):
+def demo(export_dir, backend, givens, seed, no_template):
     """Solve a fresh Sudoku with the shipped model (or EXPORT of it) and watch the canvas fill in."""
     import random
 
@@ -146,6 +148,7 @@ def demo(export_dir, backend, givens, seed):
 
     from .display import SudokuView, sudoku_grid
     from .models.sudoku.puzzles import is_valid_solution, puzzle_from_seed
+    from .task import answer_template
 
     seed = random.randrange(10_000_000) if seed is None else seed
     try:
@@ -169,10 +172,12 @@ def demo(export_dir, backend, givens, seed):
             live.refresh()
             if console.is_terminal:
                 time.sleep(0.15)  # slow enough for a person to watch the cells settle
-        result = gen.generate(puzzle.puzzle, seed=seed, on_step=on_step)
+        template = None if no_template else answer_template("sudoku", puzzle.puzzle)
+        result = gen.generate(puzzle.puzzle, seed=seed, on_step=on_step, template=template)
     answer = "".join(result.text.split())
     ok = is_valid_solution(puzzle.puzzle, answer)
     console.print(("[green]solved" if ok else "[red]not solved") +
                   f" in {sum(result.steps_per_canvas)} denoising steps, {time.perf_counter() - started:.1f} s "
-                  f"(with viewing delays), {result.tokens_per_forward:.1f} tokens per forward")
+                  f"(with viewing delays), {result.tokens_per_forward:.1f} tokens per forward, "
+                  + ("givens fixed by the answer template" if template is not None else "no template"))
     console.print(sudoku_grid(answer[:81].ljust(81, "·"), puzzle.puzzle))

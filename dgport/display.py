@@ -78,7 +78,10 @@ class AnswerText:
 
 
 class CanvasView:
-    """A rich renderable of the draft canvas: accepted positions bright, renoised ones dim."""
+    """A rich renderable of the draft canvas: accepted positions bright, renoised ones dim, positions a
+    canvas template fixes in their own style (FIXED_STYLE)."""
+
+    FIXED_STYLE = "bold cyan underline"
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
@@ -87,13 +90,16 @@ class CanvasView:
         self.answer = ""  # the committed answer so far, shown under the canvas (already terminal-safe)
 
     def update(self, event) -> None:
+        fixed = getattr(event, "fixed", None)
+        fixed = [False] * event.accepted.size if fixed is None else np.asarray(fixed, dtype=bool).tolist()
         self.title = (f"canvas {event.canvas_index + 1}  step {event.step + 1}  T={event.temperature:.3f}  "
                       f"accepted {int(np.sum(event.accepted))}/{event.accepted.size}  "
-                      f"mean entropy {float(np.mean(event.entropy)):.3f}")
+                      + (f"fixed {sum(fixed)}  " if getattr(event, "fixed", None) is not None else "")
+                      + f"mean entropy {float(np.mean(event.entropy)):.3f}")
         self.pieces = []
-        for tok_id, ok in zip(event.argmax.tolist(), event.accepted.tolist()):
+        for tok_id, ok, pinned in zip(event.argmax.tolist(), event.accepted.tolist(), fixed):
             piece = terminal_text(self.tok.decode([tok_id], skip_special_tokens=False))
-            self.pieces.append((piece, "bold green" if ok else "dim"))
+            self.pieces.append((piece, self.FIXED_STYLE if pinned else "bold green" if ok else "dim"))
 
     def __rich__(self):
         from rich.panel import Panel
