@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .cli_template import NO_TEMPLATE_HELP
+from .cli_template import TASK_TEMPLATE_HELP
 from .errors import DgportError
 from .loop import ENCODE_CHUNK, fresh_seed
 
@@ -242,11 +242,11 @@ def _prompt_tokenizer(folder: Path | None):
                    "form). See docs/templates.md.")
 @click.option("--suffix", default=None, help="In-filling: the prompt is the prefix, TEXT is fixed after one hole of "
                                               "--max-new-tokens positions (default: one canvas).")
-@click.option("--no-template", is_flag=True, help=NO_TEMPLATE_HELP)
+@click.option("--task-template", "use_task_template", is_flag=True, help=TASK_TEMPLATE_HELP)
 @sampler_options
 @debug_option
 def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think, show_thinking, show_canvas,
-        as_json, template_file, suffix, no_template, seed, max_new_tokens, **sampler):
+        as_json, template_file, suffix, use_task_template, seed, max_new_tokens, **sampler):
     """Generate from a prompt with an export (default: the shipped Sudoku model)."""
     from rich.console import Console
     from rich.markup import escape
@@ -258,7 +258,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     from .timing import TimedBackend
 
     text = _read_prompt(prompt, prompt_file)
-    cli_template.check_flags(template_file, suffix, no_template, think)
+    cli_template.check_flags(template_file, suffix, use_task_template, think)
     template = cli_template.read_template(template_file) if template_file is not None else None
     if checkpoint is not None and backend != "torch":
         raise DgportError("--checkpoint is for --backend torch; an ONNX or MLX backend runs an EXPORT folder")
@@ -268,10 +268,12 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
         _check_prompt_options(tokenizer, text, raw, system, think, show_thinking)
     path, is_default = _resolve(export_dir, backend, checkpoint)
     task = None if raw else _task_of(path)
-    default_template = template is None and suffix is None and not raw
-    if default_template:
-        template = cli_template.task_template(task, text, think, no_template)
-        default_template = template is not None
+    default_template = use_task_template
+    if use_task_template:
+        if raw:
+            raise DgportError("--task-template and --raw contradict each other: the task's template follows its "
+                              "chat template's prompt; drop one of them")
+        template = cli_template.task_template(task, text, think)
     gen = _load(path, backend)
     gen.backend = TimedBackend(gen.backend)
     C = gen.config.canvas_length
@@ -280,7 +282,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     elif template is not None:
         cli_template.check_budget(template, gen.tokenizer, C, max_new_tokens,
                                   f"--template {template_file}" if template_file is not None else
-                                  f"this model's {task} answer template (--no-template runs without it)")
+                                  f"this model's {task} answer template (--task-template)")
     elif max_new_tokens is None:
         max_new_tokens = 4 * C
     seed = fresh_seed(seed)

@@ -136,10 +136,11 @@ def _flat(value) -> str:
 @click.option("--seed", type=click.IntRange(0, 9_999_999), default=None,
               help="Seed of the run: it picks the puzzle (held out from training) and seeds the sampler. "
                    "Default: a fresh one, printed.")
-@click.option("--no-template", is_flag=True, help="Solve without the answer template (by default the givens are "
-                                                  "fixed in the canvas, so the model fills only the blanks).")
+@click.option("--task-template", "use_task_template", is_flag=True,
+              help="Solve through the answer template: the givens fixed in the canvas, the model fills only the "
+                   "blanks (off by default: measured, it solves no more puzzles; docs/sudoku.md).")
 @debug_option
-def demo(export_dir, backend, givens, seed, no_template):
+def demo(export_dir, backend, givens, seed, use_task_template):
     """Solve a fresh Sudoku with the shipped model (or EXPORT of it) and watch the canvas fill in."""
     import random
 
@@ -172,7 +173,7 @@ def demo(export_dir, backend, givens, seed, no_template):
             live.refresh()
             if console.is_terminal:
                 time.sleep(0.15)  # slow enough for a person to watch the cells settle
-        template = None if no_template else answer_template("sudoku", puzzle.puzzle)
+        template = answer_template("sudoku", puzzle.puzzle) if use_task_template else None
         result = gen.generate(puzzle.puzzle, seed=seed, on_step=on_step, template=template)
     answer = "".join(result.text.split())
     ok = is_valid_solution(puzzle.puzzle, answer)

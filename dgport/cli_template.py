@@ -1,5 +1,5 @@
-"""Canvas templates on the command line: `run --template FILE`, `--suffix TEXT`, `--no-template`, and
-the task model's default answer template (`run` and `demo`). The templates themselves are
+"""Canvas templates on the command line: `run --template FILE`, `--suffix TEXT`, `--task-template`, and
+a task model's answer template (`--task-template`, run and demo). The templates themselves are
 dgport.canvas_template's; this module reads files and turns flags into one Template or None."""
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from .errors import DgportError
 
 MAX_TEMPLATE_BYTES = 64 << 20  # a template spans at most 2**20 positions: far less text than this
 
-NO_TEMPLATE_HELP = ("Run a model that declares a task (the Sudoku model) without its answer template "
-                    "(by default its fixed parts, e.g. the givens, are fixed in the canvas).")
+TASK_TEMPLATE_HELP = ("Follow the answer template of the model's declared task (the Sudoku model: every given fixed "
+                      "in the canvas, a one-cell hole per blank). Off by default: measured, it solves no more "
+                      "puzzles (docs/sudoku.md).")
 
 
 def read_template(path: str) -> Template:
@@ -51,7 +52,7 @@ def read_template(path: str) -> Template:
         raise TemplateError(f"{what}: {e}") from None
 
 
-def check_flags(template_file, suffix, no_template: bool, think: bool) -> None:
+def check_flags(template_file, suffix, task_template: bool, think: bool) -> None:
     """Refuse flags that contradict each other, before any model loads."""
     from .schema import utf8_text
 
@@ -59,8 +60,8 @@ def check_flags(template_file, suffix, no_template: bool, think: bool) -> None:
         raise DgportError("give either --template FILE or --suffix TEXT, not both (--suffix is itself a template: "
                           "one hole, then TEXT)")
     given = "--template" if template_file is not None else "--suffix" if suffix is not None else None
-    if no_template and given:
-        raise DgportError(f"--no-template and {given} contradict each other; give one of them")
+    if task_template and given:
+        raise DgportError(f"--task-template and {given} contradict each other; give one of them")
     if think and given:
         raise DgportError(f"--think cannot be used with {given}: a template fixes the answer from its first "
                           "position, where thinking mode's thought channel would go; drop one of them")
@@ -70,23 +71,18 @@ def check_flags(template_file, suffix, no_template: bool, think: bool) -> None:
             raise DgportError("--suffix is empty; give the text that must follow the hole")
 
 
-def task_template(task: str | None, prompt: str, think: bool, no_template: bool = False):
-    """The answer template of a model's declared task for `prompt` (None when the task has none, or
-    with --no-template). Thinking mode cannot precede a template, so --think with it is refused,
-    naming --no-template."""
+def task_template(task: str | None, prompt: str, think: bool):
+    """The answer template of the model's declared task for `prompt` (--task-template). A model with no
+    such task, and --think (thinking mode cannot precede a template), are refused."""
     from .task import answer_template
 
     template = answer_template(task, prompt) if task else None
-    if no_template:
-        if template is None:
-            from .cli import _warn
-
-            _warn("--no-template has no effect: this model declares no task with an answer template")
-        return None
-    if template is not None and think:
-        raise DgportError(f"--think cannot be used with this model's {task} answer template (on by default: "
-                          "it fixes the answer from its first position, where the thought channel would go); "
-                          "add --no-template to run without it")
+    if template is None:
+        raise DgportError("--task-template: this model declares no task with an answer template (the Sudoku "
+                          "model does); give a template with --template FILE instead")
+    if think:
+        raise DgportError(f"--think cannot be used with --task-template: the {task} answer template fixes the "
+                          "answer from its first position, where the thought channel would go; drop one of them")
     return template
 
 
@@ -107,4 +103,5 @@ def summary(template: Template | None, holes, default: bool) -> str:
     if template is None:
         return ""
     n = len(holes or [])
-    return f"template: {n} hole{'s' if n != 1 else ''}{' (the task default)' if default else ''} | "
+    tail = " (the task's)" if default else ""
+    return f"template: {n} hole{'s' if n != 1 else ''}{tail} | "

@@ -1,5 +1,5 @@
 """Canvas templates on the command line: `run --template FILE` (text and JSON forms), `--suffix`,
-the Sudoku model's default answer template and `--no-template` (run and demo), the JSON fields, the
+the Sudoku model's answer template with `--task-template` (run and demo), the JSON fields, the
 live canvas view's fixed positions, and every mistake as one line naming the flag or file."""
 from __future__ import annotations
 
@@ -84,32 +84,30 @@ def test_summary_line_and_show_canvas_name_the_template(capsys, tmp_path, checkp
     assert code == 0 and "template" not in err
 
 
-def test_sudoku_default_template_keeps_every_given(capsys):
-    r = run_json(capsys, "--prompt", PUZZLE, "--seed", "0")
+def test_sudoku_task_template_keeps_every_given(capsys):
+    r = run_json(capsys, "--prompt", PUZZLE, "--seed", "0", "--task-template")
     assert r["template"] is True and len(r["holes"]) == PUZZLE.count(".")
     grid = "".join(r["text"].split())
     assert all(p == a for p, a in zip(PUZZLE, grid) if p != ".") and len(grid) == 81
     assert all(len(h) <= 1 for h in r["holes"])
-    plain = run_json(capsys, "--prompt", PUZZLE, "--seed", "0", "--no-template")
+    plain = run_json(capsys, "--prompt", PUZZLE, "--seed", "0")  # off by default: it solves no more puzzles
     assert plain["template"] is False and plain["holes"] is None
-    raw = run_json(capsys, "--prompt", PUZZLE, "--seed", "0", "--raw", "--max-new-tokens", "82")
-    assert raw["template"] is False  # --raw: no task, so no task template
-    code, out, err = dg(capsys, "run", "--prompt", PUZZLE, "--seed", "0")
-    assert code == 0 and "template: 22 holes (the task default)" in err
+    code, out, err = dg(capsys, "run", "--prompt", PUZZLE, "--seed", "0", "--task-template")
+    assert code == 0 and "template: 22 holes (the task's)" in err
 
 
-def test_no_template_on_a_model_without_a_task_warns(capsys, checkpoints):
+def test_task_template_on_a_model_without_a_task_is_refused(capsys, checkpoints):
     code, out, err = dg(capsys, "run", checkpoints["tiny"], "--backend", "torch", "--prompt", "Hi", "--seed", "0",
-                        "--max-new-tokens", "16", "--no-template", "--json")
-    assert code == 0 and json.loads(out)["template"] is False
-    assert "--no-template has no effect" in err
+                        "--max-new-tokens", "16", "--task-template")
+    assert code != 0 and out == ""
+    assert "--task-template: this model declares no task with an answer template" in err
 
 
-def test_demo_uses_the_answer_template_unless_told(capsys):
-    code, out, err = dg(capsys, "demo", "--seed", "0", "--givens", "70")
+def test_demo_takes_the_answer_template_when_told(capsys):
+    code, out, err = dg(capsys, "demo", "--seed", "0", "--givens", "70", "--task-template")
     assert code == 0, err
     assert "givens fixed by the answer template" in out
-    code, out, err = dg(capsys, "demo", "--seed", "0", "--givens", "70", "--no-template")
+    code, out, err = dg(capsys, "demo", "--seed", "0", "--givens", "70")
     assert code == 0, err
     assert "no template" in out and "givens fixed" not in out
 
@@ -161,7 +159,7 @@ def _write(tmp_path, name, data):
     ({"t.txt": "A{{hole:2}}"}, ["--template", "{tmp}/t.txt", "--suffix", "x"], "either --template FILE or --suffix"),
     ({"t.txt": "A{{hole:2}}"}, ["--template", "{tmp}/t.txt", "--think"], "--think cannot be used with --template"),
     ({}, ["--suffix", "x", "--think"], "--think cannot be used with --suffix"),
-    ({"t.txt": "A{{hole:2}}"}, ["--template", "{tmp}/t.txt", "--no-template"], "--no-template and --template"),
+    ({"t.txt": "A{{hole:2}}"}, ["--template", "{tmp}/t.txt", "--task-template"], "--task-template and --template"),
     ({}, ["--suffix", ""], "--suffix is empty"),
     ({"t.txt": "Name: {{hole:6}}, age {{hole:2}}."}, ["--template", "{tmp}/t.txt", "--max-new-tokens", "4"],
      r"--max-new-tokens 4 is shorter than --template \S+t.txt: it spans 21 positions \(2 canvases of 16\)"),
@@ -179,12 +177,13 @@ def test_template_mistakes_are_one_line_errors(capsys, tmp_path, checkpoints, fi
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--think"], "--think cannot be used with this model's sudoku answer template.*--no-template"),
+    (["--think"], "--think cannot be used with --task-template"),
+    (["--raw"], "--task-template and --raw contradict"),
     (["--max-new-tokens", "10"], r"--max-new-tokens 10 is shorter than this model's sudoku answer template "
-                                 r"\(--no-template runs without it\)"),
+                                 r"\(--task-template\)"),
 ])
-def test_sudoku_default_template_mistakes(capsys, args, message):
-    code, out, err = dg(capsys, "run", "--prompt", PUZZLE, *args)
+def test_sudoku_task_template_mistakes(capsys, args, message):
+    code, out, err = dg(capsys, "run", "--prompt", PUZZLE, "--task-template", *args)
     assert code != 0 and out == ""
     errors = [line for line in err.strip().splitlines() if line.startswith("dgport: error: ")]
     assert len(errors) == 1 and re.search(message, errors[0]), err
