@@ -1,5 +1,5 @@
-"""Canvas templates on the command line: `run --template FILE`, `--suffix TEXT`, `--task-template`, and
-a task model's answer template (`--task-template`, run and demo). The templates themselves are
+"""Canvas templates on the command line: `run --template FILE`, `--suffix TEXT`, and a task model's
+answer template (`--task-template`, run and demo). The templates themselves are
 dgport.canvas_template's; this module reads files and turns flags into one Template or None."""
 from __future__ import annotations
 
