@@ -25,7 +25,8 @@ from .access_log import TOKENS, AccessLog
 from .engine import Engine, Job
 from .guard import ApiKeyMiddleware, HostGuard, check_json_content_type
 from .plan import Plan, plan_chat, plan_completion
-from .protocol import _STATUS_TYPES, MAX_BODY_BYTES, ApiError, _models, _validation_error, error_body
+from .protocol import (_STATUS_TYPES, MAX_BODY_BYTES, MAX_JSON_VALUES, ApiError, _models, _validation_error,
+                       error_body, json_values)
 from .text import TextStream
 
 
@@ -71,10 +72,14 @@ def export_fingerprint(path: Path, backend: str) -> str:
     return f"dgport-{__version__}-{backend}-{digest[:12]}"
 
 
-def parse_body(model, body: bytes):
-    """The request body as `model` (pydantic): JSON parse and validation, one ApiError on failure."""
+def parse_body(model, body: bytes, max_values: int = MAX_JSON_VALUES):
+    """The request body as `model` (pydantic): JSON parse and validation, one ApiError on failure.
+    A body of more than `max_values` list items and objects is refused before it is parsed."""
     from pydantic import ValidationError
 
+    if json_values(body, max_values) > max_values:
+        raise ApiError(400, f"the request body holds more than {max_values} JSON values (list items and objects); "
+                       "send fewer", code="request_too_complex")
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
@@ -125,6 +130,7 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
     gen = engine.gen  # the handlers read only its tokenizer, config and defaults; the worker runs it
     created = int(time.time())
     pad_id = gen.defaults.pad_token_id
+    max_values = max(MAX_JSON_VALUES, gen.config.max_position_embeddings + 1024)  # a prompt of token ids fits
     redact = Redactor(cfg.private_paths)
     planning = ThreadPoolExecutor(2, thread_name_prefix="dgport-serve-plan")
     texting = ThreadPoolExecutor(2, thread_name_prefix="dgport-serve-text")
@@ -187,7 +193,7 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
                 chunks.append(chunk)
         except ClientDisconnect:  # nobody reads the answer; no traceback in the server's log
             raise ApiError(400, "the client closed the connection before the whole body arrived") from None
-        req = await off(planning, parse_body, model, b"".join(chunks))
+        req = await off(planning, parse_body, model, b"".join(chunks), max_values)
         if req.model != cfg.model_id:
             raise ApiError(404, f"the model `{req.model}` does not exist; this server serves `{cfg.model_id}`",
                            type_="not_found_error", param="model", code="model_not_found")
