@@ -130,6 +130,7 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
     gen = engine.gen  # the handlers read only its tokenizer, config and defaults; the worker runs it
     created = int(time.time())
     pad_id = gen.defaults.pad_token_id
+    C = gen.config.canvas_length
     max_values = max(MAX_JSON_VALUES, gen.config.max_position_embeddings + 1024)  # a prompt of token ids fits
     redact = Redactor(cfg.private_paths)
     planning = ThreadPoolExecutor(2, thread_name_prefix="dgport-serve-plan")
@@ -293,7 +294,10 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
                 ans.prompt_ids, ans.cached = event[1], event[2]
                 yield ("start",)
             elif kind == "canvas":
-                ids = [t for t in event[2] if t != pad_id]
+                ids = event[2]
+                if plan.template is not None:  # its positions: not the EOS and PAD the loop writes after it
+                    ids = ids[:max(0, plan.template.length - event[1] * C)]
+                ids = [t for t in ids if t != pad_id]
                 if plan.max_tokens is not None and len(ans.generated) + len(ids) > plan.max_tokens:
                     # only the last canvas can pass the cap: the model ran whole canvases, the client gets max_tokens
                     ids, ans.cut = ids[:plan.max_tokens - len(ans.generated)], True
@@ -318,15 +322,23 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
             elif kind == "cancelled":
                 raise ApiError(499, "cancelled")
 
+    def new_answer(plan: Plan) -> Answer:
+        # a template's answer is all content (fixed text and holes), as Generator.generate's text is
+        return Answer(TextStream(gen.tokenizer, pad_id, plan.chat and plan.template is None, plan.stop))
+
+    def holes(plan: Plan, ans: Answer) -> dict:
+        """The choice's `dgport_holes` (each hole's text), with a template."""
+        return {"dgport_holes": ans.done["holes"]} if plan.template is not None and ans.done else {}
+
     async def collect(plan: Plan, job: Job, events, rid: str, tokens: list):
-        ans = Answer(TextStream(gen.tokenizer, pad_id, plan.chat, plan.stop))
+        ans = new_answer(plan)
         async for _ in run(plan, job, events, ans):
             pass
         tokens[0] = len(ans.generated)
         content, reasoning = await off(texting, ans.text.text)
         if ans.text.stopped:
             content = content[:ans.text.sent_content]
-        choice: dict = {"index": 0, "finish_reason": ans.finish_reason(), "logprobs": None}
+        choice: dict = {"index": 0, "finish_reason": ans.finish_reason(), "logprobs": None, **holes(plan, ans)}
         if plan.chat:
             choice["message"] = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
         else:
@@ -340,7 +352,7 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
         return JSONResponse(body)
 
     async def sse(plan: Plan, job: Job, events, rid: str, tokens: list):
-        ans = Answer(TextStream(gen.tokenizer, pad_id, plan.chat, plan.stop))
+        ans = new_answer(plan)
         obj = "chat.completion.chunk" if plan.chat else "text_completion"
         now = int(time.time())
 
@@ -378,6 +390,7 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
                     yield chunk([], dgport_draft={"canvas": k + 1, "step": step + 1, "temperature": temp, "accepted": accepted,
                                                   "text": text, "token_ids": draft})
             extra = {"token_ids": ans.generated} if plan.return_token_ids else {}
+            extra.update(holes(plan, ans))
             yield chunk([delta_choice("", finish=ans.finish_reason(), **extra)], dgport=figures(ans.done))
             if plan.include_usage:
                 yield chunk([], usage=usage(plan, ans), dgport=figures(ans.done))

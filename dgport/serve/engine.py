@@ -203,9 +203,21 @@ class Engine:
             job.post(("canvas", event.canvas_index, event.tokens.tolist(), event.steps, event.finished))
 
         result = gen.generate(ids[n:], max_new_tokens=plan.max_new_tokens, seed=plan.seed, keep_cache=n > 0,
-                              on_step=on_step, on_canvas=on_canvas, **plan.overrides)
+                              on_step=on_step, on_canvas=on_canvas, template=plan.template, **plan.overrides)
         tokens = result.token_ids[0]
         k = len(result.steps_per_canvas)
+        timings = backend.timings.as_dict()
+        done = {"token_ids": tokens, "prompt_ids": ids, "steps_per_canvas": result.steps_per_canvas,
+                "tokens_per_forward": result.tokens_per_forward, "finished": result.finished,
+                "cached_tokens": n, "encoded_tokens": len(ids) - n, "holes": result.holes,
+                "ms_per_step": timings["ms_per_step"], "ms_per_encode": timings["ms_per_encode"],
+                "queue_ms": 1000 * (started - job.queued_at)}
+        if plan.template is not None:
+            # the cache holds the prompt and the committed canvases the loop encoded (exactly these ids), so
+            # a prompt that starts with them may reuse it; the answer is never continued as a conversation
+            # (its text is the template's, not what the model would have written there)
+            self.state = CacheState(cached=ids + tokens[:C * (k - 1)])
+            return {**done, "generate_ms": 1000 * (time.perf_counter() - started)}
         last = tokens[C * (k - 1):]  # the loop encoded every canvas but this one
         stops = set(gen.settings(plan.max_new_tokens, **plan.overrides).eos_token_ids)
         eos = next((i for i, t in enumerate(last) if t in stops), len(last))
@@ -216,12 +228,7 @@ class Engine:
                                 tail=[t for t in last[:eos] if t != gen.defaults.pad_token_id],
                                 messages=plan.messages, think=plan.think,
                                 answer=answer.text()[0] if answer is not None else None)
-        timings = backend.timings.as_dict()
-        return {"token_ids": tokens, "prompt_ids": ids, "steps_per_canvas": result.steps_per_canvas,
-                "tokens_per_forward": result.tokens_per_forward, "finished": result.finished,
-                "cached_tokens": n, "encoded_tokens": len(ids) - n,
-                "ms_per_step": timings["ms_per_step"], "ms_per_encode": timings["ms_per_encode"],
-                "queue_ms": 1000 * (started - job.queued_at), "generate_ms": 1000 * (time.perf_counter() - started)}
+        return {**done, "generate_ms": 1000 * (time.perf_counter() - started)}
 
 
 @dataclass

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import DgportError
 from .protocol import MAX_STOP, MAX_STOP_CHARS, REASONING_EFFORTS, SAMPLER_FIELDS, ApiError
+from .template_plan import PlannedTemplate, plan_template
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Plan:
     return_token_ids: bool
     messages: list[dict] | None = None  # chat requests: the conversation, as rendered
     think: bool = False
+    template: PlannedTemplate | None = None  # a canvas template (the `template` field or `suffix`)
 
 
 def encode(tokenizer, text: str, raw: bool = False, check=None) -> list[int]:
@@ -114,6 +116,9 @@ def plan_chat(req, gen) -> Plan:
     if req.top_logprobs not in (None, 0):
         raise ApiError(400, "top_logprobs is not available; omit it", param="top_logprobs")
     think = _think(req)
+    template = plan_template(req, gen, think)
+    if template is not None:
+        max_new = template[1]
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
                 for m in req.messages]
     if messages[-1]["role"] != "user":
@@ -125,19 +130,22 @@ def plan_chat(req, gen) -> Plan:
                            param=f"messages[{i}].content")
     try:
         ids = encode(gen.tokenizer, gen.tokenizer.render(messages, enable_thinking=think),
-                     check=lambda n: _fits(gen, n, max_new, chat=True))
+                     check=lambda n: _fits(gen, n, max_new, chat=True, template=template))
     except DgportError as e:
         raise ApiError(400, str(e), param="messages") from e
-    plan = _plan(gen, ids, max_new, req, overrides, stop, chat=True)
+    plan = _plan(gen, ids, max_new, req, overrides, stop, chat=True, template=template)
     plan.messages, plan.think = messages, think
     return plan
 
 
 def plan_completion(req, gen) -> Plan:
     max_new, overrides, stop = _check_common(req, gen)
-    if req.echo or req.suffix is not None or req.best_of not in (None, 1):
-        name = "echo" if req.echo else "suffix" if req.suffix is not None else "best_of"
+    if req.echo or req.best_of not in (None, 1):
+        name = "echo" if req.echo else "best_of"
         raise ApiError(400, f"{name} is not supported by dgport serve; omit it", param=name)
+    template = plan_template(req, gen, think=False)  # `template`, or `suffix`: in-filling after the prompt
+    if template is not None:
+        max_new = template[1]
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         if len(prompt) != 1:
@@ -146,29 +154,39 @@ def plan_completion(req, gen) -> Plan:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ApiError(400, "the prompt is empty; give some text", param="prompt")
-        ids = encode(gen.tokenizer, prompt, raw=True, check=lambda n: _fits(gen, n, max_new, chat=False))
+        ids = encode(gen.tokenizer, prompt, raw=True,
+                     check=lambda n: _fits(gen, n, max_new, chat=False, template=template))
     else:
         ids = [int(t) for t in prompt]
         V = gen.config.vocab_size
         if not ids or min(ids) < 0 or max(ids) >= V:
             raise ApiError(400, f"prompt token ids must be a non-empty list in [0, {V})", param="prompt")
-    return _plan(gen, ids, max_new, req, overrides, stop, chat=False)
+    return _plan(gen, ids, max_new, req, overrides, stop, chat=False, template=template)
 
 
-def _fits(gen, n: int, max_new: int, chat: bool) -> None:
+def _fits(gen, n: int, max_new: int, chat: bool, template=None) -> None:
     from ..loop import check_context
 
+    param = "messages" if chat else "prompt"
     try:
         check_context(gen.config, 0, n, max_new)
     except DgportError as e:
-        raise ApiError(400, str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from e
+        if template is None:
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from e
+        C, limit = gen.config.canvas_length, gen.config.max_position_embeddings
+        raise ApiError(400, f"the prompt ({n} tokens) and the template ({template[0].length} positions: "
+                       f"{max_new // C} canvases of {C}) need {n + max_new} positions, more than this model's "
+                       f"context of {limit}; shorten the prompt to at most {limit - max_new} tokens or the template",
+                       param=param, code="context_length_exceeded") from e
 
 
-def _plan(gen, ids, max_new, req, overrides, stop, chat) -> Plan:
-    _fits(gen, len(ids), max_new, chat)
+def _plan(gen, ids, max_new, req, overrides, stop, chat, template=None) -> Plan:
+    _fits(gen, len(ids), max_new, chat, template)
     opts = req.stream_options
-    return Plan(ids=ids, max_new_tokens=max_new, max_tokens=req.max_completion_tokens or req.max_tokens,
-                seed=req.seed, overrides=overrides, stop=stop, chat=chat, stream=req.stream,
-                include_usage=bool(opts and opts.include_usage), drafts=req.stream_drafts,
-                return_token_ids=req.return_token_ids)
+    # with a template the answer ends where it ends: max_tokens (checked against its length) cuts nothing
+    cap = None if template is not None else req.max_completion_tokens or req.max_tokens
+    return Plan(ids=ids, max_new_tokens=max_new, max_tokens=cap, seed=req.seed, overrides=overrides, stop=stop,
+                chat=chat, stream=req.stream, include_usage=bool(opts and opts.include_usage),
+                drafts=req.stream_drafts, return_token_ids=req.return_token_ids,
+                template=template[0] if template is not None else None)
 

@@ -102,6 +102,9 @@ def _models():
         store: bool | None = None
         return_token_ids: bool = False  # vLLM's extension: token ids in the response
         stream_drafts: bool = False  # dgport's extension: a `dgport_draft` chunk per denoising step
+        # dgport's extension: a canvas template, a list of strings and {"hole": N} objects. Any type here:
+        # Template.from_json judges it on the planning thread, in one line naming the part
+        template: Any = None
         max_denoising_steps: int | None = None
         t_min: float | None = None
         t_max: float | None = None
