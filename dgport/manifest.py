@@ -188,7 +188,7 @@ def _onnx_entry(entry, path, artifacts, config: TextConfig) -> list[str]:
     # unknown extra keys are allowed in format entries (see _onnx_graph); known ones are strict
     S.obj(entry, path, required=("files", "dtype", "weights", "graphs"), extra=True)
     S.string(entry["dtype"], f"{path}.dtype", choices=DTYPES)
-    for key in ("with_logits",):
+    for key in ("with_logits", "rows"):
         if key in entry:
             S.boolean(entry[key], f"{path}.{key}")
     if "opset" in entry:

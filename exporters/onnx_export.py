@@ -1,6 +1,6 @@
 """ONNX export: `encoder.onnx` + `denoise_step.onnx` sharing one external-data file `weights.bin`.
 
-The graphs are built from the config and the weights (exporters/onnx_graph.py), not traced: the
+The graphs are built from the config and the weights (exporters/onnx_graph.py, onnx_steps.py), not traced: the
 two-graph contract (a causal encoder that extends a KV cache and a bidirectional denoiser that
 reads it, samples in-graph and returns the next self-conditioning input) has no counterpart among
 optimum's export tasks, and Gemma-4-style mixed 256/512 head sizes, K=V global layers and the
@@ -17,11 +17,11 @@ from dgport.safe_files import writing
 
 from .validation import rel_err
 from .onnx_builder import ONNX_DTYPE, WEIGHTS_FILE, WeightStore
-from .onnx_graph import build_denoise, build_encoder, build_step, io_spec
+from .onnx_steps import build_denoise, build_encoder, build_step, io_spec
 from .onnx_quant import QuantSpec
 
 ENCODER, DENOISE = "encoder.onnx", "denoise_step.onnx"
-STEP = "step.onnx"  # quantized exports: encoder and denoiser in one graph (onnx_graph.build_step)
+STEP = "step.onnx"  # quantized exports: encoder and denoiser in one graph (onnx_steps.build_step)
 CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
 SPARSE_DENOISE = "denoise_step.sparse.onnx"
 
@@ -91,6 +91,9 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         "opset": opset,
         # "explicit": MatMul/Softmax/MatMul; "fused": one ONNX Attention node per layer (opset 23)
         "attention": opts.attention,
+        # the step graphs batch rows whose caches differ in length (left padding masked by implied
+        # position) at per-row temperatures ([] or [B]); exports without the key run rows one at a time
+        "rows": True,
         "builder": "dgport onnx_graph: built from config + weights with onnx.helper (no tracing)",
         # experts per device and graph: "sparse" = a Loop over experts, each on the tokens routed to
         # it (the reference's loop); "dense" = every expert on every token, zero weight for unrouted ones

@@ -1,6 +1,8 @@
-"""Build dgport's two ONNX graphs (encoder, denoise_step) directly from a checkpoint's config and
-weights with `onnx.helper`, the way onnxruntime-genai's model builder does: no tracing, one node per
-operation of the reference math (spec §3-§5, §10), standard ONNX ops only (opset 21).
+"""The DiffusionGemma text stack as ONNX nodes (`Model`: embedding, layers, attention, experts), written
+directly from a checkpoint's config and weights with `onnx.helper`, the way onnxruntime-genai's model
+builder does: no tracing, one node per operation of the reference math (spec §3-§5, §10), standard ONNX
+ops only (opset 21). The graphs themselves (encoder, denoise_step, the quantized joint step; their
+inputs, masks and outputs) are assembled in exporters/onnx_steps.py.
 
 Weights go through a `WeightStore` (exporters/onnx_builder.py, with the `Builder` every graph is
 written with): each checkpoint tensor is transformed once (linear layers transposed to [in, out],
@@ -25,12 +27,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import helper
 
 from dgport.config import TextConfig
 from .checkpoint import DEC
-from .onnx_builder import BOOL, FLOAT, FUSED_ATTENTION_OPSET, INT64, Builder, WeightStore
-from .onnx_head import denoise_head
+from .onnx_builder import FLOAT, FUSED_ATTENTION_OPSET, INT64, Builder
 from .onnx_quant import QuantSpec
 
 
@@ -61,6 +62,9 @@ class Model:
         self.fused_attention = fused_attention
         self.quant = quant
         self.denoise = None  # joint mode: the bool scalar input choosing the denoiser
+        # per layer kind (sliding?), bool [B,1,1,T or 1,S] over [past ; new], True = attend: the graphs'
+        # masks (onnx_steps.attention_masks); None attends to every key
+        self.masks: dict | None = None
         if fused_attention:
             b.opset = max(b.opset, FUSED_ATTENTION_OPSET)
         self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
@@ -190,7 +194,7 @@ class Model:
         kT = b.op("Unsqueeze", b.op("Transpose", k_all, perm=[0, 1, 3, 2]), one)  # [B,kv,1,d,S]
         scores = b.op("MatMul", q5, kT)  # [B,kv,g,T,S], scaling 1.0
         sf = b.f32(scores)
-        if self.mode != "decoder":  # encoder, joint: masked
+        if self.masks is not None:  # an all-true mask leaves the scores bit for bit as they are
             sf = b.op("Where", self.masks[sliding], sf, b.const(np.float32(-np.inf), FLOAT))
         probs = b.op("Softmax", sf, axis=-1)
         probs = probs if b.emulate else b.to_md(probs)  # SDPA keeps fp32 probabilities
@@ -199,12 +203,18 @@ class Model:
 
     def fused_attend(self, q: str, k_all: str, v_all: str, sliding: bool) -> str:
         """The same as one ONNX `Attention` node (opset 23; 4-D inputs give the head counts; the
-        encoder's boolean mask, True = attend). Runtimes choose the kernel (flash / memory-efficient
+        boolean mask, True = attend). Runtimes choose the kernel (flash / memory-efficient
         attention on CUDA for half types); the rounding points inside it are the kernel's."""
         b = self.b
         ins = [q, k_all, v_all]
-        if self.mode != "decoder":  # encoder, joint: masked
-            ins.append(b.op("Squeeze", self.masks[sliding], b.const(np.array([2], np.int64), INT64)))  # [B,1,T,S]
+        if self.masks is not None:
+            mask = self.masks[sliding]
+            if self.mode == "decoder":  # [B,1,1,1,S] -> [B,1,1,T,S]: onnxruntime's kernel wants the query axis
+                t = b.op("Slice", b.op("Shape", q), b.const(np.array([2], np.int64), INT64),
+                         b.const(np.array([3], np.int64), INT64))
+                one = b.const(np.array([1], np.int64), INT64)
+                mask = b.op("Expand", mask, b.op("Concat", one, one, one, t, one, axis=0))
+            ins.append(b.op("Squeeze", mask, b.const(np.array([2], np.int64), INT64)))  # [B,1,T,S]
         return b.op("Attention", *ins, scale=1.0)
 
     def ffn(self, i: int, r: str) -> str:
@@ -332,181 +342,3 @@ class Model:
         """Round an fp32 tensor to the model dtype and keep it in fp32 (accumulators)."""
         b = self.b
         return x32 if b.md == FLOAT else b.cast(b.cast(x32, b.md), FLOAT)
-
-    # masks (encoder) -------------------------------------------------------------------
-    def build_masks(self, qpos: str, past_len: str, past_len_sliding: str):
-        """Causal masks [B,1,1,T,S] over [past ; new] from absolute positions: full k <= q,
-        sliding q - window < k <= q. Past keys sit at positions start - L .. start - 1."""
-        b = self.b
-        start = b.op("Slice", qpos, b.const(np.array([0], np.int64), INT64), b.const(np.array([1], np.int64), INT64),
-                     b.const(np.array([1], np.int64), INT64))  # [B,1]
-        zero, one = b.const(np.int64(0), INT64), b.const(np.int64(1), INT64)
-        q = b.op("Unsqueeze", qpos, b.const(np.array([1, 2, 4], np.int64), INT64))  # [B,1,1,T,1]
-        masks = {}
-        for sliding, L in ((False, past_len), (True, past_len_sliding)):
-            rng = b.op("Range", zero, L, one)  # [L]
-            kpast = b.op("Add", b.op("Sub", start, L), rng)  # [B,L]
-            kpos = b.op("Concat", kpast, qpos, axis=1)  # [B,S]
-            k = b.op("Unsqueeze", kpos, b.const(np.array([1, 2, 3], np.int64), INT64))  # [B,1,1,1,S]
-            m = b.op("LessOrEqual", k, q)
-            if sliding:
-                lo = b.op("Sub", q, b.const(np.int64(self.cfg.sliding_window), INT64))
-                m = b.op("And", m, b.op("Greater", k, lo))
-            masks[sliding] = m
-        self.masks = masks
-
-
-def _layers(cfg: TextConfig, progress, what: str):
-    if progress is None:
-        return range(cfg.num_layers)
-    return progress.track(range(cfg.num_layers), f"onnx: {what}", total=cfg.num_layers)
-
-
-def kv_dims(cfg: TextConfig, i: int, past: str):
-    return ["batch", cfg.kv_heads[i], past, cfg.head_dims[i]]
-
-
-def cache_inputs(b, cfg: TextConfig, md: int) -> list:
-    """The per-layer past_key_{i} / past_value_{i} inputs both graphs read."""
-    pasts = []
-    for i in range(cfg.num_layers):
-        past = "past_seq_s" if cfg.is_sliding(i) else "past_seq_f"
-        pasts.append((b.input(f"past_key_{i}", md, kv_dims(cfg, i, past)),
-                      b.input(f"past_value_{i}", md, kv_dims(cfg, i, past))))
-    return pasts
-
-
-def _past_lengths(b: Builder, cfg: TextConfig, pasts) -> tuple[str, str]:
-    """Cached lengths (int64 scalars) of the full and the sliding layers, read off the past K shapes."""
-    two = b.const(np.array([2], np.int64), INT64)
-
-    def plen(i):
-        return b.op("Squeeze", b.op("Slice", b.op("Shape", pasts[i][0]), two, b.const(np.array([3], np.int64), INT64)),
-                    b.const(np.array([0], np.int64), INT64))
-
-    full, slid = cfg.full_layers, cfg.sliding_layers
-    return (plen(full[0]) if full else b.const(np.int64(0), INT64),
-            plen(slid[0]) if slid else b.const(np.int64(0), INT64))
-
-
-def _sliding_tail(b: Builder, cfg: TextConfig):
-    """(k, v) -> their last sliding_window - 1 positions along axis 2 (DynamicSlidingWindowLayer)."""
-    keep = b.const(np.array([cfg.sliding_cache_len], np.int64), INT64)
-    zero = b.const(np.array([0], np.int64), INT64)
-    two = b.const(np.array([2], np.int64), INT64)
-
-    def tail(x, v):
-        # in-range indices: start = max(S - keep, 0), end = S (a negative start beyond the axis is
-        # clamped by the ONNX spec, but not by every runtime)
-        s = b.op("Slice", b.op("Shape", x), two, b.const(np.array([3], np.int64), INT64))
-        start = b.op("Max", b.op("Sub", s, keep), zero)
-        return b.op("Slice", x, start, s, two), b.op("Slice", v, start, s, two)
-
-    return tail
-
-
-def _present(b: Builder, cfg: TextConfig, md: int, i: int, k: str, v: str) -> None:
-    out = "present_seq_s" if cfg.is_sliding(i) else "present_seq_f"
-    b.output(f"present_key_{i}", k, md, kv_dims(cfg, i, out))
-    b.output(f"present_value_{i}", v, md, kv_dims(cfg, i, out))
-
-
-def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None,
-                  sparse_moe: bool = True, fused_attention: bool = False):
-    b = Builder("dgport_encoder", store, md, emulate)
-    m = Model(b, cfg, "encoder", sparse_moe, fused_attention)
-    ids = b.input("input_ids", INT64, ["batch", "seq"])
-    pos = b.input("position_ids", INT64, ["batch", "seq"])
-    pasts = cache_inputs(b, cfg, md)
-    m.build_masks(pos, *_past_lengths(b, cfg, pasts))
-    rope = m.rope_tables(pos)
-    h = m.embed(ids)
-    trim = _sliding_tail(b, cfg)
-    for i in _layers(cfg, progress, "encoder layers"):
-        last = i == cfg.num_layers - 1
-        h, k_all, v_all = m.layer(i, h, rope, *pasts[i], pos, kv_only=last)
-        _present(b, cfg, md, i, *(trim(k_all, v_all) if cfg.is_sliding(i) else (k_all, v_all)))
-    return b
-
-
-def _denoise_input(b: Builder, m: Model, cfg: TextConfig, ids: str, sc: str, e: str | None = None) -> str:
-    """The denoiser's input embedding with self-conditioning: rms(E[ids]*s + SC_MLP(RMSNorm_w(sc_embeds)))."""
-    e = m.embed(ids) if e is None else e
-    p = f"{DEC}self_conditioning."
-    z = m.rms(sc, m.vec32(p + "pre_norm.weight"))
-    gu = m.mm(z, m.lin("self_conditioning.gate_up", [p + "gate_proj.weight", p + "up_proj.weight"]))
-    I = cfg.intermediate_size
-    g, u = b.op("Split", gu, b.const(np.array([I, I], np.int64), INT64), axis=-1, n_out=2)
-    scm = m.mm(b.op("Mul", m.gelu(g), u), m.lin("self_conditioning.down", [p + "down_proj.weight"]))
-    return m.rms(b.op("Add", e, scm))
-
-
-def _step_inputs(b: Builder, cfg: TextConfig, md: int, ids_name: str, length: str):
-    """The denoise step's inputs: token ids, positions, self-conditioning signal, temperature, uniforms."""
-    return (b.input(ids_name, INT64, ["batch", length]), b.input("position_ids", INT64, ["batch", length]),
-            b.input("sc_embeds", md, ["batch", length, cfg.hidden_size]), b.input("temperature", FLOAT, []),
-            b.input("uniforms", FLOAT, ["batch", length]))
-
-
-def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
-                  progress=None, sparse_moe: bool = False, fused_attention: bool = False):
-    b = Builder("dgport_denoise_step", store, md, emulate)
-    m = Model(b, cfg, "decoder", sparse_moe, fused_attention)
-    ids, pos, sc, temp, unif = _step_inputs(b, cfg, md, "canvas_ids", "canvas")
-    pasts = cache_inputs(b, cfg, md)
-    rope = m.rope_tables(pos)
-    h = _denoise_input(b, m, cfg, ids, sc)
-    for i in _layers(cfg, progress, "denoise layers"):
-        h, _, _ = m.layer(i, h, rope, *pasts[i], None)
-    denoise_head(b, m, cfg, md, h, temp, unif, with_logits)
-    return b
-
-
-def build_step(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, progress=None,
-               fused_attention: bool = False, quant: "QuantSpec | None" = None):
-    """Encoder and denoiser in one graph (quantized exports), selected by the scalar input `denoise`:
-    false: encode `input_ids` causally and return the extended cache (the encoder graph's contract;
-    the sampler outputs are empty [B, 0]); true: one denoising step of the canvas `input_ids`
-    (the denoise_step graph's contract; the present_* outputs are then to be discarded).
-    Why one graph: onnxruntime repacks every constant 4/8-bit weight for its MatMulNBits kernel once
-    per kernel, and two sessions (or two branches of an If) are two kernels per weight, so two
-    packed copies of the model (and Python offers no shared prepacked-weights container). Here every
-    weight feeds one MatMulNBits node, used by both modes. The modes differ only in the input
-    embedding (self-conditioning), the causal mask, the layer scalars, and whether the head runs
-    (on zero rows when encoding)."""
-    b = Builder("dgport_step", store, md)
-    m = Model(b, cfg, "joint", True, fused_attention, quant)
-    ids, pos, sc, temp, unif = _step_inputs(b, cfg, md, "input_ids", "seq")
-    den = b.input("denoise", BOOL, [])
-    m.denoise = den
-    pasts = cache_inputs(b, cfg, md)
-    lf, ls = _past_lengths(b, cfg, pasts)
-    m.build_masks(pos, lf, ls)
-    m.masks = {k: b.op("Or", v, den) for k, v in m.masks.items()}  # the denoiser attends to everything
-    rope = m.rope_tables(pos)
-    e = m.embed(ids)
-    h = b.op("Where", den, _denoise_input(b, m, cfg, ids, sc, e), e)
-    trim = _sliding_tail(b, cfg)
-    for i in _layers(cfg, progress, "step layers"):
-        h, k_all, v_all = m.layer(i, h, rope, *pasts[i], pos)
-        _present(b, cfg, md, i, *(trim(k_all, v_all) if cfg.is_sliding(i) else (k_all, v_all)))
-    # the head on the first T rows when denoising, on none when encoding
-    one = b.const(np.array([1], np.int64), INT64)
-    zero = b.const(np.array([0], np.int64), INT64)
-    rows = b.op("Mul", b.op("Slice", b.op("Shape", ids), one, b.const(np.array([2], np.int64), INT64)),
-                b.op("Cast", b.op("Reshape", den, one), to=INT64))
-    h = b.op("Slice", h, zero, rows, one)
-    unif = b.op("Slice", unif, zero, rows, one)
-    denoise_head(b, m, cfg, md, h, temp, unif, with_logits)
-    return b
-
-
-def io_spec(b: Builder) -> dict:
-    """Graph inputs/outputs (weights excluded) for the manifest."""
-    def one(vi):
-        t = vi.type.tensor_type
-        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-        return {"name": vi.name, "dtype": TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims}
-
-    return {"inputs": [one(v) for v in b.inputs if v.name not in b.weights],
-            "outputs": [one(v) for v in b.outputs]}

@@ -24,13 +24,15 @@ VOCAB_CHUNK = 4096  # vocabulary rows per chunk of the table in the streamed hea
 def denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: str, unif: str,
                  with_logits: bool) -> None:
     """Final norm, tied lm_head, fp32 softcap and the in-graph sampler of the last hidden states h
-    [B, C, H]: the outputs argmax_ids, entropy, sampled_ids, next_sc_embeds (and logits)."""
+    [B, C, H] at temperature `temp` ([] or [B]): the outputs argmax_ids, entropy, sampled_ids,
+    next_sc_embeds (and logits)."""
     H, V = cfg.hidden_size, cfg.vocab_size
     h = m.rms(h, m.vec32(f"{DEC}norm.weight"))
     flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
     bc = b.op("Slice", b.op("Shape", h), b.const(np.array([0], np.int64), INT64),
               b.const(np.array([2], np.int64), INT64))
     unif = b.op("Reshape", unif, b.const(np.array([-1], np.int64), INT64))  # [N], like flat's rows
+    temp = _row_temperatures(b, temp, bc, flat)
     if b.cdt == FLOAT:  # fp32 and quantized exports, the CPU's fp32-compute graphs of bf16 ones
         argmax, entropy, sampled, expect, logits = _streamed_head(b, m, cfg, md, flat, temp, unif, with_logits)
     else:
@@ -47,6 +49,16 @@ def denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: s
     if with_logits:
         shape = b.op("Concat", bc, b.const(np.array([V], np.int64), INT64), axis=0)
         b.output("logits", b.op("Reshape", logits, shape, allowzero=1), FLOAT, ["batch", "canvas", V])
+
+
+def _row_temperatures(b: Builder, temp: str, bc: str, flat: str) -> str:
+    """The temperature input, a scalar [] or one per row [B], as a column [N, 1] over flat's rows
+    (row-major [B, C]): [] or [B] -> [1 or B, 1] -> [B, C] -> [N, 1]. Exact copies of the given
+    values, so a scalar divides every logit by the same float as before."""
+    col = b.op("Reshape", temp, b.const(np.array([-1, 1], np.int64), INT64))
+    n1 = b.op("Concat", b.op("Slice", b.op("Shape", flat), b.const(np.array([0], np.int64), INT64),
+                             b.const(np.array([1], np.int64), INT64)), b.const(np.array([1], np.int64), INT64), axis=0)
+    return b.op("Reshape", b.op("Expand", col, bc), n1, allowzero=1)
 
 
 def _softcap(b: Builder, cfg: TextConfig, lg: str) -> str:
