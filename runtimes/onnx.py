@@ -16,6 +16,8 @@ Imports only numpy and onnxruntime (never torch or transformers).
 - Denoise: IO binding; argmax/entropy/sampled ([B, C]) come back to the host, `next_sc_embeds`
   stays on the device and is bound as the next step's `sc_embeds`; `logits` (parity exports only)
   stays on the device unless `last_logits` is read.
+- Rows (batched generation, the RowBackend protocol): runtimes/onnx_rows.py, apart from the
+  single-row state above.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from dgport import safe_files
 from dgport.backend import StepOutput
 from dgport.config import TextConfig
 from dgport.errors import BackendUnavailable, DgportError, ExportError
+
+from .onnx_rows import RowsMixin
 
 BF16 = 16  # onnx.TensorProto.BFLOAT16 (onnx itself is not a runtime dependency)
 ONNX_TYPE = {"fp32": 1, "fp16": 10, "bf16": BF16, "uint8": 2}
@@ -82,7 +86,7 @@ def _ort():
     return ort
 
 
-class OnnxBackend:
+class OnnxBackend(RowsMixin):
     def __init__(self, export, device: str = "cpu", threads: int | None = None, graph_set: str | None = None,
                  accuracy_level: int | None = None, profile_prefix: str | None = None, **session_options):
         """`graph_set`: the manifest's graph set to run ("graphs" or "cpu_graphs"); by default the
@@ -146,6 +150,7 @@ class OnnxBackend:
         self._zero_sc = None
         self._logits = None
         self._bf16_reader = None
+        self._init_rows(threads)
         self.reset()
 
     # ---------------------------------------------------------------- setup
@@ -253,6 +258,12 @@ class OnnxBackend:
             raise DgportError(f"encode: ids {ids.shape} and positions {positions.shape} must both be [B, T]")
         if self._kv is None:
             self._init_cache(ids.shape[0])
+        self._kv = self._encode_cache(self._kv, ids, positions)
+        self._cache_len += ids.shape[1]
+
+    def _encode_cache(self, kv: list, ids: np.ndarray, positions: np.ndarray) -> list:
+        """The encoder (or the step graph in encoder mode) on a cache kv (per layer [K, V] OrtValues);
+        returns the extended cache, on the device."""
         sess = self._sessions["encoder"]
         io = sess.io_binding()
         io.bind_cpu_input("input_ids", ids)
@@ -263,48 +274,57 @@ class OnnxBackend:
             io.bind_cpu_input("temperature", np.ones((), np.float32))
             io.bind_cpu_input("uniforms", np.zeros((B, T), np.float32))
             io.bind_cpu_input("denoise", np.zeros((), np.bool_))
-        for i, (k, v) in enumerate(self._kv):
+        for i, (k, v) in enumerate(kv):
             io.bind_ortvalue_input(f"past_key_{i}", k)
             io.bind_ortvalue_input(f"past_value_{i}", v)
         for name in self._enc_out:
             io.bind_output(name, *(self._dev if name.startswith("present_") else ("cpu", 0)))
         sess.run_with_iobinding(io)
         outs = dict(zip(self._enc_out, io.get_outputs()))
-        self._kv = [[outs[f"present_key_{i}"], outs[f"present_value_{i}"]] for i in range(self.config.num_layers)]
-        self._cache_len += ids.shape[1]
+        return [[outs[f"present_key_{i}"], outs[f"present_value_{i}"]] for i in range(self.config.num_layers)]
 
     def denoise(self, canvas, positions, temperature, uniforms) -> StepOutput:
         if self._kv is None:
             raise DgportError("denoise before encode: encode the prompt first")
         canvas = np.ascontiguousarray(canvas, dtype=np.int64)
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
         B, C = canvas.shape
+        sc = self._sc
+        if sc is None:
+            sc = self._zeros_sc(B, C)
+        outs = self._step(self._kv, canvas, positions, np.asarray(temperature, dtype=np.float32).reshape(()),
+                          uniforms, sc)
+        self._sc = outs["next_sc_embeds"]
+        self._logits = outs.get("logits")
+        return StepOutput(outs["argmax_ids"].numpy(), outs["entropy"].numpy(), outs["sampled_ids"].numpy())
+
+    def _zeros_sc(self, B: int, C: int):
+        """A zero self-conditioning signal [B, C, H] on the device (made once per shape)."""
+        shape = (B, C, self.config.hidden_size)
+        if self._zero_sc is None or tuple(self._zero_sc.shape()) != shape:
+            self._zero_sc = self._empty(shape)
+        return self._zero_sc
+
+    def _step(self, kv: list, canvas: np.ndarray, positions, temperature: np.ndarray, uniforms, sc) -> dict:
+        """One denoise step (the denoise_step graph, or the step graph in denoiser mode) over the cache kv
+        with the signal sc (OrtValues on the device) at `temperature` ([] or [B] float32): its outputs by
+        name, the sampler's on the host, next_sc_embeds and logits on the device."""
         sess = self._sessions["denoise_step"]
         io = sess.io_binding()
         io.bind_cpu_input("input_ids" if self._joint else "canvas_ids", canvas)
         if self._joint:  # the step graph in denoiser mode: its present_* outputs are dropped
             io.bind_cpu_input("denoise", np.ones((), np.bool_))
-        io.bind_cpu_input("position_ids", positions)
-        io.bind_cpu_input("temperature", np.asarray(temperature, dtype=np.float32).reshape(()))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        io.bind_cpu_input("temperature", temperature)
         io.bind_cpu_input("uniforms", np.ascontiguousarray(uniforms, dtype=np.float32))
-        sc = self._sc
-        if sc is None:
-            shape = (B, C, self.config.hidden_size)
-            if self._zero_sc is None or tuple(self._zero_sc.shape()) != shape:
-                self._zero_sc = self._empty(shape)
-            sc = self._zero_sc
         io.bind_ortvalue_input("sc_embeds", sc)
-        for i, (k, v) in enumerate(self._kv):
+        for i, (k, v) in enumerate(kv):
             io.bind_ortvalue_input(f"past_key_{i}", k)
             io.bind_ortvalue_input(f"past_value_{i}", v)
         for name in self._den_out:
             host = name in ("argmax_ids", "entropy", "sampled_ids")
             io.bind_output(name, *(("cpu", 0) if host else self._dev))
         sess.run_with_iobinding(io)
-        outs = dict(zip(self._den_out, io.get_outputs()))
-        self._sc = outs["next_sc_embeds"]
-        self._logits = outs.get("logits")
-        return StepOutput(outs["argmax_ids"].numpy(), outs["entropy"].numpy(), outs["sampled_ids"].numpy())
+        return dict(zip(self._den_out, io.get_outputs()))
 
     # ---------------------------------------------------------------- inspection (tests, validation)
     @property
