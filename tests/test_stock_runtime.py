@@ -165,6 +165,53 @@ def test_stock_session_matches_backend(case, exports):
     assert ran >= 1
 
 
+@pytest.mark.parametrize("case", [("long-context", "fp32", "explicit"), ("long-context", "bf16", "fused")],
+                         ids=["fp32", "bf16-fused"])
+def test_stock_session_batches_rows_of_different_lengths(case, exports):
+    """docs/GRAPH_CONTRACT.md's recipe for batching requests, with numpy alone: encode each row (B = 1),
+    left-pad every row's cache with zeros to the longest per layer, stack them, and run one denoise
+    step with a [B] temperature. Each row gets its own run's outputs (a scalar temperature, its cache
+    alone) up to the last bits a kernel rounds differently for a padded row (docs/onnx.md)."""
+    out = exports(case)
+    graphs = graph_sets(out)["cpu_graphs" if "cpu_graphs" in graph_sets(out) else "graphs"]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.log_severity_level = 3
+    enc = ort.InferenceSession(str(out / graphs["encoder"]["file"]), so, providers=["CPUExecutionProvider"])
+    den = ort.InferenceSession(str(out / graphs["denoise_step"]["file"]), so, providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in den.get_inputs()}
+    cfg = open_export(out, "cpu").config
+    C, H, L = cfg.canvas_length, cfg.hidden_size, cfg.num_layers
+    rng = np.random.default_rng(11)
+    lengths = [4, 12, 27]
+    temps = np.array([0.6, 0.9, 1.3], np.float32)
+    caches, alone = [], []
+    canvas = rng.integers(0, cfg.vocab_size, (len(lengths), C))
+    u = rng.random((len(lengths), C), dtype=np.float32)
+    for r, n in enumerate(lengths):
+        kv = stock_run(enc, {"input_ids": rng.integers(0, cfg.vocab_size, (1, n)), "position_ids": np.arange(n)[None],
+                             **empty_past(enc, 1)})
+        caches.append({name: host(kv[f"present_{name}"]) for i in range(L) for name in (f"key_{i}", f"value_{i}")})
+        feeds = {"canvas_ids": canvas[r:r + 1], "position_ids": np.arange(n, n + C)[None], "temperature": temps[r],
+                 "uniforms": u[r:r + 1], "sc_embeds": np.zeros((1, C, H), np.float32),
+                 **{f"past_{k}": v for k, v in caches[-1].items()}}
+        alone.append({k: host(v) for k, v in stock_run(den, feeds).items()})
+    past = {}
+    for name in caches[0]:
+        P = max(c[name].shape[2] for c in caches)
+        past[f"past_{name}"] = np.concatenate([np.pad(c[name], [(0, 0), (0, 0), (P - c[name].shape[2], 0), (0, 0)])
+                                               for c in caches])
+    pos = np.stack([np.arange(n, n + C) for n in lengths])
+    batch = stock_run(den, {"canvas_ids": canvas, "position_ids": pos, "temperature": temps, "uniforms": u,
+                            "sc_embeds": value(np.zeros((len(lengths), C, H), np.float32), types["sc_embeds"]),
+                            **{k: value(v, types[k]) for k, v in past.items()}})
+    got = {k: host(v) for k, v in batch.items()}
+    for r in range(len(lengths)):
+        for name in ("argmax_ids", "sampled_ids"):
+            assert (got[name][r] == alone[r][name][0]).mean() >= 0.9, (r, name)
+        np.testing.assert_allclose(got["entropy"][r], alone[r]["entropy"][0], rtol=1e-2 if "bf16" in case else 1e-6)
+
+
 def test_bf16_cpu_graphs_take_no_weights_as_inputs(exports):
     """A stock caller feeds only the contract's inputs: the bf16 weights are initializers (listed as
     graph inputs only as overridable defaults, which ORT does not ask for)."""
