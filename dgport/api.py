@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import Backend
-from .canvas_template import Template, TemplateError
+from .canvas_template import Layout, Template, TemplateError
 from .config import GenerationDefaults
 from .errors import BackendUnavailable, DgportError
 from .loop import (ENCODE_CHUNK, CanvasEvent, StepEvent, check_context, check_encode_chunk,
@@ -84,8 +84,9 @@ class Generator:
         t_max, stability_threshold, confidence_threshold, eos_token_ids, pad_token_id) override the
         checkpoint's generation defaults. `keep_cache=True` continues after what is already encoded.
         `encode_chunk`: prompt tokens per encode call (bounds the encoder's attention memory).
-        `template`: a dgport.Template (or its list of parts) the answer must follow: its text is fixed
-        in the canvas, its holes are filled; max_new_tokens defaults to the canvases it spans."""
+        `template`: a dgport.Template (or its list of parts, or its Layout: already tokenized) the answer
+        must follow: its text is fixed in the canvas, its holes are filled; max_new_tokens defaults to
+        the canvases it spans."""
         ids, settings, rng, seed, layout = self._prepare(prompt, max_new_tokens, seed, rng, raw, system, think,
                                                          template, sampler_overrides)
         check_encode_chunk(encode_chunk)
@@ -141,7 +142,8 @@ class Generator:
             if think:
                 raise TemplateError("a template fixes the answer from its first position, so it cannot follow "
                                     "thinking mode's thought channel; drop think or the template")
-            layout = (template if isinstance(template, Template) else Template(template)).layout(self.tokenizer)
+            layout = template if isinstance(template, Layout) else \
+                (template if isinstance(template, Template) else Template(template)).layout(self.tokenizer)
             max_new_tokens = layout.check_budget(self.config.canvas_length, max_new_tokens)
         settings = self.settings(max_new_tokens, **overrides)
         settings.validate()

@@ -126,7 +126,11 @@ class Template:
         return cls(parts)
 
     def layout(self, tokenizer) -> "Layout":
-        """The template in token ids, for the step loop."""
+        """The template in token ids, for the step loop (the distinct text parts in one batch call
+        when the tokenizer has `encode_many`)."""
+        texts = list(dict.fromkeys(p for p in self.parts if isinstance(p, str) and p))
+        many = getattr(tokenizer, "encode_many", None)
+        encoded = dict(zip(texts, many(texts) if many is not None else [tokenizer.encode(t) for t in texts]))
         ids: list[int] = []
         fixed: list[bool] = []
         holes: list[tuple[int, int]] = []
@@ -136,7 +140,7 @@ class Template:
                 ids.extend([-1] * p.n)
                 fixed.extend([False] * p.n)
             elif p:
-                t = tokenizer.encode(p)
+                t = encoded[p]
                 ids.extend(t)
                 fixed.extend([True] * len(t))
             if len(ids) > MAX_POSITIONS:

@@ -82,6 +82,10 @@ class ChatTokenizer:
         """Token ids of text that already carries its special tokens (e.g. a rendered chat)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text, in one call (tokenizers releases the GIL for a batch; `encode` holds it)."""
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)] if texts else []
+
     def encode_raw(self, text: str) -> list[int]:
         """A raw prompt: its ids with <bos> in front (the model expects every sequence to start with it)."""
         ids = self.encode(text)

@@ -296,7 +296,8 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
             elif kind == "canvas":
                 ids = event[2]
                 if plan.template is not None:  # its positions: not the EOS and PAD the loop writes after it
-                    ids = ids[:max(0, plan.template.length - event[1] * C)]
+                    end = plan.template.holes[0][1] if plan.infill else plan.template.length  # suffix: the hole
+                    ids = ids[:max(0, end - event[1] * C)]
                 ids = [t for t in ids if t != pad_id]
                 if plan.max_tokens is not None and len(ans.generated) + len(ids) > plan.max_tokens:
                     # only the last canvas can pass the cap: the model ran whole canvases, the client gets max_tokens

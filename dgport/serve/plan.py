@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from ..errors import DgportError
 from .protocol import MAX_STOP, MAX_STOP_CHARS, REASONING_EFFORTS, SAMPLER_FIELDS, ApiError
-from .template_plan import PlannedTemplate, plan_template
+from ..canvas_template import Layout
+from .template_plan import plan_template
 
 
 @dataclass
@@ -25,7 +26,8 @@ class Plan:
     return_token_ids: bool
     messages: list[dict] | None = None  # chat requests: the conversation, as rendered
     think: bool = False
-    template: PlannedTemplate | None = None  # a canvas template (the `template` field or `suffix`)
+    template: Layout | None = None  # a canvas template (the `template` field or `suffix`), tokenized
+    infill: bool = False  # `suffix`: the answer is the inserted text alone (the hole), as OpenAI returns it
 
 
 def encode(tokenizer, text: str, raw: bool = False, check=None) -> list[int]:
@@ -188,5 +190,6 @@ def _plan(gen, ids, max_new, req, overrides, stop, chat, template=None) -> Plan:
     return Plan(ids=ids, max_new_tokens=max_new, max_tokens=cap, seed=req.seed, overrides=overrides, stop=stop,
                 chat=chat, stream=req.stream, include_usage=bool(opts and opts.include_usage),
                 drafts=req.stream_drafts, return_token_ids=req.return_token_ids,
-                template=template[0] if template is not None else None)
+                template=template[0] if template is not None else None,
+                infill=template is not None and getattr(req, "suffix", None) is not None)
 

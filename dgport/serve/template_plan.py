@@ -1,47 +1,21 @@
 """Canvas templates on the server: the `template` field (both routes) and `/v1/completions` `suffix`
 (in-filling), parsed, tokenized and checked on the planning thread.
 
-The parts are tokenized in one `encode_batch` call (tokenizers releases the GIL there; its `encode`
-holds it), and the Generator gets the Template with that layout attached, so the worker never
-tokenizes the template again."""
+The parts are tokenized in one batch call (`Template.layout`: tokenizers releases the GIL there), and
+the Generator gets that Layout, so the worker never tokenizes the template again. With `suffix`,
+the answer is the inserted text alone, as OpenAI's legacy completions return it (the client has the
+prompt and the suffix)."""
 
-from ..canvas_template import MAX_HOLE, MAX_PARTS, Template
+from ..canvas_template import MAX_HOLE, MAX_PARTS, Layout, Template
 from ..errors import DgportError
 from .protocol import ApiError
 
 PARTS = 'a part is a string (fixed text) or {"hole": N} (N positions the model fills, 1 to %d)' % MAX_HOLE
 
 
-class PlannedTemplate(Template):
-    """A Template whose layout (token ids, fixed positions, holes) was computed while planning."""
-
-    def __init__(self, template: Template, layout):
-        self.parts = template.parts
-        self._layout = layout
-
-    def layout(self, tokenizer=None):
-        return self._layout
-
-    @property
-    def length(self) -> int:
-        return self._layout.length
-
-
-class _Pretokenized:
-    """Template.layout's tokenizer: every distinct text part encoded in one encode_batch call."""
-
-    def __init__(self, tokenizer, parts):
-        texts = list(dict.fromkeys(p for p in parts if isinstance(p, str) and p))
-        encodings = tokenizer.tok.encode_batch(texts, add_special_tokens=False) if texts else []
-        self.ids = {t: e.ids for t, e in zip(texts, encodings)}
-
-    def encode(self, text: str) -> list[int]:
-        return self.ids[text]
-
-
-def plan_template(req, gen, think: bool) -> tuple[PlannedTemplate, int] | None:
-    """(the template, the max_new_tokens it runs: the whole canvases it spans) for a request with a
-    `template` or a `suffix`; None for one with neither. Every refusal is a 400 naming its field."""
+def plan_template(req, gen, think: bool) -> tuple[Layout, int] | None:
+    """(the template's Layout, the max_new_tokens it runs: the whole canvases it spans) for a request
+    with a `template` or a `suffix`; None for one with neither. Every refusal is a 400 naming its field."""
     suffix = getattr(req, "suffix", None)  # only /v1/completions has it
     if req.template is None and suffix is None:
         return None
@@ -72,7 +46,7 @@ def plan_template(req, gen, think: bool) -> tuple[PlannedTemplate, int] | None:
             if len(value) > MAX_PARTS:
                 raise ApiError(400, f"template: {len(value)} parts, more than {MAX_PARTS}", param="template")
             template = Template.from_json(value, "template")
-        layout = template.layout(_Pretokenized(gen.tokenizer, template.parts))
+        layout = template.layout(gen.tokenizer)
     except DgportError as e:  # TemplateError, or a part that is not UTF-8 text
         raise ApiError(400, str(e), param=field) from e
     if suffix is None and cap is not None and cap < layout.length:
@@ -88,4 +62,4 @@ def plan_template(req, gen, think: bool) -> tuple[PlannedTemplate, int] | None:
         gen.settings(max_new).validate()
     except DgportError as e:
         raise ApiError(400, f"{field}: {e}", param=field) from e
-    return PlannedTemplate(template, layout), max_new
+    return layout, max_new
