@@ -5,10 +5,16 @@ The KV cache, the logits and the self-conditioning signal stay MLX arrays on the
 denoising step the host sends the canvas, positions, the temperature and one uniform per
 position, and gets back argmax, entropy and the sampled ids. The encoder and the denoise step are
 `mx.compile`d (their shapes are static per canvas). Nothing here imports torch or transformers.
+
+Rows (the RowBackend protocol, batched generation): each row owns a cache, its length and its
+self-conditioning signal, apart from the single-row state. `denoise_rows` stacks the rows' caches
+along the batch axis, left-padded with zeros to the longest per layer, and keeps that stack and
+the batch's next signal while the same rows step again with unchanged caches.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +22,7 @@ import numpy as np
 from dgport import safe_files
 from dgport.backend import StepOutput
 from dgport.config import TextConfig
-from dgport.errors import BackendUnavailable, ExportError
+from dgport.errors import BackendUnavailable, DgportError, ExportError
 
 try:
     import mlx.core as mx
@@ -55,17 +61,39 @@ def load_model(folder: Path, entry: dict, config: TextConfig) -> DiffusionGemma:
     q = entry.get("quantization")
     weights = load_weights(folder, entry)
     try:
-        return build(config, weights, dtype, q["bits"] if q else None)
+        model = build(config, weights, dtype, q["bits"] if q else None)
     except ValueError as e:
         first = str(e).splitlines()[0]
         raise ExportError(f"{folder}: the MLX weights do not match the manifest's config ({first}); "
                           "export again") from e
+    # mx.load is lazy: left unevaluated, every mx.compile trace (one per new input shape: each
+    # prompt length, each cache length, each batch of rows) would read the weights into a copy of
+    # its own. Read them once, here.
+    mx.eval(model.parameters())
+    return model
 
+
+
+@dataclass
+class _Row:
+    cache: list  # per layer (keys, values) [1, kv, L, d]
+    length: int = 0  # positions encoded
+    sc: mx.array | None = None  # [1, C, H]: the next step's self-conditioning signal, once it has one
+
+
+@dataclass
+class _Batch:
+    """The last denoise_rows call's stacked state, reused while the same rows step again."""
+    rows: tuple
+    lengths: tuple  # each row's cache length when the stack was built
+    cache: list  # per layer (keys, values) [b, kv, P, d], left-padded
+    padded: bool  # some row is padded in some layer (the step masks)
+    sc: mx.array | None = None  # [b, C, H]: the batch's next signal, row i's at index i
 
 
 class MlxBackend:
-    """Backend protocol over MLX. Options: keep_logits (store the last step's fp32 logits as
-    `last_logits`, numpy; tests and validation), compile (default True)."""
+    """Backend protocol (and RowBackend) over MLX. Options: keep_logits (store the last step's fp32
+    logits as `last_logits`, numpy; tests and validation), compile (default True)."""
 
     def __init__(self, export=None, *, folder=None, entry=None, config: TextConfig | None = None,
                  keep_logits: bool = False, compile: bool = True):
@@ -79,9 +107,14 @@ class MlxBackend:
         self.dtype = self.model._dtype
         self.keep_logits = keep_logits
         step = self.model.denoise_step_with_logits if keep_logits else self.model.denoise_step
+        rows_step = self.model.denoise_rows_step_with_logits if keep_logits else self.model.denoise_rows_step
         self._encode = mx.compile(self.model.encode) if compile else self.model.encode
         self._step = mx.compile(step) if compile else step
+        self._rows_step = mx.compile(rows_step) if compile else rows_step
         self.last_logits = None
+        self._rows: dict[int, _Row] = {}
+        self._next_row = 0
+        self._batch: _Batch | None = None
         self.reset()
 
     @property
@@ -120,6 +153,121 @@ class MlxBackend:
                          mx.array(np.float32(temperature)), mx.array(np.asarray(uniforms, np.float32)), self.cache)
         mx.eval(out)
         argmax, entropy, sampled, self._sc = out[:4]
+        if self.keep_logits:
+            self.last_logits = np.array(out[4])
+        return StepOutput(np.array(argmax).astype(np.int64), np.array(entropy).astype(np.float32),
+                          np.array(sampled).astype(np.int64))
+
+    # -- rows (RowBackend) -----------------------------------------------------------------
+    def _row(self, row) -> _Row:
+        try:
+            return self._rows[row]
+        except (KeyError, TypeError):
+            raise DgportError(f"no MLX row {row!r} (open one with open_row; closed rows are forgotten)") from None
+
+    def open_row(self, copy_of: int | None = None) -> int:
+        if copy_of is None:
+            new = _Row(self.model.empty_cache(1))
+        else:
+            src = self._row(copy_of)
+            # mx.arrays are immutable (encode returns new ones): sharing them is a copy
+            new = _Row(list(src.cache), src.length)
+        rid = self._next_row
+        self._next_row += 1
+        self._rows[rid] = new
+        return rid
+
+    def close_row(self, row: int) -> None:
+        self._row(row)
+        del self._rows[row]
+        if self._batch is not None and row in self._batch.rows:
+            self._flush_batch_sc()
+            self._batch = None  # its stack holds the closed row's cache
+
+    def row_cache_len(self, row: int) -> int:
+        return self._row(row).length
+
+    def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray) -> None:
+        r = self._row(row)
+        ids, positions = np.asarray(ids), np.asarray(positions)
+        if ids.ndim != 2 or ids.shape[0] != 1 or positions.shape != ids.shape:
+            raise DgportError(f"encode_row takes ids and positions [1, T] (got {ids.shape} and {positions.shape})")
+        r.cache = self._encode(mx.array(ids.astype(np.int32)), mx.array(positions.astype(np.int32)), r.cache)
+        mx.eval(r.cache)
+        r.length += ids.shape[1]
+
+    def _flush_batch_sc(self) -> None:
+        """Hand the last batch's next signal to its rows (before the batch is replaced)."""
+        b = self._batch
+        if b is None or b.sc is None:
+            return
+        for i, rid in enumerate(b.rows):
+            if rid in self._rows:
+                self._rows[rid].sc = b.sc[i:i + 1]
+        b.sc = None
+
+    def _stack(self, rows: tuple) -> _Batch:
+        """The rows' caches stacked along the batch axis, each left-padded with zeros to the longest."""
+        cache, padded = [], False
+        for i in range(self.config.num_layers):
+            parts = [self._rows[r].cache[i] for r in rows]
+            P = max(k.shape[2] for k, _ in parts)
+            ks, vs = [], []
+            for k, v in parts:
+                if k.shape[2] < P:
+                    padded = True
+                    pad = [(0, 0), (0, 0), (P - k.shape[2], 0), (0, 0)]
+                    k, v = mx.pad(k, pad), mx.pad(v, pad)
+                ks.append(k)
+                vs.append(v)
+            cache.append((mx.concatenate(ks, axis=0), mx.concatenate(vs, axis=0)) if len(rows) > 1 else (ks[0], vs[0]))
+        mx.eval(cache)
+        return _Batch(rows, tuple(self._rows[r].length for r in rows), cache, padded)
+
+    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh) -> StepOutput:
+        rows = tuple(rows)
+        for r in rows:
+            self._row(r)
+        b = len(rows)
+        if b == 0 or len(set(rows)) != b:
+            raise DgportError(f"denoise_rows takes one or more distinct rows (got {list(rows)})")
+        canvas = np.asarray(canvas)
+        positions, uniforms = np.asarray(positions), np.asarray(uniforms, np.float32)
+        temperatures, fresh = np.asarray(temperatures, np.float32), np.asarray(fresh, bool)
+        if canvas.ndim != 2 or canvas.shape[0] != b or positions.shape != canvas.shape or uniforms.shape != canvas.shape:
+            raise DgportError(f"denoise_rows over {b} rows takes canvas, positions and uniforms [{b}, C] "
+                              f"(got {canvas.shape}, {positions.shape}, {uniforms.shape})")
+        if temperatures.shape != (b,) or fresh.shape != (b,):
+            raise DgportError(f"denoise_rows over {b} rows takes temperatures and fresh [{b}] "
+                              f"(got {temperatures.shape}, {fresh.shape})")
+        if any(self._rows[r].length == 0 for r in rows):
+            raise DgportError("denoise_rows on a row with an empty cache: encode_row its prompt first")
+        C = canvas.shape[1]
+        lengths = tuple(self._rows[r].length for r in rows)
+        batch = self._batch
+        if batch is None or batch.rows != rows or batch.lengths != lengths:
+            self._flush_batch_sc()
+            batch = self._batch = self._stack(rows)
+        if batch.sc is not None and not fresh.any():
+            sc = batch.sc  # the same rows again: the last step's signal as is
+        else:
+            self._flush_batch_sc()
+            zeros = None
+            parts = []
+            for r, f in zip(rows, fresh):
+                s = self._rows[r].sc
+                if f or s is None:
+                    s = zeros = zeros if zeros is not None else mx.zeros((1, C, self.config.hidden_size), self.dtype)
+                elif s.shape[1] != C:
+                    raise DgportError(f"row {r}'s self-conditioning signal is for a canvas of {s.shape[1]} "
+                                      f"positions, this canvas has {C}: start its canvas with fresh=True")
+                parts.append(s)
+            sc = mx.concatenate(parts, axis=0) if b > 1 else parts[0]
+        step = self._rows_step if batch.padded else self._step
+        out = step(mx.array(canvas.astype(np.int32)), mx.array(positions.astype(np.int32)), sc,
+                   mx.array(temperatures.reshape(b, 1, 1)), mx.array(uniforms), batch.cache)
+        mx.eval(out)
+        argmax, entropy, sampled, batch.sc = out[:4]
         if self.keep_logits:
             self.last_logits = np.array(out[4])
         return StepOutput(np.array(argmax).astype(np.int64), np.array(entropy).astype(np.float32),

@@ -10,6 +10,9 @@ One set of weights serves two modes:
                                                  inverse-CDF sample and the next self-conditioning
                                                  signal, all on the device
 `logits(...)` is the denoiser's softcapped fp32 logits (parity tests and export validation).
+`denoise_rows_step` is the batched form (runtimes/mlx.py's rows): caches of different lengths
+left-padded with zeros, per-row temperatures [b, 1, 1], and a mask over the padding (a past key
+whose implied position, first canvas position - padded cache length + index, is negative).
 
 Math follows transformers 5.23.0 exactly: fp32 RMSNorm with weights as is (x * w), scale-less
 v_norm, K = V projection on full-attention layers (no v_proj), attention scaling 1.0, half-split
@@ -365,18 +368,27 @@ class DiffusionGemma(nn.Module):
         return new_cache
 
     # -- denoiser mode ---------------------------------------------------------------------
-    def logits(self, canvas: mx.array, positions: mx.array, sc: mx.array, cache: list) -> mx.array:
+    def logits(self, canvas: mx.array, positions: mx.array, sc: mx.array, cache: list,
+               padded: bool = False) -> mx.array:
         """Softcapped float32 logits [B, C, V] of a canvas; sc [B, C, H] is the self-conditioning
-        signal (zeros on a canvas' first step). The cache is read, not written; no mask."""
+        signal (zeros on a canvas' first step). The cache is read, not written. No mask unless
+        `padded` (left-padded caches): then past key j of a layer's cache of length P sits at
+        position positions[:, 0] - P + j and the negative ones (the padding) are masked out."""
         cfg = self._cfg
         h = self.self_conditioning(self._scaled_embed(canvas), sc.astype(self._dtype))
         rope = self._rope(positions)
+        C = canvas.shape[1]
         for i, layer in enumerate(self.layers):
             cos, sin = rope[cfg.layer_types[i]]
             k, v = layer.self_attn.kv(layer.input_layernorm(h), cos, sin)
             pk, pv = cache[i]
             keys, values = mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
-            h = layer(h, cos, sin, keys, values, None, layer.layer_scalar.astype(self._dtype))
+            mask = None
+            if padded:
+                P = pk.shape[2]
+                past = (positions[:, :1] - P + mx.arange(P)) >= 0  # [B, P]
+                mask = mx.concatenate([past, mx.ones((past.shape[0], C), mx.bool_)], axis=1)[:, None, None, :]
+            h = layer(h, cos, sin, keys, values, mask, layer.layer_scalar.astype(self._dtype))
         h = self.norm(h)
         x = self.embed_tokens.as_linear(h.astype(self._dtype)).astype(mx.float32)
         cap = cfg.final_logit_softcapping
@@ -405,6 +417,14 @@ class DiffusionGemma(nn.Module):
     def denoise_step_with_logits(self, canvas, positions, sc, temperature, uniforms, cache):
         logits = self.logits(canvas, positions, sc, cache)
         return (*self.sample(logits, temperature, uniforms), logits)
+
+    def denoise_rows_step(self, canvas, positions, sc, temperatures, uniforms, cache):
+        """denoise_step over left-padded caches, temperatures [B, 1, 1] (one per row)."""
+        return self.sample(self.logits(canvas, positions, sc, cache, padded=True), temperatures, uniforms)
+
+    def denoise_rows_step_with_logits(self, canvas, positions, sc, temperatures, uniforms, cache):
+        logits = self.logits(canvas, positions, sc, cache, padded=True)
+        return (*self.sample(logits, temperatures, uniforms), logits)
 
 
 # -- weights ------------------------------------------------------------------------------
