@@ -63,8 +63,10 @@ class Model:
         self.quant = quant
         self.denoise = None  # joint mode: the bool scalar input choosing the denoiser
         # per layer kind (sliding?), bool [B,1,1,T or 1,S] over [past ; new], True = attend: the graphs'
-        # masks (onnx_steps.attention_masks); None attends to every key
+        # masks (onnx_steps.attention_masks); None attends to every key. `biases`, where set, are the
+        # same masks as fp32 0 / -inf, added to the scores instead (cheaper than Where; x + 0 is x)
         self.masks: dict | None = None
+        self.biases: dict | None = None
         if fused_attention:
             b.opset = max(b.opset, FUSED_ATTENTION_OPSET)
         self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
@@ -194,7 +196,9 @@ class Model:
         kT = b.op("Unsqueeze", b.op("Transpose", k_all, perm=[0, 1, 3, 2]), one)  # [B,kv,1,d,S]
         scores = b.op("MatMul", q5, kT)  # [B,kv,g,T,S], scaling 1.0
         sf = b.f32(scores)
-        if self.masks is not None:  # an all-true mask leaves the scores bit for bit as they are
+        if self.biases is not None:  # a zero bias leaves the scores bit for bit as they are
+            sf = b.op("Add", sf, self.biases[sliding])
+        elif self.masks is not None:  # so does an all-true mask
             sf = b.op("Where", self.masks[sliding], sf, b.const(np.float32(-np.inf), FLOAT))
         probs = b.op("Softmax", sf, axis=-1)
         probs = probs if b.emulate else b.to_md(probs)  # SDPA keeps fp32 probabilities

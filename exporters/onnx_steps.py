@@ -9,7 +9,8 @@ negative is never attended: that is how a caller batches rows whose caches diffe
 row's cache left-padded with zeros to the batch's longest, so exactly its pad entries have negative
 implied positions). The encoder adds causality (and the sliding window) to that rule; the denoise
 step attends to every other key. Without padding every mask is all true, and the masked scores are
-bit for bit the unmasked ones (Where with a true condition is exact).
+bit for bit the unmasked ones (Where with a true condition is exact; the denoise step adds the mask as
+a 0 / -inf bias instead, about half the cost of a Where over the scores, and x + 0 is x).
 
 `temperature` is a scalar [] or one per row [B] (declared [], see _step_inputs), broadcast to the
 head's rows inside the graph; a scalar gives the same bits as before rows existed (the same divisions).
@@ -176,6 +177,9 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
     ids, pos, sc, temp, unif = _step_inputs(b, cfg, md, "canvas_ids", "canvas")
     pasts = cache_inputs(b, cfg, md)
     m.masks = attention_masks(b, cfg, pos, _past_lengths(b, cfg, pasts), "decoder")
+    if not fused_attention:  # [B,1,1,1,S] fp32 0 / -inf: an Add over the scores costs less than a Where
+        zero, ninf = b.const(np.float32(0), FLOAT), b.const(np.float32(-np.inf), FLOAT)
+        m.biases = {k: b.op("Where", v, zero, ninf) for k, v in m.masks.items()}
     rope = m.rope_tables(pos)
     h = _denoise_input(b, m, cfg, ids, sc)
     for i in _layers(cfg, progress, "denoise layers"):
