@@ -140,3 +140,20 @@ def test_unknown_rows_are_refused(torch_gens):
     assert be.row_cache_len(c) == 3
     be.close_row(r)
     be.close_row(c)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_sudoku_model_rows_equal_single_runs(backend):
+    """A trained model (the shipped Sudoku model, fp32): six puzzles of 23-45 givens in one batch, half
+    with the answer template, rows finishing after different step counts; every row is its single run."""
+    from dgport.models.sudoku.puzzles import generate
+    from dgport.task import answer_template
+
+    gen = dgport.load(backend=backend)
+    puzzles = [p.puzzle for p in generate(7, 3, 23, 29) + generate(8, 3, 36, 45)]
+    templates = [answer_template("sudoku", p) if i % 2 else None for i, p in enumerate(puzzles)]
+    seeds = list(range(40, 46))
+    batch = gen.generate_batch(puzzles, seeds=seeds, templates=templates)
+    for p, s, t, r in zip(puzzles, seeds, templates, batch):
+        _same(r, gen.generate(p, seed=s, template=t))
+    assert len({tuple(r.steps_per_canvas) for r in batch}) > 1  # rows left the batch at different steps

@@ -338,28 +338,43 @@ def _running(r) -> None:
     raise AssertionError("the stream ended before its first draft")
 
 
-def test_queue_full_gets_503_with_retry_after(export):
-    srv = Server(export, "--max-queue", "1")
+def _fill(url: str, n: int, headers=None) -> list:
+    """n held requests, each running (a batch of n: the server's --max-batch)."""
+    held = []
+    for _ in range(n):
+        held.append(_hold(url, headers))
+        _running(held[-1][0])
+    return held
+
+
+def _release(held) -> None:
+    for resp, client in held:
+        resp.close()
+        client.close()
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_queue_full_gets_503_with_retry_after(export, max_batch):
+    """--max-queue counts the requests waiting behind a full batch (--max-batch of them running)."""
+    srv = Server(export, "--max-queue", "1", "--max-batch", str(max_batch))
     try:
-        running, c1 = _hold(srv.url)
-        _running(running)
-        waiting, c2 = _hold(srv.url)  # it waits: the queue holds one
-        wait_for(lambda: srv.health()["waiting"] == 1, "the second request in the queue")
+        held = _fill(srv.url, max_batch)
+        held.append(_hold(srv.url))  # it waits: the batch is full, the queue holds one
+        wait_for(lambda: srv.health()["waiting"] == 1, "a request in the queue")
         assert srv.health()["waiting"] == 1 and srv.health()["busy"], srv.health()
         r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
             "model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[1]}]})
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["type"] == "server_overloaded"
-        for resp, client in ((waiting, c2), (running, c1)):
-            resp.close()
-            client.close()
-        wait_for(lambda: srv.health()["cancelled"] == 2, "both held requests to be cancelled")
+        _release(reversed(held))
+        wait_for(lambda: srv.health()["cancelled"] == max_batch + 1, "every held request to be cancelled")
         ok = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
             "model": "sudoku", "messages": [{"role": "user", "content": PUZZLES[1]}], "seed": 0})
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]  # served normally
     finally:
         out = srv.stop()
     assert "127.0.0.1" in out and "this machine only" in out and "no API key" in out  # says where it listens
+    assert f"{max_batch} request{'s' if max_batch > 1 else ''} at a time" in out
 
 
 def test_start_errors_are_one_line(export):
@@ -376,20 +391,23 @@ def test_start_errors_are_one_line(export):
 
 
 def test_client_that_leaves_while_queued_is_never_run(server):
+    """The shared server batches DEFAULT_MAX_BATCH requests: a full batch runs, one more waits and
+    leaves; then the running ones are cancelled between two steps."""
+    from dgport.serve.command import DEFAULT_MAX_BATCH
+
     auth = {"Authorization": f"Bearer {KEY}"}
     before = server.health()
-    running, c1 = _hold(server.url, auth)
-    _running(running)
-    waiting, c2 = _hold(server.url, auth)
-    wait_for(lambda: server.health()["waiting"] == 1, "the second request in the queue")
-    waiting.close()  # leaves while queued
-    c2.close()
-    running.close()  # and the running one is cancelled between two steps
-    c1.close()
-    wait_for(lambda: server.health()["cancelled"] >= before["cancelled"] + 2, "both cancellations")
+    held = _fill(server.url, DEFAULT_MAX_BATCH, auth)
+    waiting = _hold(server.url, auth)
+    wait_for(lambda: server.health()["waiting"] == 1, "a request in the queue")
+    _release([waiting])  # leaves while queued
+    _release(held)
+    n = DEFAULT_MAX_BATCH + 1
+    wait_for(lambda: server.health()["cancelled"] >= before["cancelled"] + n, "every cancellation")
+    wait_for(lambda: not server.health()["busy"], "an idle worker")
     after = server.health()
-    assert after["cancelled"] == before["cancelled"] + 2, after
-    assert after["served"] == before["served"] + 1, after  # the queued one never ran
+    assert after["cancelled"] == before["cancelled"] + n, after
+    assert after["served"] == before["served"] + DEFAULT_MAX_BATCH, after  # the queued one never ran
 
 
 def test_mlx_backend_serves_from_its_worker_thread():

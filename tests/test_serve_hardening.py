@@ -315,12 +315,16 @@ def test_error_messages_are_redacted():
 # 3. Shutdown and disconnects are clean
 
 
-def test_sigterm_answers_queued_and_streaming_requests_then_exits_0(export):
-    s = ServerProcess(export, "--served-model-name", "m", "--max-queue", "4")
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_sigterm_answers_queued_and_streaming_requests_then_exits_0(export, max_batch):
+    """A full batch running (--max-batch of them), one stream and one plain request queued behind it."""
+    s = ServerProcess(export, "--served-model-name", "m", "--max-queue", "4", "--max-batch", str(max_batch))
+    held = []
     try:
-        running, c1 = hold(s.url, "m")
-        first_draft(running)
-        queued, c2 = hold(s.url, "m")
+        for _ in range(max_batch):
+            held.append(hold(s.url, "m"))
+            first_draft(held[-1][0])
+        held.append(hold(s.url, "m"))  # queued
         out = {}
 
         def plain():
@@ -331,7 +335,7 @@ def test_sigterm_answers_queued_and_streaming_requests_then_exits_0(export):
         wait_for(lambda: s.health()["waiting"] == 2, "two queued requests")
         s.proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
-        for r in (running, queued):
+        for r, _ in held:
             data = rest_of(r)
             assert data[-1] == "[DONE]", data[-3:]
             err = json.loads(data[-2])["error"]
@@ -343,7 +347,7 @@ def test_sigterm_answers_queued_and_streaming_requests_then_exits_0(export):
         assert time.monotonic() - t0 < 10
     finally:
         log = s.stop()
-        for c in (c1, c2):
+        for _, c in held:
             c.close()
     assert "Traceback" not in log and "Error" not in log, log
 

@@ -102,8 +102,9 @@ class Answer:
         return "stop" if not self.cut and self.done and self.done["finished"] else "length"
 
 
-def create_app(model, cfg: ServeConfig, max_queue: int = 16):
-    """The ASGI app. `model`: a Generator, or a function returning one (run on the worker thread)."""
+def create_app(model, cfg: ServeConfig, max_queue: int = 16, max_batch: int = 1):
+    """The ASGI app. `model`: a Generator, or a function returning one (run on the worker thread).
+    `max_batch`: requests denoised together (1: one at a time, in arrival order)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -126,7 +127,12 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16):
                 self.job.cancel.set()
 
     ChatRequest, CompletionRequest = _models()
-    engine = Engine(model, max_queue)
+    if max_batch == 1:
+        engine = Engine(model, max_queue)
+    else:
+        from .batch_engine import BatchEngine
+
+        engine = BatchEngine(model, max_queue, max_batch)
     gen = engine.gen  # the handlers read only its tokenizer, config and defaults; the worker runs it
     created = int(time.time())
     pad_id = gen.defaults.pad_token_id

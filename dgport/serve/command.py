@@ -16,6 +16,8 @@ from .app import ServeConfig, create_app, export_fingerprint
 from .guard import allowed_hosts, check_allow_host
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# requests denoised together by default: measured best on a 2-core CPU (bench/bench_serve.py, docs/serving.md)
+DEFAULT_MAX_BATCH = 4
 
 
 def _set_debug(ctx, param, value):
@@ -57,6 +59,9 @@ def _allow_host(ctx, param, values):
                    "no spaces.")
 @click.option("--max-queue", type=click.IntRange(1, 100_000), default=16, show_default=True,
               help="Requests that may wait behind the running one; more get 503 with Retry-After.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=DEFAULT_MAX_BATCH, show_default=True,
+              help="Requests denoised together (continuous batching: new ones join between denoising steps); "
+                   "1 runs them one at a time.")
 @click.option("--served-model-name", default=None,
               help="The model id clients send (default: the model folder's name, or the Hub id).")
 @click.option("--allow-host", "allow_host", multiple=True, callback=_allow_host, metavar="NAME",
@@ -65,7 +70,7 @@ def _allow_host(ctx, param, values):
 @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
               help="Show the traceback of an error at start, and of a failed generation in the log.")
 @click.pass_context
-def serve(ctx, model, backend, host, port, api_key, max_queue, served_model_name, allow_host):
+def serve(ctx, model, backend, host, port, api_key, max_queue, max_batch, served_model_name, allow_host):
     """An OpenAI-compatible API (chat, completions, models) for MODEL: an export folder, a Hugging Face
     checkpoint folder or a Hub id (default: the shipped Sudoku model)."""
     try:
@@ -96,7 +101,7 @@ def serve(ctx, model, backend, host, port, api_key, max_queue, served_model_name
         cfg = ServeConfig(model_id=served_name(model, served_model_name), backend=backend,
                           fingerprint=export_fingerprint(path, backend), api_key=api_key, allowed_hosts=hosts,
                           private_paths=_private_paths(model, path))
-        app = create_app(lambda: load(path, backend=backend), cfg, max_queue=max_queue)
+        app = create_app(lambda: load(path, backend=backend), cfg, max_queue=max_queue, max_batch=max_batch)
     except BaseException:
         sock.close()
         raise
@@ -107,7 +112,8 @@ def serve(ctx, model, backend, host, port, api_key, max_queue, served_model_name
              "Host: localhost, IP addresses" + "".join(f", {n}" for n in sorted(hosts)))
     click.echo(f"dgport serve: {cfg.model_id} on {backend}, http://{where}:{port}/v1 "
                f"({'this machine only' if local else 'reachable from other machines'}); {key}; "
-               f"up to {max_queue} waiting requests; {names}", err=True)
+               f"{max_batch} request{'s' if max_batch != 1 else ''} at a time, up to {max_queue} waiting; {names}",
+               err=True)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):

@@ -28,6 +28,17 @@ def shutting_down(job: "Job") -> None:
     job.post(("error", 503, SHUTTING_DOWN, "server_shutting_down"))
 
 
+def failed(job: "Job", e: Exception) -> None:
+    """A DgportError is the request's fault (400); anything else is a bug or a runtime failure: the
+    request gets a 500 and the server goes on (the details in its log; the traceback with --debug)."""
+    if isinstance(e, DgportError):
+        job.post(("error", 400, str(e), None))
+        return
+    log.error("generation failed (%s: %s)", e.__class__.__name__, e, exc_info=(
+        (type(e), e, e.__traceback__) if log.isEnabledFor(logging.DEBUG) else None))
+    job.post(("error", 500, f"generation failed ({e.__class__.__name__}); the server's log has the details", None))
+
+
 @dataclass
 class Job:
     plan: Plan
@@ -131,24 +142,22 @@ class Engine:
                 else:
                     self.cancelled += 1
                     job.post(("cancelled",))
-            except DgportError as e:
-                job.post(("error", 400, str(e), None))
-            except Exception as e:  # a bug or a runtime failure: the request gets a 500, the server goes on
-                # the details stay in the server's log; the traceback with --debug
-                log.error("generation failed (%s: %s)", e.__class__.__name__, e,
-                          exc_info=log.isEnabledFor(logging.DEBUG))
-                job.post(("error", 500, f"generation failed ({e.__class__.__name__}); the server's log has the "
-                                        "details", None))
+            except Exception as e:  # noqa: BLE001
+                failed(job, e)
             finally:
                 self.served += 1
                 self.durations.append(time.perf_counter() - started)
                 self.busy, self.current = False, None  # last: /health showing busy=false means all is counted
 
+    def _cached_len(self) -> int:
+        """Positions in the cache that `state` describes."""
+        return self.gen.backend.cache_len
+
     def _prompt(self, plan: Plan) -> tuple[list[int], int]:
         """(the token stream this request generates after, how many of its first ids are cached)."""
-        st, backend = self.state, self.gen.backend
+        st = self.state
         n = len(st.cached)
-        if n == 0 or backend.cache_len != n:
+        if n == 0 or self._cached_len() != n:
             return plan.ids, 0
         if n < len(plan.ids) and plan.ids[:n] == st.cached:
             return plan.ids, n  # the same tokens as a fresh run, the prefix already encoded
@@ -190,7 +199,6 @@ class Engine:
         job.post(("start", ids, n))  # the token stream it runs on: a stream's first chunk reports it
         self.state = CacheState()  # unknown until this generation ends
         backend.timings = Timings()
-        C = gen.config.canvas_length
 
         def on_step(event):
             if job.cancel.is_set() or self.closing:
@@ -204,31 +212,35 @@ class Engine:
 
         result = gen.generate(ids[n:], max_new_tokens=plan.max_new_tokens, seed=plan.seed, keep_cache=n > 0,
                               on_step=on_step, on_canvas=on_canvas, template=plan.template, **plan.overrides)
+        timings = backend.timings.as_dict()
+        done, self.state = self._outcome(plan, ids, n, result)
+        return {**done, "ms_per_step": timings["ms_per_step"], "ms_per_encode": timings["ms_per_encode"],
+                "queue_ms": 1000 * (started - job.queued_at), "generate_ms": 1000 * (time.perf_counter() - started)}
+
+    def _outcome(self, plan: Plan, ids: list[int], n: int, result) -> tuple[dict, "CacheState"]:
+        """The `done` event's figures for a GenerationResult, and what the cache holds after it."""
+        gen = self.gen
+        C = gen.config.canvas_length
         tokens = result.token_ids[0]
         k = len(result.steps_per_canvas)
-        timings = backend.timings.as_dict()
         done = {"token_ids": tokens, "prompt_ids": ids, "steps_per_canvas": result.steps_per_canvas,
                 "tokens_per_forward": result.tokens_per_forward, "finished": result.finished,
-                "cached_tokens": n, "encoded_tokens": len(ids) - n, "holes": result.holes,
-                "ms_per_step": timings["ms_per_step"], "ms_per_encode": timings["ms_per_encode"],
-                "queue_ms": 1000 * (started - job.queued_at)}
+                "cached_tokens": n, "encoded_tokens": len(ids) - n, "holes": result.holes}
         if plan.template is not None:
             # the cache holds the prompt and the committed canvases the loop encoded (exactly these ids), so
             # a prompt that starts with them may reuse it; the answer is never continued as a conversation
             # (its text is the template's, not what the model would have written there)
-            self.state = CacheState(cached=ids + tokens[:C * (k - 1)])
-            return {**done, "generate_ms": 1000 * (time.perf_counter() - started)}
+            return done, CacheState(cached=ids + tokens[:C * (k - 1)])
         last = tokens[C * (k - 1):]  # the loop encoded every canvas but this one
         stops = set(gen.settings(plan.max_new_tokens, **plan.overrides).eos_token_ids)
         eos = next((i for i, t in enumerate(last) if t in stops), len(last))
         answer = TextStream(gen.tokenizer, gen.defaults.pad_token_id, True, []) if plan.chat else None
         if answer is not None:
             answer.add(tokens)
-        self.state = CacheState(cached=ids + tokens[:C * (k - 1)],
+        return done, CacheState(cached=ids + tokens[:C * (k - 1)],
                                 tail=[t for t in last[:eos] if t != gen.defaults.pad_token_id],
                                 messages=plan.messages, think=plan.think,
                                 answer=answer.text()[0] if answer is not None else None)
-        return {**done, "generate_ms": 1000 * (time.perf_counter() - started)}
 
 
 @dataclass
