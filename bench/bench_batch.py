@@ -96,8 +96,46 @@ def step_times(backend, prompts, runs: int) -> dict:
             "throughput_ratio": st / bt}
 
 
+def profile_ops(export, backend: str, threads: int, prompts, runs: int, prefix: Path) -> dict:
+    """onnxruntime's profile of `runs` batched steps over len(prompts) rows (ONNX backends): ms per step
+    by op type (the Loops split into the sparse experts' and the streamed vocabulary head's; the ops
+    inside a Loop are counted again under their own types) and the whole run's ms."""
+    import collections
+
+    import dgport
+
+    gen = dgport.load(export, backend=backend, threads=threads, profile_prefix=str(prefix))
+    be, cfg = gen.backend, gen.config
+    rows = []
+    for p in prompts:
+        rows.append(be.open_row())
+        be.encode_row(rows[-1], np.asarray([p]), np.arange(len(p))[None])
+    B, C = len(rows), cfg.canvas_length
+    rng = np.random.default_rng(0)
+    canvas = rng.integers(0, cfg.vocab_size, size=(B, C))
+    pos = np.stack([np.arange(len(p), len(p) + C) for p in prompts])
+    for i in range(runs):  # the batched step alone: its session's profile holds nothing else
+        be.denoise_rows(rows, canvas, pos, np.full(B, 0.8, np.float32), rng.random((B, C), dtype=np.float32),
+                        np.array([i == 0] * B))
+    ev = json.loads(Path(gen.backend._sessions["denoise_step"].end_profiling()).read_text())
+    runs_ev = sorted((e for e in ev if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    # the last runs - 1 are the steps after the first (a quantized export's one session also encoded)
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in runs_ev[-(runs - 1):]]
+    H = gen.config.hidden_size
+    by_op = collections.Counter()
+    for e in ev:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and any(a <= e["ts"] <= b for a, b in spans):
+            op = e["args"].get("op_name", "?")
+            if op == "Loop":  # the sparse experts' loop returns hidden states; the streamed head, logit statistics
+                shapes = [next(iter(o.values())) for o in e["args"].get("output_type_shape", [])]
+                op = "Loop:experts" if shapes and shapes[0] and shapes[0][-1] == H else "Loop:head"
+            by_op[op] += e["dur"]
+    n = max(len(spans), 1)
+    return {"run_ms": sum(b - a for a, b in spans) / n / 1000, "ops_ms": {k: v / n / 1000 for k, v in by_op.items()}}
+
+
 def generate_times(gen, prompts, steps: int) -> dict:
-    settings = dict(max_denoising_steps=steps, stability_threshold=0, confidence_threshold=0.0)
+    settings = dict(max_denoising_steps=steps, stability_threshold=steps)  # the stopping rule cannot end it earlier
     seeds = list(range(len(prompts)))
     max_new = gen.config.canvas_length
     t = time.perf_counter()
@@ -121,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="denoising steps per canvas in the generate comparison")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the step by op type at B = 1 and the largest B (ONNX backends)")
     args = ap.parse_args(argv)
     import dgport
 
@@ -142,6 +182,17 @@ def main(argv=None) -> int:
             print(f"{B:>2}  {st['batched_step_ms']:>15.1f}  {st['single_steps_ms']:>17.1f}  "
                   f"{st['ms_per_row_batched']:>14.1f}  {st['ms_per_row_single']:>13.1f}  {st['throughput_ratio']:>12.2f}  "
                   f"{gt['ratio']:>10.2f}  {gt['rows_identical']}/{B}", flush=True)
+        if args.profile and args.backend != "mlx":
+            ends = (1, max(sizes))
+            prof = {B: profile_ops(export, args.backend, args.threads, prompts_for(gen.config.vocab_size, B, rng),
+                                   args.runs + 2, Path(tmp) / f"profile{B}") for B in ends}
+            report["profile"] = prof
+            a, b = (prof[B] for B in ends)
+            print(f"profile (ms per step; ops inside the Loops are counted again under their own type): "
+                  f"B = 1 {a['run_ms']:.1f}, B = {ends[1]} {b['run_ms']:.1f}")
+            for op in sorted(b["ops_ms"], key=lambda k: -b["ops_ms"][k])[:14]:
+                x, y = a["ops_ms"].get(op, 0.0), b["ops_ms"][op]
+                print(f"  {op:<14} {x:>9.1f} {y:>9.1f}  x{y / x if x else float('inf'):.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

@@ -54,6 +54,8 @@ def stream_request(client, url: str, prompt: str, seed: int, settings: dict) -> 
                 return {"status": 500, "e2e": time.perf_counter() - started, "error": data["error"]["message"]}
             if data.get("dgport"):
                 figures = data["dgport"]
+            if data.get("usage"):
+                figures["completion_tokens"] = data["usage"]["completion_tokens"]
             for choice in data.get("choices", []):
                 piece = choice.get("delta", {}).get("content")
                 if piece:
@@ -61,7 +63,7 @@ def stream_request(client, url: str, prompt: str, seed: int, settings: dict) -> 
                     text.append(piece)
     end = time.perf_counter()
     return {"status": 200, "ttfc": (first or end) - started, "e2e": end - started, "text": "".join(text),
-            "generate_ms": figures.get("generate_ms", float("nan"))}
+            "generate_ms": figures.get("generate_ms", float("nan")), "tokens": figures.get("completion_tokens", 0)}
 
 
 def pct(values: list[float], q: float) -> float:

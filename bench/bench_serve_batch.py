@@ -39,7 +39,8 @@ def run_round(export, backend: str, max_batch: int, clients: list[int], jobs, se
                                    f"{bad.get('error', '')}")
             for r in ok:
                 answers.setdefault(r["job"], set()).add(r["text"])
-            out[n] = {"requests_per_s": len(ok) / wall, "e2e_ms_p50": 1000 * pct([r["e2e"] for r in ok], 50),
+            out[n] = {"requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+                      "e2e_ms_p50": 1000 * pct([r["e2e"] for r in ok], 50),
                       "e2e_ms_p99": 1000 * pct([r["e2e"] for r in ok], 99),
                       "ttfc_ms_p50": 1000 * pct([r["ttfc"] for r in ok], 50)}
     finally:
@@ -74,8 +75,7 @@ def main(argv=None) -> int:
         if args.export is None and args.model == "mid":
             export, what = make_export("mid", Path(tmp))
             # random weights: a fixed number of steps over one canvas per request
-            settings = {"max_tokens": 256, "max_denoising_steps": 8, "stability_threshold": 0,
-                        "confidence_threshold": 0.0}
+            settings = {"max_tokens": 256, "max_denoising_steps": 8, "stability_threshold": 8}
         else:
             if args.export is None:
                 from dgport.default_model import ensure_default_export
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
             else:
                 export = args.export
             settings = {}
+        settings["stream_options"] = {"include_usage": True}  # the last chunk counts the answer's tokens
         jobs = workload(args.requests, 0)
         print(f"{what}; backend {args.backend}; CPU flags: {cpu_flags()}; {args.requests} requests per point, "
               f"{args.rounds} rounds", flush=True)
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
 
     report = {"model": what, "backend": args.backend, "cpu_flags": cpu_flags(), "requests": args.requests,
               "rounds": args.rounds, "points": {}}
-    print("clients  max-batch  req/s  x req/s  e2e p50 ms  x p50  e2e p99 ms  first canvas p50 ms")
+    print("clients  max-batch  req/s  x req/s  tokens/s  e2e p50 ms  x p50  e2e p99 ms  first canvas p50 ms")
     for n in clients:
         base = None
         for b in batches:
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
                      "x_e2e_p50": med["e2e_ms_p50"] / base["e2e_ms_p50"]}
             report["points"][f"{n}x{b}"] = point
             print(f"{n:>7}  {b:>9}  {med['requests_per_s']:>5.2f}  {point['x_requests_per_s']:>7.2f}  "
+                  f"{med['tokens_per_s']:>8.1f}  "
                   f"{med['e2e_ms_p50']:>10.0f}  {point['x_e2e_p50']:>5.2f}  {med['e2e_ms_p99']:>10.0f}  "
                   f"{med['ttfc_ms_p50']:>19.0f}", flush=True)
     differ = sum(len(texts) > 1 for texts in answers.values())

@@ -6,6 +6,7 @@
 # still-warm machine, the next) runs:
 #   bash .dwN/install.sh && bash bench/gpu_session.sh check     # CUDA EP vs CPU EP and transformers
 #   bash bench/gpu_session.sh bench                             # timings for bench/RESULTS.md
+#   bash bench/gpu_session.sh batch                             # batched denoising and --max-batch
 # (The image already has every other dependency: tokenizers, safetensors, jinja2, click, rich, onnx.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,5 +40,13 @@ case "${1:-check}" in
     python3 -m bench.cuda_check --presets "" --sudoku-puzzles 0 --int4-speed --json "$out/int4_speed.json" 2>&1 \
       | tee "$out/int4_speed.log"
     ;;
-  *) echo "usage: bench/gpu_session.sh check|bench" >&2; exit 2 ;;
+  batch)  # batched denoising (issue 24): one step over B rows vs B single-row steps, and generate_batch
+    python3 -m bench.bench_batch --backend cuda --model mid --sizes 1,2,4,8,16 --runs 5 \
+      --json "$out/bench_batch_mid.json" 2>&1 | tee "$out/bench_batch_mid.log"
+    python3 -m bench.bench_batch --backend cuda --model real-slice --sizes 1,2,4,8 --runs 3 \
+      --json "$out/bench_batch_real_slice.json" 2>&1 | tee "$out/bench_batch_real_slice.log"
+    python3 -m bench.bench_serve_batch --backend cuda --model mid --clients 1,4,8 --max-batch 1,4,8 --requests 16 \
+      --json "$out/bench_serve_batch_mid.json" 2>&1 | tee "$out/bench_serve_batch_mid.log"
+    ;;
+  *) echo "usage: bench/gpu_session.sh check|bench|batch" >&2; exit 2 ;;
 esac

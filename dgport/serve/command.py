@@ -16,7 +16,8 @@ from .app import ServeConfig, create_app, export_fingerprint
 from .guard import allowed_hosts, check_allow_host
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-# requests denoised together by default: measured best on a 2-core CPU (bench/bench_serve.py, docs/serving.md)
+# requests denoised together by default: the best measured on a 2-core CPU, never measurably slower than 1
+# (bench/bench_serve_batch.py; docs/serving.md, bench/RESULTS.md 2026-12-06)
 DEFAULT_MAX_BATCH = 4
 
 
