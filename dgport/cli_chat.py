@@ -85,7 +85,7 @@ def _chat_lines(err):
     if sys.stdin.isatty():
         while True:
             try:
-                line = input("> ")
+                line = _terminal_line("> ")
             except KeyboardInterrupt:
                 err.write("^C\n")  # the typed line is dropped; Ctrl-D or /exit quits
                 continue
@@ -116,6 +116,48 @@ def _chat_lines(err):
                 err.write(f"dgport: error: {e}\n")
                 continue
         yield raw
+
+
+def _terminal_line(prompt: str) -> str:
+    """input() for a terminal in its line mode, without input()'s lost Ctrl-C: a SIGINT that lands
+    after the prompt is shown but before input() blocks in read() is only acted on after the next
+    Enter. Here the wait is a select() on the terminal and on a signal wake-up pipe, so a Ctrl-C at
+    any moment raises KeyboardInterrupt at once. Raises EOFError at Ctrl-D on an empty line and
+    UnicodeDecodeError for a line that is not UTF-8."""
+    import os
+    import select
+    import signal
+
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    fd = sys.stdin.fileno()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    old = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    try:
+        data = b""
+        while not data.endswith(b"\n"):
+            ready, _, _ = select.select([fd, wake_r], [], [])  # a signal's handler raises here or just after
+            if wake_r in ready:
+                while True:
+                    try:
+                        if not os.read(wake_r, 64):
+                            break
+                    except BlockingIOError:
+                        break
+            if fd in ready:
+                chunk = os.read(fd, MAX_PROMPT_BYTES)
+                if not chunk:  # Ctrl-D: the end of input, or of a partly typed line
+                    if data:
+                        break
+                    raise EOFError
+                data += chunk
+    finally:
+        signal.set_wakeup_fd(old)
+        os.close(wake_r)
+        os.close(wake_w)
+    return data.removesuffix(b"\n").decode("utf-8")
 
 
 class _Stderr:
