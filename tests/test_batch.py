@@ -142,7 +142,7 @@ def test_unknown_rows_are_refused(torch_gens):
     be.close_row(c)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("mlx", marks=pytest.mark.slow)])  # MLX: ~50 s
 def test_sudoku_model_rows_equal_single_runs(backend):
     """A trained model (the shipped Sudoku model, fp32): six puzzles of 23-45 givens in one batch, half
     with the answer template, rows finishing after different step counts; every row is its single run."""
