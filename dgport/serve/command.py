@@ -59,7 +59,7 @@ def _allow_host(ctx, param, values):
               help="Require `Authorization: Bearer KEY` on /v1 (also from DGPORT_API_KEY): printable ASCII, "
                    "no spaces.")
 @click.option("--max-queue", type=click.IntRange(1, 100_000), default=16, show_default=True,
-              help="Requests that may wait behind the running one; more get 503 with Retry-After.")
+              help="Requests that may wait behind a full batch; more get 503 with Retry-After.")
 @click.option("--max-batch", type=click.IntRange(1, 256), default=DEFAULT_MAX_BATCH, show_default=True,
               help="Requests denoised together (continuous batching: new ones join between denoising steps); "
                    "1 runs them one at a time.")
