@@ -12,6 +12,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from .config import TextConfig
+from .errors import DgportError
 
 
 class StepOutput(NamedTuple):
@@ -72,3 +73,36 @@ class RowBackend(Protocol):
         """One denoising step of rows (in this order, b of them) as one batch: canvas, positions and
         uniforms [b, C], temperatures [b] float32, fresh [b] bool (the row starts a canvas: a zero
         self-conditioning signal). Each row reads its own cache and keeps its own next signal."""
+
+
+def row_encode_inputs(ids, positions) -> tuple[np.ndarray, np.ndarray]:
+    """encode_row's ids and positions as int64 [1, T], or a DgportError."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    if ids.ndim != 2 or ids.shape[0] != 1 or positions.shape != ids.shape:
+        raise DgportError(f"encode_row takes ids and positions [1, T] (got {ids.shape} and {positions.shape})")
+    return ids, positions
+
+
+def row_step_inputs(rows, lengths, canvas, positions, temperatures, uniforms, fresh) -> tuple:
+    """denoise_rows' arguments checked and typed: (rows as a tuple, canvas and positions int64 [b, C],
+    temperatures float32 [b], uniforms float32 [b, C], fresh bool [b]). `lengths`: each row's cache
+    length (the caller looked the rows up, refusing unknown ones)."""
+    rows = tuple(rows)
+    b = len(rows)
+    if b == 0 or len(set(rows)) != b:
+        raise DgportError(f"denoise_rows takes one or more distinct rows (got {list(rows)})")
+    canvas = np.ascontiguousarray(canvas, dtype=np.int64)
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    uniforms = np.ascontiguousarray(uniforms, dtype=np.float32)
+    temperatures = np.ascontiguousarray(temperatures, dtype=np.float32)
+    fresh = np.asarray(fresh, dtype=bool)
+    if canvas.ndim != 2 or canvas.shape[0] != b or positions.shape != canvas.shape or uniforms.shape != canvas.shape:
+        raise DgportError(f"denoise_rows over {b} rows takes canvas, positions and uniforms [{b}, C] "
+                          f"(got {canvas.shape}, {positions.shape}, {uniforms.shape})")
+    if temperatures.shape != (b,) or fresh.shape != (b,):
+        raise DgportError(f"denoise_rows over {b} rows takes temperatures and fresh [{b}] "
+                          f"(got {temperatures.shape}, {fresh.shape})")
+    if 0 in lengths:
+        raise DgportError("denoise_rows on a row with an empty cache: encode_row its prompt first")
+    return rows, canvas, positions, temperatures, uniforms, fresh

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dgport import safe_files
-from dgport.backend import StepOutput
+from dgport.backend import StepOutput, row_encode_inputs, row_step_inputs
 from dgport.config import TextConfig
 from dgport.errors import BackendUnavailable, DgportError, ExportError
 
@@ -189,9 +189,7 @@ class MlxBackend:
 
     def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray) -> None:
         r = self._row(row)
-        ids, positions = np.asarray(ids), np.asarray(positions)
-        if ids.ndim != 2 or ids.shape[0] != 1 or positions.shape != ids.shape:
-            raise DgportError(f"encode_row takes ids and positions [1, T] (got {ids.shape} and {positions.shape})")
+        ids, positions = row_encode_inputs(ids, positions)
         r.cache = self._encode(mx.array(ids.astype(np.int32)), mx.array(positions.astype(np.int32)), r.cache)
         mx.eval(r.cache)
         r.length += ids.shape[1]
@@ -225,25 +223,11 @@ class MlxBackend:
         return _Batch(rows, tuple(self._rows[r].length for r in rows), cache, padded)
 
     def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh) -> StepOutput:
-        rows = tuple(rows)
-        for r in rows:
-            self._row(r)
+        lengths = tuple(self._row(r).length for r in rows)
+        rows, canvas, positions, temperatures, uniforms, fresh = row_step_inputs(
+            rows, lengths, canvas, positions, temperatures, uniforms, fresh)
         b = len(rows)
-        if b == 0 or len(set(rows)) != b:
-            raise DgportError(f"denoise_rows takes one or more distinct rows (got {list(rows)})")
-        canvas = np.asarray(canvas)
-        positions, uniforms = np.asarray(positions), np.asarray(uniforms, np.float32)
-        temperatures, fresh = np.asarray(temperatures, np.float32), np.asarray(fresh, bool)
-        if canvas.ndim != 2 or canvas.shape[0] != b or positions.shape != canvas.shape or uniforms.shape != canvas.shape:
-            raise DgportError(f"denoise_rows over {b} rows takes canvas, positions and uniforms [{b}, C] "
-                              f"(got {canvas.shape}, {positions.shape}, {uniforms.shape})")
-        if temperatures.shape != (b,) or fresh.shape != (b,):
-            raise DgportError(f"denoise_rows over {b} rows takes temperatures and fresh [{b}] "
-                              f"(got {temperatures.shape}, {fresh.shape})")
-        if any(self._rows[r].length == 0 for r in rows):
-            raise DgportError("denoise_rows on a row with an empty cache: encode_row its prompt first")
         C = canvas.shape[1]
-        lengths = tuple(self._rows[r].length for r in rows)
         batch = self._batch
         if batch is None or batch.rows != rows or batch.lengths != lengths:
             self._flush_batch_sc()

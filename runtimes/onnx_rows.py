@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dgport.backend import StepOutput
+from dgport.backend import StepOutput, row_encode_inputs, row_step_inputs
 from dgport.errors import DgportError
 
 log = logging.getLogger("dgport.runtimes.onnx")
@@ -143,38 +143,18 @@ class RowsMixin:
 
     def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray) -> None:
         r = self._row(row)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[0] != 1 or positions.shape != ids.shape:
-            raise DgportError(f"encode_row takes ids and positions [1, T] (got {ids.shape} and {positions.shape})")
+        ids, positions = row_encode_inputs(ids, positions)
         r.kv = self._encode_cache(r.kv, ids, positions)
         r.length += ids.shape[1]
         if self._stacked is not None and row in self._stacked.rows:
             self._stacked = None  # stale now (its key no longer matches): free it before the next stack
 
     def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh) -> StepOutput:
-        rows = tuple(rows)
-        for r in rows:
-            self._row(r)
-        b = len(rows)
-        if b == 0 or len(set(rows)) != b:
-            raise DgportError(f"denoise_rows takes one or more distinct rows (got {list(rows)})")
-        canvas = np.ascontiguousarray(canvas, dtype=np.int64)
-        positions = np.ascontiguousarray(positions, dtype=np.int64)
-        uniforms = np.ascontiguousarray(uniforms, dtype=np.float32)
-        temperatures = np.ascontiguousarray(temperatures, dtype=np.float32)
-        fresh = np.asarray(fresh, dtype=bool)
-        if canvas.ndim != 2 or canvas.shape[0] != b or positions.shape != canvas.shape or uniforms.shape != canvas.shape:
-            raise DgportError(f"denoise_rows over {b} rows takes canvas, positions and uniforms [{b}, C] "
-                              f"(got {canvas.shape}, {positions.shape}, {uniforms.shape})")
-        if temperatures.shape != (b,) or fresh.shape != (b,):
-            raise DgportError(f"denoise_rows over {b} rows takes temperatures and fresh [{b}] "
-                              f"(got {temperatures.shape}, {fresh.shape})")
-        if any(self._rows[r].length == 0 for r in rows):
-            raise DgportError("denoise_rows on a row with an empty cache: encode_row its prompt first")
+        lengths = tuple(self._row(r).length for r in rows)
+        rows, canvas, positions, temperatures, uniforms, fresh = row_step_inputs(
+            rows, lengths, canvas, positions, temperatures, uniforms, fresh)
         if not self._rows_batched:
             return self._rows_one_by_one(rows, canvas, positions, temperatures, uniforms, fresh)
-        lengths = tuple(self._rows[r].length for r in rows)
         batch = self._stacked
         if batch is None or batch.rows != rows or batch.lengths != lengths:
             self._stacked = None  # free the old stack before making the new one
