@@ -11,13 +11,9 @@ import pytest
 
 import dgport
 from dgport.chat import ChatSession
+from cli_support import dg  # noqa: E402
 from dgport.cli import main
 
-
-def dg(capsys, *args):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_run_json_on_the_torch_backend(capsys, checkpoints):

@@ -11,15 +11,10 @@ import pytest
 
 import dgport
 from dgport import Hole, Template
-from dgport.cli import main
+from cli_support import dg  # noqa: E402
 
 PUZZLE = "3..54716.2.78.6.4...12.35..812934.5.5.3721894794.5821..7638942.4..165937935472.81"
 
-
-def dg(capsys, *args):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
