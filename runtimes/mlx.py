@@ -151,12 +151,8 @@ class MlxBackend:
         sc = self._sc if self._sc is not None else mx.zeros((B, C, self.config.hidden_size), self.dtype)
         out = self._step(mx.array(canvas.astype(np.int32)), mx.array(np.asarray(positions, np.int32)), sc,
                          mx.array(np.float32(temperature)), mx.array(np.asarray(uniforms, np.float32)), self.cache)
-        mx.eval(out)
-        argmax, entropy, sampled, self._sc = out[:4]
-        if self.keep_logits:
-            self.last_logits = np.array(out[4])
-        return StepOutput(np.array(argmax).astype(np.int64), np.array(entropy).astype(np.float32),
-                          np.array(sampled).astype(np.int64))
+        result, self._sc = self._outputs(out)
+        return result
 
     # -- rows (RowBackend) -----------------------------------------------------------------
     def _row(self, row) -> _Row:
@@ -250,9 +246,15 @@ class MlxBackend:
         step = self._rows_step if batch.padded else self._step
         out = step(mx.array(canvas.astype(np.int32)), mx.array(positions.astype(np.int32)), sc,
                    mx.array(temperatures.reshape(b, 1, 1)), mx.array(uniforms), batch.cache)
+        result, batch.sc = self._outputs(out)
+        return result
+
+    def _outputs(self, out) -> tuple[StepOutput, "mx.array"]:
+        """A compiled step's outputs: the host's StepOutput, and the next self-conditioning signal
+        (kept on the device); the logits too with keep_logits."""
         mx.eval(out)
-        argmax, entropy, sampled, batch.sc = out[:4]
+        argmax, entropy, sampled, next_sc = out[:4]
         if self.keep_logits:
             self.last_logits = np.array(out[4])
         return StepOutput(np.array(argmax).astype(np.int64), np.array(entropy).astype(np.float32),
-                          np.array(sampled).astype(np.int64))
+                          np.array(sampled).astype(np.int64)), next_sc
