@@ -71,7 +71,7 @@ class BatchEngine(Engine):
 
     def _admit(self, loop: BatchLoop, job: Job) -> None:
         plan, gen = job.plan, self.gen
-        job.started, job.step_s = time.perf_counter(), []
+        job.started = time.perf_counter()
         self.active.append(job)
         try:
             ids, n = self._prompt(plan)
@@ -131,4 +131,4 @@ class BatchEngine(Engine):
         if job in self.active:
             self.active.remove(job)
         self.served += 1
-        self.durations.append(time.perf_counter() - getattr(job, "started", job.queued_at))
+        self.durations.append(time.perf_counter() - (job.queued_at if job.started is None else job.started))

@@ -45,6 +45,13 @@ class Job:
     post: Callable[[tuple], None]  # thread-safe: hands an event to the request's asyncio queue
     cancel: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
+    # set by the batch engine when it admits the job: what its row runs on, and its steps' times
+    started: float | None = None
+    ids: list[int] | None = None
+    n: int = 0  # of `ids`, how many were already in the reused cache
+    settings: object = None
+    seed: int | None = None
+    step_s: list[float] = field(default_factory=list)
 
 
 class Engine:
