@@ -1,0 +1,1 @@
+"""The browser page and the JavaScript step loop (web/), installed as package data for `dgport web`."""
