@@ -397,7 +397,7 @@ def _error(message: str) -> None:
         pass  # stderr itself is unusable: the exit code still says it failed
 
 
-from . import cli_chat, cli_export, cli_inspect  # noqa: E402,F401  (their commands join `cli`)
+from . import cli_chat, cli_export, cli_inspect, cli_web  # noqa: E402,F401  (their commands join `cli`)
 from .serve import serve as _serve  # noqa: E402  (the module imports only click at load)
 
 cli.add_command(_serve)
