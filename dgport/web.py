@@ -98,11 +98,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         from .serve.guard import host_allowed
 
         if not host_allowed(self.headers.get("Host", ""), self.allowed):
-            return self.fail(421, "this server answers only to its own host names; see dgport web --allow-host")
+            return self.reply(421, "this server answers only to its own host names; see dgport web --allow-host")
         path = unquote(urlsplit(self.path).path)
+        if path == "/health":  # for scripts that wait until the page can be loaded
+            return self.reply(200, '{"status": "ok"}', "application/json")
         entry = self.files.get(path)
         if entry is None:
-            return self.fail(404, "not found")
+            return self.reply(404, "not found")
         file, gzipped, root = entry
         try:
             with safe_files.open_binary(file, root, ExportError, "export again") as f:
@@ -124,12 +126,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
         except ExportError as e:
-            self.fail(500, str(e))
+            self.reply(500, str(e))
 
-    def fail(self, code: int, message: str):
+    def reply(self, code: int, message: str, kind: str = "text/plain; charset=utf-8"):
         data = (message + "\n").encode()
         self.send_response(code)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
         for k, v in ISOLATION.items():
             self.send_header(k, v)

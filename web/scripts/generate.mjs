@@ -12,13 +12,17 @@ if (!dir || !requestsFile) {
   console.error("usage: node scripts/generate.mjs EXPORT REQUESTS.json");
   process.exit(2);
 }
-const requests = JSON.parse(readFileSync(requestsFile, "utf-8"));
-const threads = requests.length ? requests[0].threads ?? 1 : 1;
-const gen = await loadExport(dir, ort, { threads });
-for (const r of requests) {
-  const steps = [];
-  const res = await gen.generate(r.prompt, { seed: r.seed, maxNewTokens: r.max_new_tokens ?? null, raw: r.raw ?? false,
-    template: r.template ?? null, sampler: r.sampler ?? {}, onStep: (e) => steps.push(e.step) });
-  console.log(JSON.stringify({ token_ids: res.tokenIds, text: res.text, seed: res.seed, steps_per_canvas: res.stepsPerCanvas,
-                               finished: res.finished, holes: res.holes }));
+try {
+  const requests = JSON.parse(readFileSync(requestsFile, "utf-8"));
+  const threads = requests.length ? requests[0].threads ?? 1 : 1;
+  const gen = await loadExport(dir, ort, { threads });
+  for (const r of requests) {
+    const res = await gen.generate(r.prompt, { seed: r.seed, maxNewTokens: r.max_new_tokens ?? null, raw: r.raw ?? false,
+      template: r.template ?? null, sampler: r.sampler ?? {} });
+    console.log(JSON.stringify({ token_ids: res.tokenIds, text: res.text, seed: res.seed,
+                                 steps_per_canvas: res.stepsPerCanvas, finished: res.finished, holes: res.holes }));
+  }
+} catch (e) {
+  console.error(`generate.mjs: ${e.message}`);
+  process.exit(1);
 }
