@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,7 +16,7 @@ import pytest
 
 from cli_support import dg
 from dgport.exporters.export import ExportOptions, export
-from web_support import need_chrome, node_lines, python_tokens
+from web_support import need_chrome, node_lines, python_tokens, write_json
 
 PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
 TEXT_PROMPTS = ["Why is the sky blue?", "Tell me a story"]
@@ -111,6 +109,22 @@ def test_page_runs_a_text_model_token_identical(text_export):
             assert (g["token_ids"], g["steps_per_canvas"], g["text"]) == (w["token_ids"], w["steps_per_canvas"], w["text"]), r
     finally:
         assert server.stop() == 0
+
+
+def test_page_runs_a_quantized_export_with_fp32_activations(checkpoints, tmp_path):
+    """WebAssembly has no int8-activation MatMulNBits kernel: the page's int8 tokens are those of
+    dgport run with DGPORT_ORT_ACCURACY_LEVEL=0 (docs/web.md)."""
+    int8 = tmp_path / "int8"
+    export(checkpoints["tiny"], int8, ExportOptions(quantize=8, validate=False))
+    requests = [{"prompt": TEXT_PROMPTS[0], "seed": s, "max_new_tokens": 33} for s in (0, 5)]
+    server = WebServer(int8)
+    try:
+        got = node_lines("browser-run.mjs", "--api", server.url(threads=1),
+                         write_json(tmp_path / "requests.json", requests), timeout=600)
+    finally:
+        server.stop()
+    want = python_tokens(int8, requests, threads=1, accuracy_level=0)
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
 
 
 def test_server_hands_out_only_the_page_and_the_export(sudoku_server):

@@ -44,11 +44,11 @@ def write_json(path: Path, value) -> Path:
     return path
 
 
-def python_tokens(export, requests, threads: int = 1) -> list[dict]:
+def python_tokens(export, requests, threads: int = 1, **backend_options) -> list[dict]:
     """What dgport's Python loop (ONNX Runtime CPU) answers to each request, as generate.mjs reports it."""
     import dgport
 
-    gen = dgport.load(export, backend="cpu", threads=threads)
+    gen = dgport.load(export, backend="cpu", threads=threads, **backend_options)
     out = []
     for r in requests:
         res = gen.generate(r["prompt"], seed=r["seed"], max_new_tokens=r.get("max_new_tokens"), raw=r.get("raw", False),

@@ -120,7 +120,7 @@ async function run() {
       $("verdict").className = verdict.ok ? "ok" : "bad";
     }
     setResult({ token_ids: res.tokenIds, text: res.text, seed: res.seed, steps_per_canvas: res.stepsPerCanvas,
-                finished: res.finished, stopped: res.stopped, ms_per_step: ms });
+                finished: res.finished, stopped: res.stopped, ms_per_step: ms, seconds });
   } catch (e) {
     fail(e.message);
   } finally {
@@ -139,6 +139,7 @@ async function main() {
     return;
   }
   setUpInputs();
+  globalThis.dgport = { generator: state.gen, task: state.task }; // for scripts and the DevTools console
   $("form").addEventListener("submit", (e) => { e.preventDefault(); run(); });
   $("stop").onclick = () => { state.stop = true; };
   $("grid-editor").addEventListener("input", () => { state.edited = true; });

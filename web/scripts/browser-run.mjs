@@ -1,12 +1,17 @@
 // node scripts/browser-run.mjs URL [URL ...]: open each page URL (the page of `dgport web`, with
 // autorun=1) in headless Chromium and print what it writes into #result, one JSON line per URL.
+// node scripts/browser-run.mjs --api URL REQUESTS.json: load the page once, then run each request
+// (generate.mjs's format) through the page's window.dgport.generator, timing each call in the page.
 // CHROME names the browser (default /usr/bin/chromium); TIMEOUT_MS bounds each page (default 120000).
+
+import { readFileSync } from "node:fs";
 
 import puppeteer from "puppeteer-core";
 
-const urls = process.argv.slice(2);
-if (!urls.length) {
-  console.error("usage: node scripts/browser-run.mjs URL [URL ...]");
+const api = process.argv[2] === "--api";
+const urls = process.argv.slice(api ? 3 : 2);
+if (!urls.length || (api && urls.length !== 2)) {
+  console.error("usage: node scripts/browser-run.mjs URL [URL ...] | --api URL REQUESTS.json");
   process.exit(2);
 }
 const timeout = Number(process.env.TIMEOUT_MS || 120000);
@@ -17,8 +22,27 @@ const browser = await puppeteer.launch({
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
 });
+
+async function viaApi(url, requests) {
+  const page = await browser.newPage();
+  await page.goto(url, { waitUntil: "load", timeout });
+  await page.waitForFunction(() => globalThis.dgport || document.getElementById("result")?.textContent.trim(), { timeout });
+  for (const r of requests) {
+    const out = await page.evaluate(async (r) => {
+      if (!globalThis.dgport) return { error: document.getElementById("result").textContent };
+      const started = performance.now();
+      const res = await globalThis.dgport.generator.generate(r.prompt, { seed: r.seed, maxNewTokens: r.max_new_tokens ?? null,
+        raw: r.raw ?? false, template: r.template ?? null, sampler: r.sampler ?? {} });
+      return { token_ids: res.tokenIds, text: res.text, seed: res.seed, steps_per_canvas: res.stepsPerCanvas,
+               finished: res.finished, holes: res.holes, seconds: (performance.now() - started) / 1000 };
+    }, r);
+    console.log(JSON.stringify(out));
+  }
+}
+
 try {
-  for (const url of urls) {
+  if (api) await viaApi(urls[0], JSON.parse(readFileSync(urls[1], "utf-8")));
+  for (const url of api ? [] : urls) {
     const page = await browser.newPage();
     const logs = [];
     page.on("console", (m) => logs.push(`${m.type()}: ${m.text()}`));

@@ -17,10 +17,12 @@ try {
   const threads = requests.length ? requests[0].threads ?? 1 : 1;
   const gen = await loadExport(dir, ort, { threads });
   for (const r of requests) {
+    const started = performance.now();
     const res = await gen.generate(r.prompt, { seed: r.seed, maxNewTokens: r.max_new_tokens ?? null, raw: r.raw ?? false,
       template: r.template ?? null, sampler: r.sampler ?? {} });
     console.log(JSON.stringify({ token_ids: res.tokenIds, text: res.text, seed: res.seed,
-                                 steps_per_canvas: res.stepsPerCanvas, finished: res.finished, holes: res.holes }));
+                                 steps_per_canvas: res.stepsPerCanvas, finished: res.finished, holes: res.holes,
+                                 seconds: (performance.now() - started) / 1000 }));
   }
 } catch (e) {
   console.error(`generate.mjs: ${e.message}`);
