@@ -99,6 +99,13 @@ def test_page_solves_puzzles_token_identical_to_dgport_run(sudoku_server):
     assert all(g["finished"] for g in got)
 
 
+def test_page_refuses_a_bad_puzzle_in_one_line(sudoku_server):
+    """The model's chat template refuses it, in the browser as in Python (the same message)."""
+    bad = "55" + PUZZLE[2:]
+    got = node_lines("browser-run.mjs", sudoku_server.url(prompt=bad, seed=0, autorun=1), timeout=600)
+    assert got[0]["error"] == "the puzzle breaks the rules: row 1 gives 5 twice"
+
+
 def test_page_runs_a_text_model_token_identical(text_export):
     server = WebServer(text_export)
     try:
