@@ -29,6 +29,7 @@ class GenerationResult:
     finished: bool = False  # stopped on an EOS id
     seed: int | None = None  # the seed of the run (drawn fresh when none was given); None when `rng` was
     hole_texts: list[list[str]] | None = None  # per batch row, with a template: each hole's text
+    parsed: object = None  # with json_schema: the answer's JSON value (it always parses and validates)
 
     @property
     def text(self) -> str:
@@ -78,7 +79,8 @@ class Generator:
     def generate(self, prompt, max_new_tokens: int | None = None, seed: int | None = None,
                  rng: np.random.Generator | None = None, raw: bool = False, system: str | None = None,
                  think: bool = False, on_step=None, on_canvas=None, keep_cache: bool = False,
-                 encode_chunk: int = ENCODE_CHUNK, template=None, **sampler_overrides) -> GenerationResult:
+                 encode_chunk: int = ENCODE_CHUNK, template=None, json_schema=None,
+                 **sampler_overrides) -> GenerationResult:
         """Generate after `prompt` (string or token ids). `rng` (a numpy Generator) wins over `seed`;
         with neither, a fresh seed is drawn and returned as the result's `seed`. Sampler settings (max_denoising_steps, entropy_bound, t_min,
         t_max, stability_threshold, confidence_threshold, eos_token_ids, pad_token_id) override the
@@ -86,7 +88,11 @@ class Generator:
         `encode_chunk`: prompt tokens per encode call (bounds the encoder's attention memory).
         `template`: a dgport.Template (or its list of parts, or its Layout: already tokenized) the answer
         must follow: its text is fixed in the canvas, its holes are filled; max_new_tokens defaults to
-        the canvases it spans."""
+        the canvases it spans. `json_schema` (a dict or its JSON text, the subset in
+        docs/structured-output.md): the answer is JSON valid against it (compiled into a template with
+        constrained holes), its value on the result's `parsed`."""
+        if json_schema is not None:
+            template = schema_template(json_schema, template)
         ids, settings, rng, seed, layout = self._prepare(prompt, max_new_tokens, seed, rng, raw, system, think,
                                                          template, sampler_overrides)
         check_encode_chunk(encode_chunk)
@@ -95,7 +101,12 @@ class Generator:
             self.backend.reset()
         out = generate_ids(self.backend, ids, settings, rng, on_step=on_step, on_canvas=on_canvas,
                            encode_chunk=encode_chunk, template=layout)
-        return self._result(out, ids, settings, seed)
+        res = self._result(out, ids, settings, seed)
+        if json_schema is not None:
+            from .json_schema import parse_answer
+
+            res.parsed = parse_answer(res.text)
+        return res
 
     def generate_batch(self, prompts, seeds=None, max_new_tokens: int | None = None, raw: bool = False,
                        system: str | None = None, templates=None, max_batch: int | None = None,
@@ -168,6 +179,15 @@ class Generator:
             seed=seed,
             hole_texts=None if out.holes is None else [[self.tokenizer.decode(h) for h in out.holes]],
         )
+
+
+def schema_template(json_schema, template=None) -> Template:
+    """The template a JSON schema compiles to (refused beside a template of one's own)."""
+    from .json_schema import compile_schema
+
+    if template is not None:
+        raise DgportError("give either json_schema or template, not both (a schema is compiled into a template)")
+    return compile_schema(json_schema)
 
 
 def load(path=None, backend: str = "cpu", **backend_options) -> Generator:

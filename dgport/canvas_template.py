@@ -35,12 +35,22 @@ class TemplateError(DgportError):
 
 @dataclass(frozen=True)
 class Hole:
-    """Up to `n` canvas positions the model fills; PAD or EOS written there is dropped from the text."""
+    """Up to `n` canvas positions the model fills; PAD or EOS written there is dropped from the text.
+    `kind` (dgport.vocab_constraints: StringChars, IntegerDigits, FractionDigits, Choice) constrains the
+    tokens the model may write there (a Choice hole has as many positions as its longest member)."""
     n: int
+    kind: object = None
 
     def __post_init__(self):
         if not is_int(self.n) or not 1 <= self.n <= MAX_HOLE:
             raise TemplateError(f"Hole(n): n must be an integer from 1 to {MAX_HOLE} positions (got {self.n!r})")
+        if self.kind is not None:
+            from .vocab_constraints import KINDS, IntegerDigits
+
+            if not isinstance(self.kind, KINDS):
+                raise TemplateError(f"Hole kind {self.kind!r}: one of dgport.vocab_constraints' hole kinds")
+            if isinstance(self.kind, IntegerDigits) and self.n < 2:
+                raise TemplateError("an IntegerDigits hole has a sign position and at least one digit (n >= 2)")
 
 
 class Template:
@@ -125,29 +135,54 @@ class Template:
                 raise TemplateError(f"{where}[{i}]: a part is a string or {{\"hole\": N}} with N a positive integer")
         return cls(parts)
 
+    @property
+    def constrained(self) -> bool:
+        return any(isinstance(p, Hole) and p.kind is not None for p in self.parts)
+
     def layout(self, tokenizer) -> "Layout":
         """The template in token ids, for the step loop (the distinct text parts in one batch call
-        when the tokenizer has `encode_many`)."""
-        texts = list(dict.fromkeys(p for p in self.parts if isinstance(p, str) and p))
+        when the tokenizer has `encode_many`); with constrained holes, each position's token class."""
+        from . import vocab_constraints as vc
+
+        con = vc.Constraint(vc.token_texts(tokenizer)) if self.constrained else None
+        texts = [p for p in self.parts if isinstance(p, str) and p]
+        for p in self.parts:
+            if isinstance(p, Hole) and p.kind is not None:
+                texts += list(getattr(p.kind, "members", ()))
+        texts = list(dict.fromkeys(texts))
         many = getattr(tokenizer, "encode_many", None)
         encoded = dict(zip(texts, many(texts) if many is not None else [tokenizer.encode(t) for t in texts]))
         ids: list[int] = []
         fixed: list[bool] = []
         holes: list[tuple[int, int]] = []
+        classes: list[int] = []
         for p in self.parts:
             if isinstance(p, Hole):
-                holes.append((len(ids), p.n))
-                ids.extend([-1] * p.n)
-                fixed.extend([False] * p.n)
+                n, members = p.n, None
+                if isinstance(p.kind, vc.Choice):
+                    members = [encoded[m] for m in p.kind.members]
+                    n = max(len(m) for m in members)
+                    if n > MAX_HOLE:
+                        raise TemplateError(f"a choice member is longer than {MAX_HOLE} tokens")
+                    members = [np.asarray(m + [-1] * (n - len(m)), np.int64) for m in members]
+                holes.append((len(ids), n))
+                if con is not None:
+                    classes.extend([0] * n if p.kind is None else con.hole_classes(p.kind, n, members))
+                    if vc.finished(p.kind):
+                        con.finishes.append(vc.HoleFinish(len(ids), n, p.kind, members or []))
+                ids.extend([-1] * n)
+                fixed.extend([False] * n)
             elif p:
                 t = encoded[p]
                 ids.extend(t)
                 fixed.extend([True] * len(t))
+                classes.extend([0] * len(t))
             if len(ids) > MAX_POSITIONS:
                 raise TemplateError(f"the template is longer than {MAX_POSITIONS} positions")
         if not ids:
             raise TemplateError("the template's text parts tokenize to nothing; give some text or a Hole(n)")
-        return Layout(np.asarray(ids, dtype=np.int64), np.asarray(fixed, dtype=bool), tuple(holes))
+        return Layout(np.asarray(ids, dtype=np.int64), np.asarray(fixed, dtype=bool), tuple(holes),
+                      None if con is None else np.asarray(classes, np.int64), con)
 
 
 def _check_no_stray_marker(text: str, where: str) -> None:
@@ -159,10 +194,13 @@ def _check_no_stray_marker(text: str, where: str) -> None:
 
 @dataclass(frozen=True)
 class Layout:
-    """A template in token ids: `ids` [L] (-1 in holes), `fixed` [L], `holes` as (start, n)."""
+    """A template in token ids: `ids` [L] (-1 in holes), `fixed` [L], `holes` as (start, n); with
+    constrained holes, each position's token class [L] (0: any token) and the Constraint."""
     ids: np.ndarray
     fixed: np.ndarray
     holes: tuple[tuple[int, int], ...]
+    classes: np.ndarray | None = None
+    constraint: object = None
 
     @property
     def length(self) -> int:
@@ -199,12 +237,27 @@ class Layout:
             ids[n] = eos_id
         return ids, fixed
 
-    def commit(self, argmax: np.ndarray, fixed_ids: np.ndarray, fixed: np.ndarray, eos_ids, pad_id: int) -> np.ndarray:
-        """The committed canvas: fixed positions hold their token; PAD or EOS written in a hole become
-        PAD (dropped from the text, so a hole may come back shorter than its n)."""
+    def canvas_classes(self, k: int, canvas_length: int) -> np.ndarray | None:
+        """Canvas k's token classes [C] (0 after the template's end), or None without constraints."""
+        if self.classes is None:
+            return None
+        C, start = canvas_length, k * canvas_length
+        out = np.zeros(C, np.int64)
+        part = self.classes[start:start + C]
+        out[:part.size] = part
+        return out
+
+    def commit(self, argmax: np.ndarray, fixed_ids: np.ndarray, fixed: np.ndarray, eos_ids, pad_id: int,
+               start: int = 0, before=()) -> np.ndarray:
+        """The committed canvas (its first template position `start`; `before`: the tokens committed
+        before it): fixed positions hold their token;
+        PAD or EOS written in a hole become PAD (dropped from the text, so a hole may come back shorter
+        than its n); constrained holes get their finish (vocab_constraints.Constraint.finish)."""
         out = np.where(fixed, fixed_ids, argmax)
         dropped = ~fixed & np.isin(out, np.asarray([pad_id, *eos_ids], dtype=np.int64))
         out[dropped] = pad_id
+        if self.constraint is not None:
+            self.constraint.finish(out, start, pad_id, before)
         return out
 
     def hole_ids(self, token_ids, pad_id: int) -> list[list[int]]:

@@ -243,10 +243,12 @@ def _prompt_tokenizer(folder: Path | None):
 @click.option("--suffix", default=None, help="In-filling: the prompt is the prefix, TEXT is fixed after one hole of "
                                               "--max-new-tokens positions (default: one canvas).")
 @click.option("--task-template", "use_task_template", is_flag=True, help=TASK_TEMPLATE_HELP)
+@click.option("--json-schema", "json_schema_file", default=None, metavar="FILE",
+              help="Answer with JSON valid against this JSON schema (the subset in docs/structured-output.md).")
 @sampler_options
 @debug_option
 def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think, show_thinking, show_canvas,
-        as_json, template_file, suffix, use_task_template, seed, max_new_tokens, **sampler):
+        as_json, template_file, suffix, use_task_template, json_schema_file, seed, max_new_tokens, **sampler):
     """Generate from a prompt with an export (default: the shipped Sudoku model)."""
     from rich.console import Console
     from rich.markup import escape
@@ -258,8 +260,10 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     from .timing import TimedBackend
 
     text = _read_prompt(prompt, prompt_file)
-    cli_template.check_flags(template_file, suffix, use_task_template, think)
+    cli_template.check_flags(template_file, suffix, use_task_template, think, json_schema_file)
     template = cli_template.read_template(template_file) if template_file is not None else None
+    if json_schema_file is not None:
+        template = cli_template.read_json_schema(json_schema_file)
     if checkpoint is not None and backend != "torch":
         raise DgportError("--checkpoint is for --backend torch; an ONNX or MLX backend runs an EXPORT folder")
     given = checkpoint or export_dir
@@ -282,6 +286,7 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     elif template is not None:
         cli_template.check_budget(template, gen.tokenizer, C, max_new_tokens,
                                   f"--template {template_file}" if template_file is not None else
+                                  f"--json-schema {json_schema_file}" if json_schema_file is not None else
                                   f"this model's {task} answer template (--task-template)")
     elif max_new_tokens is None:
         max_new_tokens = 4 * C

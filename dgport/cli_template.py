@@ -52,10 +52,42 @@ def read_template(path: str) -> Template:
         raise TemplateError(f"{what}: {e}") from None
 
 
-def check_flags(template_file, suffix, task_template: bool, think: bool) -> None:
+MAX_SCHEMA_BYTES = 1 << 20
+
+
+def read_json_schema(path: str) -> Template:
+    """`run --json-schema FILE`: the template the file's JSON schema compiles to. A schema outside the
+    supported subset is a usage error (exit 2), one line naming the keyword."""
+    import click
+
+    from .json_schema import SchemaError, compile_schema
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SCHEMA_BYTES + 1)
+    except OSError as e:
+        raise DgportError(f"--json-schema {path}: cannot read it ({e.__class__.__name__}: "
+                          f"{getattr(e, 'strerror', None) or e})") from e
+    if len(data) > MAX_SCHEMA_BYTES:
+        raise click.BadParameter(f"{path} is over {MAX_SCHEMA_BYTES >> 20} MiB", param_hint="--json-schema")
+    try:
+        return compile_schema(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path} is not UTF-8 text", param_hint="--json-schema") from None
+    except SchemaError as e:
+        raise click.BadParameter(f"{path}: {e}", param_hint="--json-schema") from None
+
+
+def check_flags(template_file, suffix, task_template: bool, think: bool, json_schema=None) -> None:
     """Refuse flags that contradict each other, before any model loads."""
     from .schema import utf8_text
 
+    if json_schema is not None:
+        other = ("--template" if template_file is not None else "--suffix" if suffix is not None else
+                 "--task-template" if task_template else "--think" if think else None)
+        if other:
+            raise DgportError(f"--json-schema and {other} contradict each other: the schema is compiled into the "
+                              "answer's template; drop one of them")
     if template_file is not None and suffix is not None:
         raise DgportError("give either --template FILE or --suffix TEXT, not both (--suffix is itself a template: "
                           "one hole, then TEXT)")
@@ -90,7 +122,7 @@ def check_budget(template: Template, tokenizer, canvas_length: int, max_new_toke
     """Refuse --max-new-tokens shorter than the template, naming the flag and where the template came from."""
     if max_new_tokens is None:
         return
-    layout = template.layout(tokenizer)
+    layout = template.layout(tokenizer)  # (constrained holes: the tokenizer's token classes, computed once)
     if max_new_tokens < layout.length:
         k = layout.canvases(canvas_length)
         raise DgportError(f"--max-new-tokens {max_new_tokens} is shorter than {source}: it spans {layout.length} "

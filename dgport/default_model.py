@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .errors import DgportError
-from .manifest import BACKEND_FORMAT, FORMAT_VERSION
+from .manifest import BACKEND_FORMAT, CACHE_REVISION, FORMAT_VERSION
 
 # What an export is made from: a change to any of them must not reuse an older cached export.
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -54,7 +54,7 @@ def _shipped_digest(folder: Path) -> str:
 
 def default_export_path(backend: str) -> Path:
     fmt = BACKEND_FORMAT[backend]
-    return cache_dir() / "exports" / f"sudoku-{_shipped_digest(default_checkpoint())}-{fmt}-v{FORMAT_VERSION}"
+    return cache_dir() / "exports" / f"sudoku-{_shipped_digest(default_checkpoint())}-{fmt}-v{FORMAT_VERSION}{CACHE_REVISION}"
 
 
 def ensure_default_export(backend: str, console=None) -> Path:

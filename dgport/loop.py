@@ -143,6 +143,10 @@ class Row:
         self.to_encode = prompt
         self.enc_pos = np.arange(start, start + prompt.size, dtype=np.int64)
         self.canvases = math.ceil(settings.max_new_tokens / C) if template is None else template.canvases(C)
+        # a template's vocabulary constraints: the token-mask table [K, V] (once) and each canvas' classes [C]
+        self.masks = None if template is None or template.constraint is None else \
+            template.constraint.masks(V, settings.pad_token_id, settings.eos_token_ids)
+        self.classes = None
         self.k = -1  # the canvas being denoised
         self.cur_step = 0  # the countdown N..1 of the canvas being denoised; 0: not denoising
         self.done = False
@@ -164,6 +168,7 @@ class Row:
         self.canvas = self.rng.integers(0, self.V, size=(1, C))
         self.fixed = self.free = None
         if self.template is not None:
+            self.classes = self.template.canvas_classes(self.k, C)
             self.fixed_ids, self.fixed = self.template.canvas(self.k, C, s.eos_token_ids[0], s.pad_token_id)
             self.free = ~self.fixed
             self.canvas = np.where(self.fixed, self.fixed_ids, self.canvas)
@@ -210,7 +215,8 @@ class Row:
         if self.template is None:
             committed, finished = pad_after_eos(self.argmax[0], eos, pad)
         else:
-            committed = self.template.commit(self.argmax[0], self.fixed_ids, self.fixed, eos, pad)
+            committed = self.template.commit(self.argmax[0], self.fixed_ids, self.fixed, eos, pad, self.k * self.C,
+                                             res.token_ids)
             finished = self.k == self.canvases - 1
             res.fixed_tokens += int(np.count_nonzero(self.fixed & (committed != pad)))
         res.token_ids.extend(int(t) for t in committed)
@@ -241,16 +247,26 @@ def generate_ids(
     prefix, e.g. earlier chat turns). Positions continue from `backend.cache_len`; the prompt is
     encoded `encode_chunk` tokens at a time.
 
-    `template` (a canvas template's Layout): its fixed tokens are written into every step's input and
-    argmax canvas, accepted at no cost to the entropy budget (their entropy counts as 0) and left out
+    `template` (a canvas template's Layout): with constrained holes, the backend gets its token-mask
+    table (set_token_masks) and each step its positions' classes (denoise(..., classes=)). Its fixed
+    tokens are written into every step's input and argmax canvas, accepted at no cost to the entropy budget (their entropy counts as 0) and left out
     of the stopping rule's mean entropy; a canvas with no hole takes no step. The answer is the
     template's canvases, committed as Layout.commit says (and encoded so for the next canvas)."""
     row = Row(prompt_ids, settings, rng, backend.config, backend.cache_len, template, on_step, on_canvas)
-    while not row.done:
-        encode_chunked(backend, row.to_encode[None], row.enc_pos[None], encode_chunk)
-        backend.new_canvas()
-        row.begin_canvas()
-        while row.denoising:
-            out = backend.denoise(*row.step_inputs())
-            row.after_step(out.argmax, out.entropy, out.sampled)
+    if row.masks is not None:
+        backend.set_token_masks(row.masks)
+    try:
+        while not row.done:
+            encode_chunked(backend, row.to_encode[None], row.enc_pos[None], encode_chunk)
+            backend.new_canvas()
+            row.begin_canvas()
+            while row.denoising:
+                if row.masks is None:
+                    out = backend.denoise(*row.step_inputs())
+                else:  # the constrained step: each position's token class
+                    out = backend.denoise(*row.step_inputs(), classes=row.classes[None])
+                row.after_step(out.argmax, out.entropy, out.sampled)
+    finally:
+        if row.masks is not None:
+            backend.set_token_masks(None)
     return row.result

@@ -27,6 +27,9 @@ MANIFEST = "dgport.json"
 # 2: per-graph expert form and weights_as_inputs; cpu_graphs whenever the CPU runs other graphs
 # 3: schema-checked; config.max_position_embeddings; manifest_sha256; chat template files listed
 FORMAT_VERSION = 3
+# dgport's cache of exports is keyed by this too: raised when the graphs gain something a cached export
+# of the same format version lacks, so it is exported again (r1: the vocabulary-constraint inputs)
+CACHE_REVISION = "r1"
 BACKEND_FORMAT = {"cpu": "onnx", "cuda": "onnx", "mlx": "mlx"}
 MAX_MANIFEST_BYTES = safe_files.CAPS[MANIFEST]  # 64 MiB; a real export's manifest is ~1 MB (an entry per tensor)
 

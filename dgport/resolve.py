@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import safe_files
 from .errors import CheckpointError, DgportError, ExportError
-from .manifest import BACKEND_FORMAT, FORMAT_VERSION, MANIFEST
+from .manifest import BACKEND_FORMAT, CACHE_REVISION, FORMAT_VERSION, MANIFEST
 
 # What a DiffusionGemma checkpoint needs from a Hub repo: never pickles, never other large files.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer.model"]
@@ -132,7 +132,7 @@ def cached_export_path(checkpoint, backend: str, dtype: str = "fp32", quantize: 
     fmt = BACKEND_FORMAT[backend]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", _model_name(folder))[:60].strip(".-") or "model"
     quant = f"int{quantize}" if quantize else "none"
-    return cache_dir() / "exports" / f"{name}-{h.hexdigest()[:12]}-{fmt}-{dtype}-{quant}-v{FORMAT_VERSION}"
+    return cache_dir() / "exports" / f"{name}-{h.hexdigest()[:12]}-{fmt}-{dtype}-{quant}-v{FORMAT_VERSION}{CACHE_REVISION}"
 
 
 def _model_name(folder: Path) -> str:

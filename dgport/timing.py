@@ -43,9 +43,9 @@ class TimedBackend:
         self.timings.encode_s.append(time.perf_counter() - t)
         self.timings.encode_tokens += int(ids.shape[-1])
 
-    def denoise(self, canvas, positions, temperature, uniforms):
+    def denoise(self, canvas, positions, temperature, uniforms, **constraint):
         t = time.perf_counter()
-        out = self.inner.denoise(canvas, positions, temperature, uniforms)
+        out = self.inner.denoise(canvas, positions, temperature, uniforms, **constraint)
         self.timings.denoise_s.append(time.perf_counter() - t)
         return out
 
@@ -55,9 +55,9 @@ class TimedBackend:
         self.timings.encode_s.append(time.perf_counter() - t)
         self.timings.encode_tokens += int(ids.shape[-1])
 
-    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh):
+    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh, **constraint):
         t = time.perf_counter()
-        out = self.inner.denoise_rows(rows, canvas, positions, temperatures, uniforms, fresh)
+        out = self.inner.denoise_rows(rows, canvas, positions, temperatures, uniforms, fresh, **constraint)
         self.timings.denoise_s.append(time.perf_counter() - t)
         self.timings.denoise_rows += len(rows)
         return out

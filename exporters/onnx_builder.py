@@ -121,6 +121,7 @@ class Builder:
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
     weights: list = field(default_factory=list)
+    optional: list = field(default_factory=list)  # inputs with a default (overridable initializers)
     opset: int = OPSET
     _n: int = 0
     _consts: dict = field(default_factory=dict)
@@ -161,6 +162,22 @@ class Builder:
         res = self.op("Loop", trips, self.const(np.bool_(True), BOOL), *(v for v, _ in carried), body=body,
                       n_out=len(carried) + len(scans))
         return [res] if isinstance(res, str) else res
+
+    def if_else(self, cond: str, then, other, dtype: int, rank: int) -> str:
+        """An ONNX If on the bool scalar `cond`: `then()` and `other()` each add their branch's nodes
+        (outer-scope names may be read) and return its one output, of `dtype` and `rank`."""
+        def branch(fn, hint):
+            first = len(self.nodes)
+            out = fn()
+            if not any(out in n.output for n in self.nodes[first:]):  # an outer name: give the branch its own
+                out = self.op("Identity", out)
+            dims = [self.fresh("d") for _ in range(rank)]
+            g = helper.make_graph(self.nodes[first:], self.fresh(hint), [],
+                                  [helper.make_tensor_value_info(out, dtype, dims)])
+            del self.nodes[first:]
+            return g
+
+        return self.op("If", cond, then_branch=branch(then, "then"), else_branch=branch(other, "else"))
 
     def op(self, op_type: str, *ins, n_out: int = 1, name: str | None = None, domain: str | None = None, **attrs):
         base = name or self.fresh(op_type.lower())
@@ -243,6 +260,14 @@ class Builder:
             self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
             return self.cast(name, FLOAT)
         self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    def optional_input(self, name: str, dtype: int, shape, default: np.ndarray) -> str:
+        """A graph input with a default: an initializer of the same name listed among the graph inputs
+        (an overridable initializer), which onnxruntime uses when the caller does not feed it."""
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        self.inits.append(numpy_helper.from_array(np.asarray(default), name))
+        self.optional.append(name)
         return name
 
     def output(self, name: str, x: str, dtype: int, shape) -> None:

@@ -13,19 +13,55 @@ from onnx import TensorProto, helper
 from dgport.config import TextConfig
 
 from .checkpoint import DEC
-from .onnx_builder import FLOAT, INT64, Builder
+from .onnx_builder import BOOL, FLOAT, INT64, Builder
 
 if TYPE_CHECKING:
     from .onnx_graph import Model
 
 VOCAB_CHUNK = 4096  # vocabulary rows per chunk of the table in the streamed head (_streamed_head; measured, RESULTS)
+# a disallowed token's logit / T under a vocabulary constraint: finite (exp gives 0, and 0 * it is 0 in the
+# entropy's sums, where -inf would give NaN), far below any allowed one (|softcapped logit| <= the cap)
+MASKED = -1e30
+
+
+def constraint_inputs(b: Builder, V: int, like: str) -> tuple[str, str]:
+    """The vocabulary-constraint inputs, both with defaults (docs/GRAPH_CONTRACT.md): `token_masks`
+    bool [K, V] (row k: the tokens class k allows; default one all-true row) and `token_classes` int64
+    [B, C] (each position's class; default [[0]], broadcast to the canvas). Returns the masks and the
+    classes expanded to the shape of `like` ([B, C] ids)."""
+    masks = b.optional_input("token_masks", BOOL, ["mask_rows", V], np.ones((1, V), np.bool_))
+    cls = b.optional_input("token_classes", INT64, ["class_batch", "class_canvas"], np.zeros((1, 1), np.int64))
+    return masks, b.op("Expand", cls, b.op("Shape", like))
+
+
+def _constrained(b: Builder, classes: str) -> str:
+    """The bool scalar: some position has a class other than 0 (else the table is not read at all)."""
+    some = b.op("ReduceSum", b.cast(b.op("Greater", classes, b.const(np.int64(0), INT64)), INT64), keepdims=0)
+    return b.op("Greater", some, b.const(np.int64(0), INT64))
+
+
+def _divide(b: Builder, logits: str, temp: str, con, cols=None) -> str:
+    """logits / T; under a constraint (con = (masks, flat classes [N], active)), disallowed tokens' values
+    are MASKED, in an If taken only when some class is not 0 (so an unconstrained step runs the Div
+    alone, as before). `cols`: the vocabulary slice (start, end) these logits cover."""
+    if con is None:
+        return b.op("Div", logits, temp)
+    masks, classes, active = con
+
+    def masked():
+        table = masks if cols is None else b.op("Slice", masks, *cols, b.const(np.array([1], np.int64), INT64))
+        allowed = b.op("Gather", table, classes, axis=0)  # [N, V or chunk]
+        return b.op("Where", allowed, b.op("Div", logits, temp), b.const(np.float32(MASKED), FLOAT))
+
+    return b.if_else(active, masked, lambda: b.op("Div", logits, temp), FLOAT, 2)
 
 
 def denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: str, unif: str,
-                 with_logits: bool) -> None:
+                 with_logits: bool, constraint: tuple[str, str] | None = None) -> None:
     """Final norm, tied lm_head, fp32 softcap and the in-graph sampler of the last hidden states h
     [B, C, H] at temperature `temp` ([] or [B]): the outputs argmax_ids, entropy, sampled_ids,
-    next_sc_embeds (and logits)."""
+    next_sc_embeds (and logits, unmasked). `constraint`: (token_masks, classes [B, C]) from
+    constraint_inputs: the sampler's distribution allows only each position's class of tokens."""
     H, V = cfg.hidden_size, cfg.vocab_size
     h = m.rms(h, m.vec32(f"{DEC}norm.weight"))
     flat = b.op("Reshape", h, b.const(np.array([-1, H], np.int64), INT64))
@@ -33,10 +69,14 @@ def denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: s
               b.const(np.array([2], np.int64), INT64))
     unif = b.op("Reshape", unif, b.const(np.array([-1], np.int64), INT64))  # [N], like flat's rows
     temp = _row_temperatures(b, temp, bc, flat)
+    con = None
+    if constraint is not None:
+        classes = b.op("Reshape", constraint[1], b.const(np.array([-1], np.int64), INT64))  # [N]
+        con = (constraint[0], classes, _constrained(b, classes))
     if b.cdt == FLOAT:  # fp32 and quantized exports, the CPU's fp32-compute graphs of bf16 ones
-        argmax, entropy, sampled, expect, logits = _streamed_head(b, m, cfg, md, flat, temp, unif, with_logits)
+        argmax, entropy, sampled, expect, logits = _streamed_head(b, m, cfg, md, flat, temp, unif, with_logits, con)
     else:
-        argmax, entropy, sampled, expect, logits = _whole_head(b, m, cfg, flat, temp, unif)
+        argmax, entropy, sampled, expect, logits = _whole_head(b, m, cfg, flat, temp, unif, con)
     # [N] -> [B, C] (C may be 0: the step graph encoding)
     argmax, entropy, sampled = (b.op("Reshape", x, bc, allowzero=1) for x in (argmax, entropy, sampled))
     expect = b.op("Reshape", expect, b.op("Concat", bc, b.const(np.array([H], np.int64), INT64), axis=0),
@@ -66,14 +106,14 @@ def _softcap(b: Builder, cfg: TextConfig, lg: str) -> str:
     return b.op("Mul", b.op("Tanh", b.op("Div", lg, cap)), cap)
 
 
-def _whole_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, unif: str):
+def _whole_head(b: Builder, m: Model, cfg: TextConfig, flat: str, temp: str, unif: str, con=None):
     """The head over whole [N, V] arrays, for graphs that compute in half precision (the GPU graphs of
     fp16/bf16 exports: one half-precision GEMM each for the logits and p @ E) of flat [N, H] with
     uniforms [N]: argmax, entropy, sampled ids [N], the expectation p @ E [N, H] and the logits [N, V]."""
     V = cfg.vocab_size
     E = m.embedding()
     logits = _softcap(b, cfg, b.f32(b.op("Gemm", flat, E, transB=1)))  # tied lm_head, one copy of the table
-    proc = b.op("Div", logits, temp)
+    proc = _divide(b, logits, temp, con)
     argmax = b.op("ArgMax", proc, axis=-1, keepdims=0, select_last_index=0)
     probs = b.op("Softmax", proc, axis=-1)
     logp = b.op("LogSoftmax", proc, axis=-1)
@@ -96,7 +136,7 @@ def _table_rows(b: Builder, m: Model, start: str, end: str) -> str:
 
 
 def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, temp: str, unif: str,
-                   with_logits: bool):
+                   with_logits: bool, con=None):
     """The head of every graph that computes in fp32, streamed over the vocabulary `VOCAB_CHUNK` rows
     of the table at a time: no [N, V] array but the stacked logits / T, and no second copy of the
     table. Why: the whole-array head held ~5 [N, V] fp32 arrays (1.3 GB for the 26B-A4B); quantized
@@ -152,7 +192,7 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
         start, end = bounds(i)
         rows = _table_rows(b, m, start, end)  # [chunk, H] fp32
         capped = _softcap(b, cfg, b.op("Gemm", flat, rows, transB=1))  # [N, chunk]
-        proc = b.op("Div", capped, temp)
+        proc = _divide(b, capped, temp, con, (start, end))
         mx_new, s_new, alpha, d, e, se = online(mx, s, proc)
         first = b.op("Add", b.op("ArgMax", proc, axis=-1, keepdims=1, select_last_index=0), start)
         idx = b.op("Where", b.op("Greater", mx_new, mx), first, idx)  # only a strictly greater max: the first wins

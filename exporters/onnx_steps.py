@@ -24,7 +24,7 @@ from dgport.config import TextConfig
 from .checkpoint import DEC
 from .onnx_builder import BOOL, FLOAT, INT64, Builder, WeightStore
 from .onnx_graph import Model
-from .onnx_head import denoise_head
+from .onnx_head import constraint_inputs, denoise_head
 from .onnx_quant import QuantSpec
 
 
@@ -176,6 +176,7 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
     m = Model(b, cfg, "decoder", sparse_moe, fused_attention)
     ids, pos, sc, temp, unif = _step_inputs(b, cfg, md, "canvas_ids", "canvas")
     pasts = cache_inputs(b, cfg, md)
+    constraint = constraint_inputs(b, cfg.vocab_size, ids)
     m.masks = attention_masks(b, cfg, pos, _past_lengths(b, cfg, pasts), "decoder")
     if not fused_attention:  # [B,1,1,1,S] fp32 0 / -inf: an Add over the scores costs less than a Where
         zero, ninf = b.const(np.float32(0), FLOAT), b.const(np.float32(-np.inf), FLOAT)
@@ -184,7 +185,7 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
     h = _denoise_input(b, m, cfg, ids, sc)
     for i in _layers(cfg, progress, "denoise layers"):
         h, _, _ = m.layer(i, h, rope, *pasts[i], None)
-    denoise_head(b, m, cfg, md, h, temp, unif, with_logits)
+    denoise_head(b, m, cfg, md, h, temp, unif, with_logits, constraint)
     return b
 
 
@@ -206,6 +207,7 @@ def build_step(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, 
     den = b.input("denoise", BOOL, [])
     m.denoise = den
     pasts = cache_inputs(b, cfg, md)
+    token_masks, classes = constraint_inputs(b, cfg.vocab_size, ids)
     m.masks = attention_masks(b, cfg, pos, _past_lengths(b, cfg, pasts), "joint", den)
     rope = m.rope_tables(pos)
     e = m.embed(ids)
@@ -220,7 +222,8 @@ def build_step(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, 
                                                                                  to=INT64))
     h = b.op("Slice", h, zero, rows, one)
     unif = b.op("Slice", unif, zero, rows, one)
-    denoise_head(b, m, cfg, md, h, temp, unif, with_logits)
+    classes = b.op("Slice", classes, zero, rows, one)
+    denoise_head(b, m, cfg, md, h, temp, unif, with_logits, (token_masks, classes))
     return b
 
 
@@ -231,5 +234,6 @@ def io_spec(b: Builder) -> dict:
         dims = [d.dim_param or d.dim_value for d in t.shape.dim]
         return {"name": vi.name, "dtype": TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims}
 
-    return {"inputs": [one(v) for v in b.inputs if v.name not in b.weights],
-            "outputs": [one(v) for v in b.outputs]}
+    return {"inputs": [one(v) for v in b.inputs if v.name not in b.weights and v.name not in b.optional],
+            "outputs": [one(v) for v in b.outputs],
+            "optional_inputs": [one(v) for v in b.inputs if v.name in b.optional]}

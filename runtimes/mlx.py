@@ -111,6 +111,10 @@ class MlxBackend:
         self._encode = mx.compile(self.model.encode) if compile else self.model.encode
         self._step = mx.compile(step) if compile else step
         self._rows_step = mx.compile(rows_step) if compile else rows_step
+        m = self.model
+        self._step_masked = mx.compile(m.denoise_step_masked) if compile else m.denoise_step_masked
+        self._rows_step_masked = mx.compile(m.denoise_rows_step_masked) if compile else m.denoise_rows_step_masked
+        self._masks = None  # the vocabulary constraints' token-mask table [K, V] (on the device)
         self.last_logits = None
         self._rows: dict[int, _Row] = {}
         self._next_row = 0
@@ -143,14 +147,33 @@ class MlxBackend:
         """(K, V) of one layer as float32 numpy arrays (copies; for tests and validation)."""
         return tuple(np.array(t.astype(mx.float32)) for t in self.cache[layer])
 
-    def denoise(self, canvas, positions, temperature, uniforms) -> StepOutput:
+    def set_token_masks(self, masks) -> None:
+        """The vocabulary constraints' table, bool [K, V] (None: none), moved to the device once."""
+        if masks is None:
+            self._masks = None
+            return
+        from dgport.vocab_constraints import check_masks
+
+        self._masks = mx.array(check_masks(masks, self.config.vocab_size))
+
+    def _classes(self, classes, shape):
+        from dgport.vocab_constraints import check_classes
+
+        return mx.array(check_classes(classes, shape, None if self._masks is None else self._masks.shape[0])
+                        .astype(np.int32))
+
+    def denoise(self, canvas, positions, temperature, uniforms, classes=None) -> StepOutput:
         canvas = np.asarray(canvas, dtype=np.int64)
         B, C = canvas.shape
         if self.cache is None:
             raise RuntimeError("denoise before encode: encode the prompt first")
         sc = self._sc if self._sc is not None else mx.zeros((B, C, self.config.hidden_size), self.dtype)
-        out = self._step(mx.array(canvas.astype(np.int32)), mx.array(np.asarray(positions, np.int32)), sc,
-                         mx.array(np.float32(temperature)), mx.array(np.asarray(uniforms, np.float32)), self.cache)
+        args = (mx.array(canvas.astype(np.int32)), mx.array(np.asarray(positions, np.int32)), sc,
+                mx.array(np.float32(temperature)), mx.array(np.asarray(uniforms, np.float32)), self.cache)
+        if classes is None:
+            out = self._step(*args)
+        else:
+            out = self._step_masked(*args, self._masks, self._classes(classes, canvas.shape))
         result, self._sc = self._outputs(out)
         return result
 

@@ -34,6 +34,8 @@ import numpy as np
 
 from dgport.config import TextConfig
 
+MASKED = -1e30  # a disallowed token's logit / T under a vocabulary constraint (exporters/onnx_head.py's)
+
 
 def rope_inv_freq(cfg: TextConfig, layer: int) -> np.ndarray:
     """float32 inverse frequencies of one layer's half-split RoPE, computed in float32 as the
@@ -394,10 +396,13 @@ class DiffusionGemma(nn.Module):
         cap = cfg.final_logit_softcapping
         return mx.tanh(x / cap) * cap
 
-    def sample(self, logits: mx.array, temperature: mx.array, uniforms: mx.array):
+    def sample(self, logits: mx.array, temperature: mx.array, uniforms: mx.array, allowed: mx.array | None = None):
         """argmax, entropy (nats), inverse-CDF sample and next self-conditioning signal from the
-        logits divided by the temperature."""
+        logits divided by the temperature; `allowed` [B, C, V] bool (vocabulary constraints): the other
+        tokens' values become MASKED, as in the ONNX graphs."""
         proc = logits / temperature
+        if allowed is not None:
+            proc = mx.where(allowed, proc, mx.array(MASKED, dtype=mx.float32))
         V = proc.shape[-1]
         argmax = mx.argmax(proc, axis=-1)
         logp = proc - mx.logsumexp(proc, axis=-1, keepdims=True)
@@ -417,6 +422,14 @@ class DiffusionGemma(nn.Module):
     def denoise_step_with_logits(self, canvas, positions, sc, temperature, uniforms, cache):
         logits = self.logits(canvas, positions, sc, cache)
         return (*self.sample(logits, temperature, uniforms), logits)
+
+    def denoise_step_masked(self, canvas, positions, sc, temperature, uniforms, cache, masks, classes):
+        """denoise_step under vocabulary constraints: masks [K, V] bool, classes [B, C] (rows of masks)."""
+        return self.sample(self.logits(canvas, positions, sc, cache), temperature, uniforms, masks[classes])
+
+    def denoise_rows_step_masked(self, canvas, positions, sc, temperatures, uniforms, cache, masks, classes):
+        return self.sample(self.logits(canvas, positions, sc, cache, padded=True), temperatures, uniforms,
+                           masks[classes])
 
     def denoise_rows_step(self, canvas, positions, sc, temperatures, uniforms, cache):
         """denoise_step over left-padded caches, temperatures [B, 1, 1] (one per row)."""

@@ -147,6 +147,10 @@ class OnnxBackend(RowsMixin):
         self._enc_out = [o["name"] for o in graphs["step" if self._joint else "encoder"]["outputs"]]
         self._den_out = [o["name"] for o in graphs["step" if self._joint else "denoise_step"]["outputs"]]
         self.with_logits = "logits" in self._den_out
+        den = graphs["step" if self._joint else "denoise_step"]
+        self.constrainable = {"token_masks", "token_classes"} <= {i["name"] for i in den.get("optional_inputs", ())}
+        self._masks = None  # the token-mask table on the device (vocabulary constraints), and its rows
+        self._mask_rows = None
         self._zero_sc = None
         self._logits = None
         self._bf16_reader = None
@@ -189,7 +193,7 @@ class OnnxBackend(RowsMixin):
             so.add_session_config_entry("session.disable_prepacking", "1")
         else:  # MatMulNBits' packed 4-bit blocks are its fast path; without them it dequantizes every call
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.accuracy_level))
-        if self._quiet:  # fp32-compute graphs: one warning per overridable (bf16) initializer, by design
+        if self._quiet or g.get("optional_inputs"):  # one warning per overridable initializer, by design
             so.log_severity_level = 3
         for k, v in extra.items():
             so.add_session_config_entry(str(k), str(v))
@@ -283,7 +287,36 @@ class OnnxBackend(RowsMixin):
         outs = dict(zip(self._enc_out, io.get_outputs()))
         return [[outs[f"present_key_{i}"], outs[f"present_value_{i}"]] for i in range(self.config.num_layers)]
 
-    def denoise(self, canvas, positions, temperature, uniforms) -> StepOutput:
+    def set_token_masks(self, masks) -> None:
+        """The vocabulary constraints' table, bool [K, V] (None: none), copied to the device once; each
+        constrained step then names one row per position (`denoise(..., classes=)`)."""
+        if masks is None:
+            self._masks = self._mask_rows = None
+            return
+        from dgport.vocab_constraints import check_masks
+
+        if not self.constrainable:
+            raise ExportError(f"{self.export.path}: this export's denoise graph takes no token masks (vocabulary "
+                              "constraints); export it again with this dgport")
+        masks = check_masks(masks, self.config.vocab_size)
+        v = self._ort.OrtValue.ortvalue_from_numpy(masks)
+        if self.device == "cuda":
+            dv = self._ort.OrtValue.ortvalue_from_shape_and_type(list(masks.shape), 9, *self._dev)  # 9: bool
+            dv.update_inplace(masks)
+            v = dv
+        self._masks, self._mask_rows = v, masks.shape[0]
+
+    def _constraint(self, classes, shape):
+        """The constraint inputs of a step ({} without classes: the graph's defaults, unconstrained)."""
+        if classes is None:
+            return {}
+        from dgport.vocab_constraints import check_classes
+
+        # an OrtValue: IO binding finds an overridable initializer by name for OrtValues, not for numpy arrays
+        cls = self._ort.OrtValue.ortvalue_from_numpy(check_classes(classes, shape, self._mask_rows))
+        return {"token_masks": self._masks, "token_classes": cls}
+
+    def denoise(self, canvas, positions, temperature, uniforms, classes=None) -> StepOutput:
         if self._kv is None:
             raise DgportError("denoise before encode: encode the prompt first")
         canvas = np.ascontiguousarray(canvas, dtype=np.int64)
@@ -292,7 +325,7 @@ class OnnxBackend(RowsMixin):
         if sc is None:
             sc = self._zeros_sc(B, C)
         outs = self._step(self._kv, canvas, positions, np.asarray(temperature, dtype=np.float32).reshape(()),
-                          uniforms, sc)
+                          uniforms, sc, self._constraint(classes, canvas.shape))
         self._sc = outs["next_sc_embeds"]
         self._logits = outs.get("logits")
         return StepOutput(outs["argmax_ids"].numpy(), outs["entropy"].numpy(), outs["sampled_ids"].numpy())
@@ -304,10 +337,12 @@ class OnnxBackend(RowsMixin):
             self._zero_sc = self._empty(shape)
         return self._zero_sc
 
-    def _step(self, kv: list, canvas: np.ndarray, positions, temperature: np.ndarray, uniforms, sc) -> dict:
+    def _step(self, kv: list, canvas: np.ndarray, positions, temperature: np.ndarray, uniforms, sc,
+              constraint: dict | None = None) -> dict:
         """One denoise step (the denoise_step graph, or the step graph in denoiser mode) over the cache kv
         with the signal sc (OrtValues on the device) at `temperature` ([] or [B] float32): its outputs by
-        name, the sampler's on the host, next_sc_embeds and logits on the device."""
+        name, the sampler's on the host, next_sc_embeds and logits on the device. `constraint`: the
+        token_masks OrtValue and token_classes (_constraint); none: the graph's defaults."""
         sess = self._sessions["denoise_step"]
         io = sess.io_binding()
         io.bind_cpu_input("input_ids" if self._joint else "canvas_ids", canvas)
@@ -317,6 +352,9 @@ class OnnxBackend(RowsMixin):
         io.bind_cpu_input("temperature", temperature)
         io.bind_cpu_input("uniforms", np.ascontiguousarray(uniforms, dtype=np.float32))
         io.bind_ortvalue_input("sc_embeds", sc)
+        if constraint:
+            io.bind_ortvalue_input("token_masks", constraint["token_masks"])
+            io.bind_ortvalue_input("token_classes", constraint["token_classes"])
         for i, (k, v) in enumerate(kv):
             io.bind_ortvalue_input(f"past_key_{i}", k)
             io.bind_ortvalue_input(f"past_value_{i}", v)

@@ -103,8 +103,21 @@ class TorchRefBackend:
         kv = self.cache.layers[layer]
         return kv.keys.float().numpy().copy(), kv.values.float().numpy().copy()
 
-    def denoise(self, canvas, positions, temperature, uniforms) -> StepOutput:
+    def set_token_masks(self, masks) -> None:
+        """The vocabulary constraints' table, bool [K, V] (None: none)."""
+        from dgport.vocab_constraints import check_masks
+
+        self._masks = None if masks is None else self._torch.from_numpy(check_masks(masks, self.config.vocab_size))
+
+    def denoise(self, canvas, positions, temperature, uniforms, classes=None) -> StepOutput:
         torch = self._torch
+        allowed = None
+        if classes is not None:
+            from dgport.vocab_constraints import check_classes
+
+            masks = getattr(self, "_masks", None)
+            cls = check_classes(classes, np.shape(canvas), None if masks is None else masks.shape[0])
+            allowed = masks[torch.from_numpy(cls)]
         with torch.no_grad():
             logits = self.model(
                 decoder_input_ids=torch.from_numpy(np.ascontiguousarray(canvas, dtype=np.int64)),
@@ -114,6 +127,8 @@ class TorchRefBackend:
             ).logits
             self._logits = logits
             proc = logits / torch.tensor(np.float32(temperature))
+            if allowed is not None:  # the MASKED value of exporters/onnx_head.py
+                proc = torch.where(allowed, proc, torch.tensor(-1e30, dtype=proc.dtype))
             probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
             B, C, V = probs.shape
             sampled = inverse_cdf_torch(probs.view(-1, V), torch.from_numpy(
