@@ -40,6 +40,8 @@ class BatchLoop:
         self.backend = backend
         self.max_batch = max_batch
         self.entries: list[Entry] = []
+        self._masks_of: tuple | None = None  # the constrained entries whose masks the backend's table holds
+        self._offsets: dict = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -100,11 +102,12 @@ class BatchLoop:
         if not batch:
             return finished
         inputs = [e.row.step_inputs() for e in batch]
-        out = self.backend.denoise_rows(
-            [e.backend_row for e in batch],
-            np.concatenate([i[0] for i in inputs]), np.concatenate([i[1] for i in inputs]),
-            np.asarray([i[2] for i in inputs], dtype=np.float32), np.concatenate([i[3] for i in inputs]),
-            np.asarray([e.row.fresh for e in batch]))
+        args = ([e.backend_row for e in batch],
+                np.concatenate([i[0] for i in inputs]), np.concatenate([i[1] for i in inputs]),
+                np.asarray([i[2] for i in inputs], dtype=np.float32), np.concatenate([i[3] for i in inputs]),
+                np.asarray([e.row.fresh for e in batch]))
+        classes = self._classes(batch)
+        out = self.backend.denoise_rows(*args) if classes is None else self.backend.denoise_rows(*args, classes=classes)
         for i, entry in enumerate(batch):
             try:
                 entry.row.after_step(out.argmax[i:i + 1], out.entropy[i:i + 1], out.sampled[i:i + 1])
@@ -117,16 +120,45 @@ class BatchLoop:
                 entry.pending = True  # committed a canvas: encode it before the next step
         return finished
 
+    def _classes(self, batch: list[Entry]) -> np.ndarray | None:
+        """The batch's token classes [b, C] (None: no row is constrained). The backend's table is the rows'
+        tables stacked (one shared all-true row 0, then each constrained row's other rows), set again only
+        when the constrained rows change; each row's classes are offset into it."""
+        constrained = tuple(e for e in batch if e.row.masks is not None)
+        if not constrained:
+            return None
+        held = self._masks_of
+        if held is None or len(held) != len(constrained) or any(a is not b for a, b in zip(held, constrained)):
+            parts, offsets, n = [constrained[0].row.masks[:1]], {}, 1
+            for e in constrained:
+                offsets[id(e)] = n - 1
+                parts.append(e.row.masks[1:])
+                n += e.row.masks.shape[0] - 1
+            self.backend.set_token_masks(np.concatenate(parts))
+            self._masks_of, self._offsets = constrained, offsets
+        C = batch[0].row.C
+        return np.stack([np.zeros(C, np.int64) if e.row.masks is None else
+                         np.where(e.row.classes > 0, e.row.classes + self._offsets[id(e)], 0) for e in batch])
+
     def close(self, entry: Entry) -> None:
         self.backend.close_row(entry.backend_row)
 
     def run(self) -> None:
         """Step until every row has finished (their backend rows closed); re-raises the first row error."""
         errors = []
-        while self.entries:
-            for entry in self.step():
-                self.close(entry)
-                if entry.error is not None:
-                    errors.append(entry.error)
+        try:
+            while self.entries:
+                for entry in self.step():
+                    self.close(entry)
+                    if entry.error is not None:
+                        errors.append(entry.error)
+        finally:
+            self.release_masks()
         if errors:
             raise errors[0]
+
+    def release_masks(self) -> None:
+        """Drop the backend's token-mask table (set by constrained rows), e.g. when the batch is empty."""
+        if self._masks_of is not None:
+            self.backend.set_token_masks(None)
+            self._masks_of, self._offsets = None, {}

@@ -241,7 +241,7 @@ class MlxBackend:
         mx.eval(cache)
         return _Batch(rows, tuple(self._rows[r].length for r in rows), cache, padded)
 
-    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh) -> StepOutput:
+    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh, classes=None) -> StepOutput:
         lengths = tuple(self._row(r).length for r in rows)
         rows, canvas, positions, temperatures, uniforms, fresh = row_step_inputs(
             rows, lengths, canvas, positions, temperatures, uniforms, fresh)
@@ -266,9 +266,13 @@ class MlxBackend:
                                       f"positions, this canvas has {C}: start its canvas with fresh=True")
                 parts.append(s)
             sc = mx.concatenate(parts, axis=0) if b > 1 else parts[0]
-        step = self._rows_step if batch.padded else self._step
-        out = step(mx.array(canvas.astype(np.int32)), mx.array(positions.astype(np.int32)), sc,
-                   mx.array(temperatures.reshape(b, 1, 1)), mx.array(uniforms), batch.cache)
+        args = (mx.array(canvas.astype(np.int32)), mx.array(positions.astype(np.int32)), sc,
+                mx.array(temperatures.reshape(b, 1, 1)), mx.array(uniforms), batch.cache)
+        if classes is None:
+            out = (self._rows_step if batch.padded else self._step)(*args)
+        else:
+            step = self._rows_step_masked if batch.padded else self._step_masked
+            out = step(*args, self._masks, self._classes(classes, canvas.shape))
         result, batch.sc = self._outputs(out)
         return result
 

@@ -149,12 +149,14 @@ class RowsMixin:
         if self._stacked is not None and row in self._stacked.rows:
             self._stacked = None  # stale now (its key no longer matches): free it before the next stack
 
-    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh) -> StepOutput:
+    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh, classes=None) -> StepOutput:
+        """`classes` [b, C]: the rows' token classes (rows of the set_token_masks table; vocabulary
+        constraints), or None (unconstrained)."""
         lengths = tuple(self._row(r).length for r in rows)
         rows, canvas, positions, temperatures, uniforms, fresh = row_step_inputs(
             rows, lengths, canvas, positions, temperatures, uniforms, fresh)
         if not self._rows_batched:
-            return self._rows_one_by_one(rows, canvas, positions, temperatures, uniforms, fresh)
+            return self._rows_one_by_one(rows, canvas, positions, temperatures, uniforms, fresh, classes)
         batch = self._stacked
         if batch is None or batch.rows != rows or batch.lengths != lengths:
             self._stacked = None  # free the old stack before making the new one
@@ -163,7 +165,8 @@ class RowsMixin:
             sc = batch.sc  # the same rows again: the last step's signal as is
         else:
             sc = self._gather_sc(rows, fresh, canvas.shape[1])
-        outs = self._step(batch.kv, canvas, positions, temperatures, uniforms, sc)
+        outs = self._step(batch.kv, canvas, positions, temperatures, uniforms, sc,
+                          self._constraint(classes, canvas.shape))
         batch.sc = outs["next_sc_embeds"]
         for i, r in enumerate(rows):
             self._rows[r].sc = (batch.sc, i)
@@ -188,7 +191,7 @@ class RowsMixin:
         except (KeyError, TypeError):
             raise DgportError(f"no ONNX row {row!r} (open one with open_row; closed rows are forgotten)") from None
 
-    def _rows_one_by_one(self, rows, canvas, positions, temperatures, uniforms, fresh) -> StepOutput:
+    def _rows_one_by_one(self, rows, canvas, positions, temperatures, uniforms, fresh, classes=None) -> StepOutput:
         """An export from before rows: one single-row call per row (the same outputs, no speed-up)."""
         if not self._rows_said:
             self._rows_said = True
@@ -198,8 +201,9 @@ class RowsMixin:
         outs = []
         for i, r in enumerate(rows):
             sc = self._gather_sc((r,), fresh[i:i + 1], canvas.shape[1])
+            con = self._constraint(None if classes is None else np.asarray(classes)[i:i + 1], canvas[i:i + 1].shape)
             o = self._step(self._rows[r].kv, canvas[i:i + 1], positions[i:i + 1], temperatures[i:i + 1].reshape(()),
-                           uniforms[i:i + 1], sc)
+                           uniforms[i:i + 1], sc, con)
             self._rows[r].sc = (o["next_sc_embeds"], 0)
             outs.append(o)
         self._rows_logits = None

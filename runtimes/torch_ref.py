@@ -186,12 +186,13 @@ class TorchRefBackend:
     def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray) -> None:
         self._as_row(self._row(row), lambda: self.encode(ids, positions))
 
-    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh) -> StepOutput:
+    def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh, classes=None) -> StepOutput:
         outs = []
         for i, row in enumerate(rows):
             state = self._row(row)
             if fresh[i]:
                 state["sc"] = None
-            outs.append(self._as_row(state, lambda i=i: self.denoise(canvas[i:i + 1], positions[i:i + 1],
-                                                                     np.float32(temperatures[i]), uniforms[i:i + 1])))
+            kw = {} if classes is None else {"classes": np.asarray(classes)[i:i + 1]}
+            outs.append(self._as_row(state, lambda i=i, kw=kw: self.denoise(
+                canvas[i:i + 1], positions[i:i + 1], np.float32(temperatures[i]), uniforms[i:i + 1], **kw)))
         return StepOutput(*(np.concatenate([getattr(o, f) for o in outs]) for f in StepOutput._fields))

@@ -23,7 +23,8 @@ temperature or nucleus to map OpenAI's `temperature` and `top_p` onto. They are 
 their neutral values (null or 1), anything else is refused with a 400 that names t_min / t_max;
 the sampler's own settings are body fields (`max_denoising_steps`, `t_min`, `t_max`,
 `entropy_bound`, `stability_threshold`, `confidence_threshold`). Fields that would change the answer
-and that dgport cannot honour (tools, logprobs, penalties, response_format, n > 1...) get a 400.
+and that dgport cannot honour (tools, logprobs, penalties, n > 1...) get a 400; `response_format`
+with a JSON schema is honoured by construction (serve/schema_plan.py), `json_object` refused.
 
 Modules, one job each: protocol (errors in OpenAI's shape, request bodies), plan (a request -> the
 checked, tokenized Plan), engine (the worker thread, the cache reuse, shutdown), text (channels, stop

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..errors import DgportError
 from .protocol import MAX_STOP, MAX_STOP_CHARS, REASONING_EFFORTS, SAMPLER_FIELDS, ApiError
 from ..canvas_template import Layout
+from .schema_plan import plan_response_format
 from .template_plan import plan_template
 
 
@@ -118,7 +119,7 @@ def plan_chat(req, gen) -> Plan:
     if req.top_logprobs not in (None, 0):
         raise ApiError(400, "top_logprobs is not available; omit it", param="top_logprobs")
     think = _think(req)
-    template = plan_template(req, gen, think)
+    template = plan_response_format(req, gen, think) or plan_template(req, gen, think)
     if template is not None:
         max_new = template[1]
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}

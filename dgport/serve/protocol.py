@@ -117,6 +117,8 @@ def _models():
         top_logprobs: int | None = None
         chat_template_kwargs: dict[str, Any] | None = None
         reasoning_effort: str | None = None
+        # structured output: judged on the planning thread (serve/schema_plan.py), in one line naming the field
+        response_format: Any = None
 
     class CompletionRequest(Sampler):
         prompt: str | list[str] | list[int]
