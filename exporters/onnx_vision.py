@@ -1,0 +1,169 @@
+"""The vision graph (`vision.onnx`): Gemma 4's vision tower and DiffusionGemma's multimodal embedder,
+from patches to soft tokens in the text width (transformers' Gemma4VisionModel + embed_vision).
+
+    pixel_values [N, P, 3 * patch**2] float32, pixel_position_ids [N, P, 2] int64 ((x, y); (-1, -1) pads)
+      -> soft_tokens [N, P / k**2, H] (the export dtype; an image's first `soft_tokens` rows are its own,
+         the rest pool only padding)
+
+Built from the config with the same Builder as the text graphs: the weights live in the export's
+weights.bin in its dtype and the graph computes in fp32 (half-precision weights are cast where used).
+Attention is bidirectional over an image's patches with padding keys masked; 2-D axial RoPE rotates
+the first half of each head by x and the second by y; k x k average pooling by position, then
+sqrt(width) scaling, optional standardization, a scale-less RMSNorm and the projection."""
+from __future__ import annotations
+
+import numpy as np
+
+from dgport.vision_config import VisionConfig
+
+from .onnx_builder import FLOAT, INT64, Builder
+
+VT = "model.encoder.vision_tower."
+EMB = "model.encoder.embed_vision."
+
+
+class Vision:
+    def __init__(self, b: Builder, cfg: VisionConfig):
+        self.b, self.cfg = b, cfg
+        self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
+        self.neg_half = b.const(np.float32(-0.5), FLOAT)
+        self.last = b.const(np.array([-1], np.int64), INT64)
+
+    def w(self, hf: str, transpose: bool = False) -> str:
+        b = self.b
+        return b.weight(hf, lambda: np.asarray(b.store.raw(hf)).T if transpose else b.store.raw(hf))
+
+    def w32(self, hf: str) -> str:
+        b = self.b
+        return b.weight(hf, lambda: np.asarray(b.store.raw(hf)).astype(np.float32), "fp32")
+
+    def rms(self, x: str, weight: str | None) -> str:
+        b = self.b
+        ms = b.op("ReduceMean", b.op("Mul", x, x), self.last, keepdims=1)
+        y = b.op("Mul", x, b.op("Pow", b.op("Add", ms, self.eps), self.neg_half))
+        return y if weight is None else b.op("Mul", y, weight)
+
+    def linear(self, x: str, prefix: str) -> str:
+        """A Gemma4ClippableLinear: clamp the input, multiply, clamp the output (when the config clips)."""
+        b, clip = self.b, self.cfg.clipped_linears
+        if clip:
+            x = b.op("Clip", x, self.w32(prefix + "input_min"), self.w32(prefix + "input_max"))
+        y = b.op("MatMul", x, self.w(prefix + "linear.weight", transpose=True))
+        if clip:
+            y = b.op("Clip", y, self.w32(prefix + "output_min"), self.w32(prefix + "output_max"))
+        return y
+
+    def rope(self, x: str, tables) -> str:
+        """x [N, P, heads, d]: the first d/2 channels rotated by x positions, the rest by y positions."""
+        b, d = self.b, self.cfg.head_dim
+        halves = b.op("Split", x, b.const(np.array([d // 2, d // 2], np.int64), INT64), axis=-1, n_out=2)
+        out = []
+        for part, (cos, sin) in zip(halves, tables):
+            p1, p2 = b.op("Split", part, b.const(np.array([d // 4, d // 4], np.int64), INT64), axis=-1, n_out=2)
+            rot = b.op("Concat", b.op("Neg", p2), p1, axis=-1)
+            out.append(b.op("Add", b.op("Mul", part, cos), b.op("Mul", rot, sin)))
+        return b.op("Concat", *out, axis=-1)
+
+    def rope_tables(self, pos32: str):
+        """(cos, sin) [N, P, 1, d/2] for the x and the y axis."""
+        b, d = self.b, self.cfg.head_dim
+        spatial = d // 2
+        inv = (1.0 / (np.float32(self.cfg.rope_theta) ** (np.arange(0, spatial, 2, dtype=np.float32) / spatial)))
+        inv = b.const(inv.astype(np.float32), FLOAT)
+        tables = []
+        for axis in (0, 1):
+            p = b.op("Gather", pos32, b.const(np.int64(axis), INT64), axis=2)  # [N, P]
+            f = b.op("Mul", b.op("Unsqueeze", p, self.last), inv)  # [N, P, d/4]
+            f = b.op("Unsqueeze", b.op("Concat", f, f, axis=-1), b.const(np.array([2], np.int64), INT64))
+            tables.append((b.op("Cos", f), b.op("Sin", f)))
+        return tables
+
+    def heads(self, x: str, n: int) -> str:
+        return self.b.op("Reshape", x, self.b.const(np.array([0, 0, n, self.cfg.head_dim], np.int64), INT64))
+
+    def layer(self, i: int, h: str, bias: str, tables) -> str:
+        b, c = self.b, self.cfg
+        p = f"{VT}encoder.layers.{i}."
+        a = p + "self_attn."
+        y = self.rms(h, self.w(p + "input_layernorm.weight"))
+        q = self.rope(self.rms(self.heads(self.linear(y, a + "q_proj."), c.num_heads), self.w(a + "q_norm.weight")), tables)
+        k = self.rope(self.rms(self.heads(self.linear(y, a + "k_proj."), c.kv_heads), self.w(a + "k_norm.weight")), tables)
+        v = self.rms(self.heads(self.linear(y, a + "v_proj."), c.kv_heads), None)
+        g = c.num_heads // c.kv_heads
+        # [N, kv, g, P, d] queries against [N, kv, 1, P, d] keys: grouped heads without copying K/V
+        q = b.op("Reshape", b.op("Transpose", q, perm=[0, 2, 1, 3]),
+                 b.const(np.array([0, c.kv_heads, g, -1, c.head_dim], np.int64), INT64))
+        k = b.op("Unsqueeze", b.op("Transpose", k, perm=[0, 2, 1, 3]), b.const(np.array([2], np.int64), INT64))
+        v = b.op("Unsqueeze", b.op("Transpose", v, perm=[0, 2, 1, 3]), b.const(np.array([2], np.int64), INT64))
+        scores = b.op("Add", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 2, 4, 3])), bias)  # scaling 1
+        o = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)  # [N, kv, g, P, d]
+        o = b.op("Reshape", o, b.const(np.array([0, c.num_heads, -1, c.head_dim], np.int64), INT64))
+        o = b.op("Reshape", b.op("Transpose", o, perm=[0, 2, 1, 3]),
+                 b.const(np.array([0, 0, c.num_heads * c.head_dim], np.int64), INT64))
+        o = self.rms(self.linear(o, a + "o_proj."), self.w(p + "post_attention_layernorm.weight"))
+        h = b.op("Add", h, o)
+        m = f"{p}mlp."
+        y = self.rms(h, self.w(p + "pre_feedforward_layernorm.weight"))
+        y = b.op("Mul", b.op("Gelu", self.linear(y, m + "gate_proj."), approximate="tanh"), self.linear(y, m + "up_proj."))
+        y = self.rms(self.linear(y, m + "down_proj."), self.w(p + "post_feedforward_layernorm.weight"))
+        return b.op("Add", h, y)
+
+    def pool(self, h: str, pos: str, pad: str, n_patches: str) -> str:
+        """Average k x k patches by position into P / k**2 soft tokens ([N, S, D]), then scale by sqrt(D)."""
+        b, k = self.b, self.cfg.pooling_kernel_size
+        h = b.op("Where", b.op("Unsqueeze", pad, self.last), b.const(np.float32(0), FLOAT), h)
+        if k > 1:
+            clamped = b.op("Max", pos, b.const(np.int64(0), INT64))
+            kidx = b.op("Div", clamped, b.const(np.int64(k), INT64))  # floor: non-negative
+            kx = b.op("Gather", kidx, b.const(np.int64(0), INT64), axis=2)
+            ky = b.op("Gather", kidx, b.const(np.int64(1), INT64), axis=2)
+            max_x = b.op("Add", b.op("ReduceMax", b.op("Gather", clamped, b.const(np.int64(0), INT64), axis=2),
+                                     self.last, keepdims=1), b.const(np.int64(1), INT64))
+            idx = b.op("Add", kx, b.op("Mul", b.op("Div", max_x, b.const(np.int64(k), INT64)), ky))  # [N, P]
+            n_out = b.op("Div", n_patches, b.const(np.array([k * k], np.int64), INT64))
+            slots = b.op("Range", b.const(np.int64(0), INT64), b.op("Squeeze", n_out), b.const(np.int64(1), INT64))
+            onehot = b.op("Equal", b.op("Unsqueeze", idx, self.last), slots)  # [N, P, S]
+            weights = b.op("Div", b.cast(onehot, FLOAT), b.const(np.float32(k * k), FLOAT))
+            h = b.op("MatMul", b.op("Transpose", weights, perm=[0, 2, 1]), h)
+        return b.op("Mul", h, b.const(np.float32(self.cfg.hidden_size ** 0.5), FLOAT))
+
+    def build(self) -> None:
+        b, c = self.b, self.cfg
+        pv = b.input("pixel_values", FLOAT, ["N", "P", 3 * c.patch_size ** 2])
+        pos = b.input("pixel_position_ids", INT64, ["N", "P", 2])
+        minus = b.const(np.int64(-1), INT64)
+        px = b.op("Gather", pos, b.const(np.int64(0), INT64), axis=2)
+        py = b.op("Gather", pos, b.const(np.int64(1), INT64), axis=2)
+        pad = b.op("And", b.op("Equal", px, minus), b.op("Equal", py, minus))  # [N, P]
+        # patch embedding: 2 * (pixels - 0.5) projected, plus the x and y position embeddings (none on padding)
+        x = b.op("Mul", b.op("Sub", pv, b.const(np.float32(0.5), FLOAT)), b.const(np.float32(2), FLOAT))
+        h = b.op("MatMul", x, self.w(VT + "patch_embedder.input_proj.weight", transpose=True))
+        table = VT + "patch_embedder.position_embedding_table"
+        clamped = b.op("Max", pos, b.const(np.int64(0), INT64))
+        cx = b.op("Gather", clamped, b.const(np.int64(0), INT64), axis=2)
+        cy = b.op("Gather", clamped, b.const(np.int64(1), INT64), axis=2)
+        tx = b.weight(table + ".x", lambda: np.asarray(b.store.raw(table))[0])
+        ty = b.weight(table + ".y", lambda: np.asarray(b.store.raw(table))[1])
+        pe = b.op("Add", b.op("Gather", tx, cx, axis=0), b.op("Gather", ty, cy, axis=0))
+        pe = b.op("Where", b.op("Unsqueeze", pad, self.last), b.const(np.float32(0), FLOAT), pe)
+        h = b.op("Add", h, pe)
+        # keys that are padding never attended: 0 / -inf per key, [N, 1, 1, 1, P]
+        bias = b.op("Where", pad, b.const(np.float32(-np.inf), FLOAT), b.const(np.float32(0), FLOAT))
+        bias = b.op("Unsqueeze", bias, b.const(np.array([1, 2, 3], np.int64), INT64))
+        tables = self.rope_tables(b.cast(pos, FLOAT))
+        for i in range(c.num_layers):
+            h = self.layer(i, h, bias, tables)
+        n_patches = b.op("Gather", b.op("Shape", pv), b.const(np.array([1], np.int64), INT64))
+        h = self.pool(h, pos, pad, n_patches)
+        if c.standardize:
+            h = b.op("Mul", b.op("Sub", h, self.w32(VT + "std_bias")), self.w32(VT + "std_scale"))
+        h = b.op("MatMul", self.rms(h, None), self.w(EMB + "embedding_projection.weight", transpose=True))
+        b.output("soft_tokens", b.to_md(h), b.md, ["N", "S", c.text_hidden_size])
+
+
+def build_vision(cfg: VisionConfig, store, md: int) -> Builder:
+    """The vision graph on a Builder (weights written to `store`; computed in fp32): `.model()` is the
+    ONNX model, `.weights` the weights it reads."""
+    b = Builder("dgport_vision", store, md, emulate=md != FLOAT)
+    Vision(b, cfg).build()
+    return b
