@@ -6,17 +6,7 @@ from pathlib import Path
 import click
 
 from .cli import _resolve, cli, debug_option
-
-
-def _allow_host(ctx, param, values):
-    from .serve.guard import check_allow_host
-
-    try:
-        for v in values:
-            check_allow_host(v)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-    return values
+from .serve.guard import allow_host_option
 
 
 @cli.command()
@@ -24,7 +14,7 @@ def _allow_host(ctx, param, values):
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; 0.0.0.0 (or ::) binds every interface: other machines can load the page.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@click.option("--allow-host", "allow_host", multiple=True, callback=_allow_host, metavar="NAME",
+@click.option("--allow-host", "allow_host", multiple=True, callback=allow_host_option, metavar="NAME",
               help="Also answer requests whose Host header is NAME (repeatable; localhost and IP addresses always; "
                    "'*' any).")
 @click.option("--save", "save_dir", default=None, type=click.Path(path_type=Path), metavar="DIR",

@@ -171,18 +171,14 @@ def load_image(source, where: str | None = None):
 
 
 def _read_file(path: Path, what: str) -> bytes:
-    import stat
+    """The file's bytes, read as dgport reads model files (a regular file, opened without blocking, size
+    checked before reading); a link is followed to wherever the user pointed it."""
+    from . import safe_files
 
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ImageError(f"{what}: {e.strerror}; give an image file") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"{what}: not a regular file; give an image file")
-    if st.st_size > MAX_IMAGE_BYTES:
-        raise ImageError(f"{what}: {st.st_size} bytes, over the {MAX_IMAGE_BYTES >> 20} MiB an image file may have")
-    with open(path, "rb") as f:
-        return f.read(MAX_IMAGE_BYTES + 1)
+    if not os.path.lexists(path):
+        raise ImageError(f"{what}: no such file; give an image file")
+    return safe_files.read_bytes(path, Path(os.path.realpath(path)).parent, ImageError, "give an image file",
+                                 cap=MAX_IMAGE_BYTES)
 
 
 def _check_size(size, what: str) -> None:

@@ -13,7 +13,7 @@ import click
 
 from ..errors import DgportError
 from .app import ServeConfig, create_app, export_fingerprint
-from .guard import allowed_hosts, check_allow_host
+from .guard import allow_host_option, allowed_hosts
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # requests denoised together by default: the best measured on a 2-core CPU, never measurably slower than 1
@@ -40,15 +40,6 @@ def _log_requests() -> None:
     log.propagate = False
 
 
-def _allow_host(ctx, param, values):
-    try:
-        for v in values:
-            check_allow_host(v)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-    return values
-
-
 @click.command("serve")
 @click.argument("model", required=False)
 @click.option("--backend", type=click.Choice(("cpu", "cuda", "mlx", "torch")), default="cpu", show_default=True)
@@ -65,7 +56,7 @@ def _allow_host(ctx, param, values):
                    "1 runs them one at a time.")
 @click.option("--served-model-name", default=None,
               help="The model id clients send (default: the model folder's name, or the Hub id).")
-@click.option("--allow-host", "allow_host", multiple=True, callback=_allow_host, metavar="NAME",
+@click.option("--allow-host", "allow_host", multiple=True, callback=allow_host_option, metavar="NAME",
               help="Also accept requests whose Host header is NAME (repeatable; localhost, IP addresses and "
                    "the --host name are always accepted; '*' accepts any Host).")
 @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,

@@ -69,6 +69,18 @@ def check_allow_host(value: str) -> str:
     return name
 
 
+def allow_host_option(ctx, param, values):
+    """The click callback of --allow-host (dgport serve, dgport web): each value checked at once."""
+    import click
+
+    try:
+        for v in values:
+            check_allow_host(v)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    return values
+
+
 def allowed_hosts(bind_host: str, allow) -> frozenset | None:
     """The names the Host check accepts besides localhost and IP addresses (None: any Host)."""
     if "*" in allow:
