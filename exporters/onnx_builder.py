@@ -163,21 +163,23 @@ class Builder:
                       n_out=len(carried) + len(scans))
         return [res] if isinstance(res, str) else res
 
-    def if_else(self, cond: str, then, other, dtype: int, rank: int) -> str:
+    def if_else(self, cond: str, then, other, types: list) -> list:
         """An ONNX If on the bool scalar `cond`: `then()` and `other()` each add their branch's nodes
-        (outer-scope names may be read) and return its one output, of `dtype` and `rank`."""
+        (outer-scope names may be read) and return its outputs, one per (dtype, rank) in `types`."""
         def branch(fn, hint):
             first = len(self.nodes)
-            out = fn()
-            if not any(out in n.output for n in self.nodes[first:]):  # an outer name: give the branch its own
-                out = self.op("Identity", out)
-            dims = [self.fresh("d") for _ in range(rank)]
-            g = helper.make_graph(self.nodes[first:], self.fresh(hint), [],
-                                  [helper.make_tensor_value_info(out, dtype, dims)])
+            outs = list(fn())
+            for k, out in enumerate(outs):
+                if not any(out in n.output for n in self.nodes[first:]):  # an outer name: the branch's own
+                    outs[k] = self.op("Identity", out)
+            vis = [helper.make_tensor_value_info(o, dt, [self.fresh("d") for _ in range(rank)])
+                   for o, (dt, rank) in zip(outs, types)]
+            g = helper.make_graph(self.nodes[first:], self.fresh(hint), [], vis)
             del self.nodes[first:]
             return g
 
-        return self.op("If", cond, then_branch=branch(then, "then"), else_branch=branch(other, "else"))
+        res = self.op("If", cond, then_branch=branch(then, "then"), else_branch=branch(other, "else"), n_out=len(types))
+        return [res] if isinstance(res, str) else res
 
     def op(self, op_type: str, *ins, n_out: int = 1, name: str | None = None, domain: str | None = None, **attrs):
         base = name or self.fresh(op_type.lower())

@@ -4,6 +4,7 @@ self-conditioning input p @ E. Graphs that compute in fp32 stream the vocabulary
 half-precision GPU graphs use whole [N, V] arrays (`_whole_head`)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -40,20 +41,33 @@ def _constrained(b: Builder, classes: str) -> str:
     return b.op("Greater", some, b.const(np.int64(0), INT64))
 
 
-def _divide(b: Builder, logits: str, temp: str, con, cols=None) -> str:
+def _tables(b: Builder, masks: str) -> tuple[str, str]:
+    """The bool table as two float [K, V] tables: `keep` (1 allowed, 0 not) and `bias` (0 allowed, MASKED
+    not). Masking with them is an Add and Muls (onnxruntime's Where is ~15x slower than a Mul)."""
+    keep = b.cast(masks, FLOAT)
+    bias = b.op("Mul", b.op("Sub", b.const(np.float32(1), FLOAT), keep), b.const(np.float32(MASKED), FLOAT))
+    return keep, bias
+
+
+def _rows_of(b: Builder, con, table: str, cols=None) -> str:
+    """[N, V] (or [N, chunk] for the vocabulary slice `cols` = (start, end)): each row's line of `table`."""
+    if cols is not None:
+        table = b.op("Slice", table, *cols, b.const(np.array([1], np.int64), INT64))
+    return b.op("Gather", table, con[1], axis=0)
+
+
+def _divide(b: Builder, logits: str, temp: str, con) -> str:
     """logits / T; under a constraint (con = (masks, flat classes [N], active)), disallowed tokens' values
-    are MASKED, in an If taken only when some class is not 0 (so an unconstrained step runs the Div
-    alone, as before). `cols`: the vocabulary slice (start, end) these logits cover."""
+    are MASKED (x + MASKED is MASKED; x + 0 is x), in an If taken only when some class is not 0 (so an
+    unconstrained step runs the Div alone, as before)."""
     if con is None:
         return b.op("Div", logits, temp)
-    masks, classes, active = con
 
     def masked():
-        table = masks if cols is None else b.op("Slice", masks, *cols, b.const(np.array([1], np.int64), INT64))
-        allowed = b.op("Gather", table, classes, axis=0)  # [N, V or chunk]
-        return b.op("Where", allowed, b.op("Div", logits, temp), b.const(np.float32(MASKED), FLOAT))
+        _, bias = _tables(b, con[0])
+        return [b.op("Add", b.op("Div", logits, temp), _rows_of(b, con, bias))]
 
-    return b.if_else(active, masked, lambda: b.op("Div", logits, temp), FLOAT, 2)
+    return b.if_else(con[2], masked, lambda: [b.op("Div", logits, temp)], [(FLOAT, 2)])[0]
 
 
 def denoise_head(b: Builder, m: Model, cfg: TextConfig, md: int, h: str, temp: str, unif: str,
@@ -188,12 +202,31 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
     if half:
         carried.append((filled(0.0, FLOAT), FLOAT))
 
-    def read_chunk(i, mx, s, t, idx, *rest):
+    def masked_online(mx, s, x, keep):
+        """online() over the allowed entries of x (keep 1; the others MASKED): their exp is 0, computed as
+        exp(0) * 0, never as the exp of a huge negative (onnxruntime's Exp runs ~30x slower on arguments
+        below -87, whose results are denormal or 0)."""
+        mx_new = b.op("Max", mx, b.op("ReduceMax", x, m.ax_last, keepdims=1))
+        alpha = b.op("Exp", b.op("Sub", mx, mx_new))
+        d = b.op("Sub", x, mx_new)
+        e = b.op("Mul", b.op("Exp", b.op("Mul", d, keep)), keep)
+        se = b.op("ReduceSum", e, m.ax_last, keepdims=1)
+        return mx_new, b.op("Add", b.op("Mul", s, alpha), se), alpha, d, e, se
+
+    def chunk_core(capped, mx, s, cols, tables):
+        """(proc, and online()'s six values) of a chunk of softcapped logits; `tables` (keep, bias) [K, V]
+        under a constraint, None without."""
+        if tables is None:
+            proc = b.op("Div", capped, temp)
+            return (proc, *online(mx, s, proc))
+        proc = b.op("Add", b.op("Div", capped, temp), _rows_of(b, con, tables[1], cols))
+        return (proc, *masked_online(mx, s, proc, _rows_of(b, con, tables[0], cols)))
+
+    def read_chunk(tables, i, mx, s, t, idx, *rest):
         start, end = bounds(i)
         rows = _table_rows(b, m, start, end)  # [chunk, H] fp32
         capped = _softcap(b, cfg, b.op("Gemm", flat, rows, transB=1))  # [N, chunk]
-        proc = _divide(b, capped, temp, con, (start, end))
-        mx_new, s_new, alpha, d, e, se = online(mx, s, proc)
+        proc, mx_new, s_new, alpha, d, e, se = chunk_core(capped, mx, s, (start, end), tables)
         first = b.op("Add", b.op("ArgMax", proc, axis=-1, keepdims=1, select_last_index=0), start)
         idx = b.op("Where", b.op("Greater", mx_new, mx), first, idx)  # only a strictly greater max: the first wins
         # t is relative to the running max: moving it from mx to mx_new adds (mx - mx_new) s
@@ -216,8 +249,16 @@ def _streamed_head(b: Builder, m: Model, cfg: TextConfig, md: int, flat: str, te
 
     # no iterations when there are no rows (the step graph encoding: no table to read)
     trips = b.op("Min", b.const(np.int64(n_chunks), INT64), b.op("Size", flat))
-    outs = b.loop_carrying(trips, carried, read_chunk, "vocab",
-                           scans=[(FLOAT, ["rows", 1])] * 2 + [(FLOAT, ["rows", chunk])] * (1 + with_logits))
+    scans = [(FLOAT, ["rows", 1])] * 2 + [(FLOAT, ["rows", chunk])] * (1 + with_logits)
+
+    def vocab_loop(tables):
+        return b.loop_carrying(trips, carried, functools.partial(read_chunk, tables), "vocab", scans=scans)
+
+    if con is None:
+        outs = vocab_loop(None)
+    else:  # one If per step around the whole Loop: its else branch is the unconstrained Loop, node for node
+        types = [(dt, 2) for _, dt in carried] + [(FLOAT, 3)] * len(scans)  # carried [N, 1 or H]; scans [chunks, N, w]
+        outs = b.if_else(con[2], lambda: vocab_loop(_tables(b, con[0])), lambda: vocab_loop(None), types)
     # stacked: [chunks, N, 1] and [chunks, N, chunk], said explicitly (ONNX's reference evaluator
     # concatenates scan outputs, vstack)
     t1 = b.op("Reshape", trips, i64(1))

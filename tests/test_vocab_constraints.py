@@ -80,6 +80,29 @@ def test_graph_masks_the_sampler_and_defaults_are_the_unconstrained_step(form, e
         assert not np.allclose(sc2, sc), "self-conditioning follows the constrained distribution"
 
 
+def test_default_inputs_give_the_graphs_from_before_constraints_bit_for_bit(exports, checkpoints, tmp_path):
+    """A graph built without the constraint inputs (as before them) and today's graph fed only the old
+    inputs compute the same bits, dense and sparse experts, and the encoder is untouched."""
+    from unittest import mock
+
+    from dgport.exporters import onnx_steps
+
+    before = tmp_path / "before"
+    with mock.patch.object(onnx_steps, "constraint_inputs", lambda *a: None):
+        export(checkpoints["tiny"], before, ExportOptions(with_logits=True, validate=False))
+    now = exports("fp32")
+    for graph_set in ("graphs", "cpu_graphs"):
+        outs = []
+        for path in (before, now):
+            be = OnnxBackend(open_export(path, "cpu"), device="cpu", threads=2, graph_set=graph_set)
+            outs.append(_one_step(be, np.random.default_rng(3)))
+        (a, la, sa, _), (b, lb, sb, _) = outs
+        for x, y in zip((*a, la, sa), (*b, lb, sb)):
+            np.testing.assert_array_equal(x, y)
+    g = open_export(before, "cpu").format("onnx")["graphs"]["denoise_step"]
+    assert not g.get("optional_inputs")
+
+
 def test_bad_masks_and_classes_are_refused_in_one_line(exports):
     be = OnnxBackend(open_export(exports("fp32"), "cpu"), device="cpu", threads=2)
     V, C = be.config.vocab_size, be.config.canvas_length
