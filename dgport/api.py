@@ -30,6 +30,7 @@ class GenerationResult:
     seed: int | None = None  # the seed of the run (drawn fresh when none was given); None when `rng` was
     hole_texts: list[list[str]] | None = None  # per batch row, with a template: each hole's text
     parsed: object = None  # with json_schema: the answer's JSON value (it always parses and validates)
+    tool_calls: list | None = None  # with tools: the calls the answer made (dgport.tool_calls.ToolCall)
 
     @property
     def text(self) -> str:
@@ -51,9 +52,22 @@ class Generator:
     def config(self):
         return self.backend.config
 
-    def prompt_ids(self, prompt, raw: bool = False, system: str | None = None, think: bool = False) -> list[int]:
+    def prompt_ids(self, prompt, raw: bool = False, system: str | None = None, think: bool = False,
+                   tools: list[dict] | None = None) -> list[int]:
         """Token ids for a prompt: a list of ids is used as is; a string gets the chat template
-        (or only <bos> with raw=True)."""
+        (or only <bos> with raw=True); a list of messages (OpenAI's dicts: role, content, tool_calls,
+        tool_call_id) is the conversation. `tools` reach the chat template (dgport.tool_calls)."""
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            from .tool_calls import chat_messages
+
+            if raw:
+                raise DgportError("a list of messages is rendered by the chat template; drop raw")
+            for i, m in enumerate(prompt):
+                if m.get("role") not in ("system", "user", "assistant", "tool") or \
+                        not isinstance(m.get("content") or "", str):
+                    raise DgportError(f"messages[{i}]: a role (system, user, assistant, tool) and text content")
+            messages = ([{"role": "system", "content": system}] if system else []) + chat_messages(prompt)
+            return self.tokenizer.encode(self.tokenizer.render(messages, enable_thinking=think, tools=tools))
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise DgportError("the prompt is empty; give some text")
@@ -64,7 +78,7 @@ class Generator:
                 return self.tokenizer.encode_raw(prompt)
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
-            return self.tokenizer.encode(self.tokenizer.render(messages, enable_thinking=think))
+            return self.tokenizer.encode(self.tokenizer.render(messages, enable_thinking=think, tools=tools))
         arr = np.asarray(prompt)
         if arr.dtype.kind not in "iu" and arr.size:
             raise DgportError(f"the prompt is a string or a list of integer token ids (got {arr.dtype} values)")
@@ -79,8 +93,8 @@ class Generator:
     def generate(self, prompt, max_new_tokens: int | None = None, seed: int | None = None,
                  rng: np.random.Generator | None = None, raw: bool = False, system: str | None = None,
                  think: bool = False, on_step=None, on_canvas=None, keep_cache: bool = False,
-                 encode_chunk: int = ENCODE_CHUNK, template=None, json_schema=None,
-                 **sampler_overrides) -> GenerationResult:
+                 encode_chunk: int = ENCODE_CHUNK, template=None, json_schema=None, tools=None, tool_choice=None,
+                 parallel_tool_calls=None, **sampler_overrides) -> GenerationResult:
         """Generate after `prompt` (string or token ids). `rng` (a numpy Generator) wins over `seed`;
         with neither, a fresh seed is drawn and returned as the result's `seed`. Sampler settings (max_denoising_steps, entropy_bound, t_min,
         t_max, stability_threshold, confidence_threshold, eos_token_ids, pad_token_id) override the
@@ -90,11 +104,19 @@ class Generator:
         must follow: its text is fixed in the canvas, its holes are filled; max_new_tokens defaults to
         the canvases it spans. `json_schema` (a dict or its JSON text, the subset in
         docs/structured-output.md): the answer is JSON valid against it (compiled into a template with
-        constrained holes), its value on the result's `parsed`."""
+        constrained holes), its value on the result's `parsed`. `tools` (OpenAI's function tools, rendered
+        by the chat template), `tool_choice` ("auto", "none", "required", {"type": "function", "function":
+        {"name": ...}}: a forced call, by a template) and `parallel_tool_calls` (False: the first call
+        only): the result's `tool_calls` are the calls the answer made, its `text` the rest
+        (docs/structured-output.md)."""
         if json_schema is not None:
             template = schema_template(json_schema, template)
+        calls = None
+        if tools is not None or tool_choice is not None or parallel_tool_calls is not None:
+            calls, template = self._tools(tools, tool_choice, parallel_tool_calls, template, raw, think)
         ids, settings, rng, seed, layout = self._prepare(prompt, max_new_tokens, seed, rng, raw, system, think,
-                                                         template, sampler_overrides)
+                                                         template, sampler_overrides,
+                                                         None if calls is None else calls["tools"])
         check_encode_chunk(encode_chunk)
         check_context(self.config, self.backend.cache_len if keep_cache else 0, len(ids), settings.max_new_tokens)
         if not keep_cache:
@@ -106,7 +128,37 @@ class Generator:
             from .json_schema import parse_answer
 
             res.parsed = parse_answer(res.text)
+        if calls is not None:
+            from .tool_calls import split_calls
+
+            answer = [t for t in out.token_ids if t != settings.pad_token_id]
+            content, found = split_calls(answer, self.tokenizer, calls["tokens"], calls["names"], calls["parallel"])
+            res.tool_calls = found if calls["mode"] != "none" else []
+            if calls["mode"] != "none":
+                res.texts = [self.tokenizer.decode(content)]
         return res
+
+    def _tools(self, tools, tool_choice, parallel, template, raw, think):
+        """generate's tools arguments checked: ({tools, mode, names, tokens, parallel}, the template: a forced
+        call's, or the one given)."""
+        from .tool_calls import ToolError, ToolTokens, check_tools, choose, forced_template
+
+        if tools is None:
+            raise ToolError("tool_choice and parallel_tool_calls need tools")
+        if raw:
+            raise ToolError("tools are rendered by the chat template; drop raw")
+        tools = check_tools(tools)
+        mode, forced = choose(tools, tool_choice, parallel)
+        state = {"tools": tools, "mode": mode, "names": {t["function"]["name"] for t in tools},
+                 "tokens": ToolTokens(self.tokenizer), "parallel": parallel is not False}
+        if mode == "forced":
+            if template is not None:
+                raise ToolError("a forced tool call is a template of its own; drop template / json_schema")
+            if think:
+                raise ToolError("a forced tool call fixes the answer from its first position, where thinking "
+                                "mode's thought channel would go; drop think")
+            template = forced_template(forced)
+        return state, template
 
     def generate_batch(self, prompts, seeds=None, max_new_tokens: int | None = None, raw: bool = False,
                        system: str | None = None, templates=None, max_batch: int | None = None,
@@ -144,7 +196,7 @@ class Generator:
         return [self._result(e.row.result, ids, settings, seed)
                 for e, (ids, settings, _, seed, _) in zip(entries, prepared)]
 
-    def _prepare(self, prompt, max_new_tokens, seed, rng, raw, system, think, template, overrides):
+    def _prepare(self, prompt, max_new_tokens, seed, rng, raw, system, think, template, overrides, tools=None):
         """(prompt ids, settings, rng, seed, template layout) of one generation, every argument checked."""
         if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens <= 0):
             raise DgportError(f"max_new_tokens must be a positive integer (got {max_new_tokens!r})")
@@ -165,7 +217,7 @@ class Generator:
             raise DgportError(f"rng must be a numpy.random.Generator (got {type(rng).__name__})")
         else:
             seed = None
-        ids = self.prompt_ids(prompt, raw=raw, system=system, think=think)
+        ids = self.prompt_ids(prompt, raw=raw, system=system, think=think, tools=tools)
         return ids, settings, rng, seed, layout
 
     def _result(self, out, ids, settings, seed) -> GenerationResult:

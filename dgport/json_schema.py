@@ -66,10 +66,23 @@ def _dumps(value) -> str:
 
 
 class _Compiler:
-    def __init__(self, root: dict):
+    def __init__(self, root: dict, dialect: str = "json"):
         self.root = root
         self.parts: list = []
         self.refs: list[str] = []
+        self.gemma = dialect == "gemma"  # Gemma 4's tool-call syntax: <|"|>strings<|"|>, {key:value,...}
+        self.quote = '<|"|>' if self.gemma else '"'
+        self.sep = "," if self.gemma else ", "
+
+    def literal(self, value) -> str:
+        if self.gemma:
+            from .tool_calls import ToolError, gemma_dumps
+
+            try:
+                return gemma_dumps(value)
+            except ToolError as e:
+                raise SchemaError(str(e)) from None
+        return _dumps(value)
 
     def emit(self, part) -> None:
         if isinstance(part, str) and self.parts and isinstance(self.parts[-1], str):
@@ -99,7 +112,7 @@ class _Compiler:
         if ("$defs" in schema or "definitions" in schema) and schema is not self.root:
             raise SchemaError(f"{_where(path)}: $defs/definitions are read only at the schema's root")
         if "const" in schema:
-            return self.emit(_dumps(self.check_member(schema["const"], types, f"{path}.const")))
+            return self.emit(self.literal(self.check_member(schema["const"], types, f"{path}.const")))
         if "enum" in schema:
             return self.enum(schema["enum"], types, path)
         kinds = [t for t in types if t != "null"]
@@ -169,19 +182,19 @@ class _Compiler:
     def enum(self, members, types: list[str], path: str) -> None:
         if not isinstance(members, list) or not members or len(members) > MAX_ENUM:
             raise SchemaError(f"{path}.enum: a list of 1 to {MAX_ENUM} values")
-        texts = list(dict.fromkeys(_dumps(self.check_member(m, types, f"{path}.enum")) for m in members))
+        texts = list(dict.fromkeys(self.literal(self.check_member(m, types, f"{path}.enum")) for m in members))
         self.emit(texts[0] if len(texts) == 1 else Hole(1, Choice(tuple(texts))))
 
     def string(self, schema: dict, path: str) -> None:
         n = schema.get("maxLength")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_STRING_LENGTH):
             raise SchemaError(f"{path}.maxLength: an integer from 0 to {MAX_STRING_LENGTH} (got {n!r})")
-        self.emit('"')
+        self.emit(self.quote)
         if n is None:
             self.emit(Hole(DEFAULT_STRING_TOKENS, StringChars(one_char=False)))
         elif n:
             self.emit(Hole(n, StringChars(one_char=True)))
-        self.emit('"')
+        self.emit(self.quote)
 
     def array(self, schema: dict, path: str, depth: int) -> None:
         lo, hi = schema.get("minItems", 0), schema.get("maxItems", MAX_ITEMS)
@@ -196,7 +209,7 @@ class _Compiler:
         self.emit("[")
         for i in range(count):
             if i:
-                self.emit(", ")
+                self.emit(self.sep)
             self.value(schema["items"], f"{path}[{i}]", depth + 1)
         self.emit("]")
 
@@ -217,7 +230,12 @@ class _Compiler:
                               "the listed properties)")
         self.emit("{")
         for i, (name, sub) in enumerate(props.items()):
-            self.emit((", " if i else "") + _dumps(name) + ": ")
+            if self.gemma:
+                from .tool_calls import gemma_key
+
+                self.emit(("," if i else "") + gemma_key(name) + ":")
+            else:
+                self.emit((", " if i else "") + _dumps(name) + ": ")
             self.value(sub, f"{path}.{name}", depth + 1)
         self.emit("}")
 
@@ -242,9 +260,10 @@ def _json_type(value, path: str) -> str:
     raise SchemaError(f"{path}: a {type(value).__name__} is not a JSON value")
 
 
-def compile_schema(schema) -> Template:
+def compile_schema(schema, dialect: str = "json") -> Template:
     """The canvas template whose every completion is a JSON text valid against `schema` (a dict, or
-    its JSON text). Refuses, in one line, what is outside the subset (module docstring)."""
+    its JSON text). Refuses, in one line, what is outside the subset (module docstring). dialect
+    "gemma": the value in Gemma 4's tool-call syntax instead (dgport.tool_calls)."""
     if isinstance(schema, (str, bytes)):
         if len(schema) > MAX_SCHEMA_BYTES:
             raise SchemaError(f"the schema is over {MAX_SCHEMA_BYTES >> 20} MiB")
@@ -253,7 +272,7 @@ def compile_schema(schema) -> Template:
         except (ValueError, RecursionError) as e:
             raise SchemaError(f"the schema is not valid JSON ({str(e).splitlines()[0][:80]})") from None
     try:
-        c = _Compiler(schema if isinstance(schema, dict) else {})
+        c = _Compiler(schema if isinstance(schema, dict) else {}, dialect)
         c.value(schema, "", 0)
     except RecursionError:
         raise SchemaError(f"the schema is nested too deeply (at most {MAX_DEPTH} levels)") from None

@@ -71,12 +71,16 @@ class ChatTokenizer:
             self._compiled = budget.compile_template(self.chat_template)
         return self._compiled
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False,
+               tools: list[dict] | None = None) -> str:
+        """The chat template over `messages`; `tools` (OpenAI's function tools) reach it as its `tools`
+        variable, as transformers' apply_chat_template(tools=...) passes them."""
         if not self.chat_template:
             raise DgportError("this model has no chat template; pass raw=True (CLI: --raw) to send the prompt as is")
+        extra = {} if tools is None else {"tools": tools}
         return budget.render(self._template(), MAX_TEMPLATE_STEPS, MAX_TEMPLATE_CHARS,
                              messages=messages, add_generation_prompt=add_generation_prompt,
-                             enable_thinking=enable_thinking, bos_token=self.bos_token)
+                             enable_thinking=enable_thinking, bos_token=self.bos_token, **extra)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text that already carries its special tokens (e.g. a rendered chat)."""

@@ -39,6 +39,39 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# The same format with Gemma 4's tools (spec section 7), for tests and docs of tool calling: declarations
+# in the system turn, an assistant's calls as <|tool_call>call:NAME{k:v}<tool_call|> (strings between
+# <|"|>), a tool message as <|tool_response>response:NAME{value:...}<tool_response|>.
+TOOLS_CHAT_TEMPLATE = (
+    "{%- macro g(v) -%}"
+    "{%- if v is string -%}<|\"|>{{ v }}<|\"|>"
+    "{%- elif v is mapping -%}{{ '{' }}{%- for k, x in v.items() -%}{{ k }}:{{ g(x) }}"
+    "{%- if not loop.last -%},{%- endif -%}{%- endfor -%}{{ '}' }}"
+    "{%- elif v is sequence -%}[{%- for x in v -%}{{ g(x) }}{%- if not loop.last -%},{%- endif -%}{%- endfor -%}]"
+    "{%- elif v is none -%}null{%- elif v is sameas true -%}true{%- elif v is sameas false -%}false"
+    "{%- else -%}{{ v }}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{{- bos_token -}}"
+    "{%- set sys = messages[0].content | trim if messages and messages[0].role == 'system' else none -%}"
+    "{%- if tools or enable_thinking or sys is not none -%}"
+    "<|turn>system{{ '\\n' }}{%- if enable_thinking -%}<|think|>{{ '\\n' }}{%- endif -%}"
+    "{%- if sys is not none -%}{{ sys }}{%- endif -%}"
+    "{%- for t in tools or [] -%}<|tool>declaration:{{ t.function.name }}"
+    "{{ g({'description': t.function.description or '', 'parameters': t.function.parameters or {}}) }}<tool|>"
+    "{%- endfor -%}<turn|>{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- for m in messages -%}{%- if m.role == 'tool' -%}"
+    "<|tool_response>response:{{ m.name }}{{ g({'value': m.content}) }}<tool_response|>{{ '\\n' }}"
+    "{%- elif m.role != 'system' -%}"
+    "<|turn>{{ 'model' if m.role == 'assistant' else m.role }}{{ '\\n' }}{{ (m.content or '') | trim }}"
+    "{%- for c in m.tool_calls or [] -%}<|tool_call>call:{{ c.function.name }}{{ g(c.function.arguments) }}"
+    "<tool_call|>{%- endfor -%}<turn|>{{ '\\n' }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|turn>model{{ '\\n' }}"
+    "{%- if not enable_thinking -%}<|channel>thought{{ '\\n' }}<channel|>{%- endif -%}"
+    "{%- endif -%}"
+)
+
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -68,6 +101,7 @@ class Preset:
     router_std: float | None = None  # std of router.proj weights (None: transformers' init, near-uniform routing)
     qk_norm_scale: float = 1.0  # scales q_norm/k_norm weights; attention has no 1/sqrt(d), so 1.0 gives
     # near-one-hot attention on wide heads (a discrete choice that rounding can flip)
+    chat_template: str = "plain"  # "tools": TOOLS_CHAT_TEMPLATE (Gemma 4's tool declarations and calls)
 
 
 BASE_GENERATION = {
@@ -232,7 +266,7 @@ def build_fixture(name: str, out_dir, **overrides) -> Path:
     model.save_pretrained(out)
     gen = {**BASE_GENERATION, **p.generation}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    write_tokenizer(out, p.vocab_size)
+    write_tokenizer(out, p.vocab_size, TOOLS_CHAT_TEMPLATE if p.chat_template == "tools" else CHAT_TEMPLATE)
     return out
 
 
@@ -251,7 +285,9 @@ def main(argv=None) -> int:
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("preset", metavar="PRESET", type=click.Choice(names))
     @click.argument("out", type=click.Path(path_type=Path))
-    def command(preset, out):
+    @click.option("--tools-template", is_flag=True,
+                  help="A chat template with Gemma 4's tool declarations, calls and responses.")
+    def command(preset, out, tools_template):
         """Write fixture checkpoint PRESET (tiny, confident, long-context, eos; real-slice is ~3 GB) to OUT."""
         if out.exists() or out.is_symlink():
             raise click.UsageError(f"{out}: exists; choose a new folder")
@@ -265,7 +301,7 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
-            build_fixture(preset, tmp)
+            build_fixture(preset, tmp, **({"chat_template": "tools"} if tools_template else {}))
             tmp.rename(out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

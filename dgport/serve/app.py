@@ -25,6 +25,7 @@ from .access_log import TOKENS, AccessLog
 from .engine import Engine, Job
 from .guard import ApiKeyMiddleware, HostGuard, check_json_content_type
 from .plan import Plan, plan_chat, plan_completion
+from .tool_plan import reply as tool_reply
 from .protocol import (_STATUS_TYPES, MAX_BODY_BYTES, MAX_JSON_VALUES, ApiError, _models, _validation_error,
                        error_body, json_values)
 from .text import TextStream
@@ -345,9 +346,15 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16, max_batch: int = 1)
         content, reasoning = await off(texting, ans.text.text)
         if ans.text.stopped:
             content = content[:ans.text.sent_content]
-        choice: dict = {"index": 0, "finish_reason": ans.finish_reason(), "logprobs": None, **holes(plan, ans)}
+        calls = []
+        if plan.tools is not None:  # the calls leave the content (serve/tool_plan.py)
+            content, reasoning, calls = await off(texting, tool_reply, plan, ans.generated, gen.tokenizer, pad_id)
+        finish = "tool_calls" if calls else ans.finish_reason()
+        choice: dict = {"index": 0, "finish_reason": finish, "logprobs": None,
+                        **(holes(plan, ans) if plan.tools is None else {})}
         if plan.chat:
-            choice["message"] = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
+            choice["message"] = {"role": "assistant", "content": content or (None if calls else content),
+                                 "reasoning_content": reasoning or None, **({"tool_calls": calls} if calls else {})}
         else:
             choice["text"] = content
         body = {"id": rid, "object": "chat.completion" if plan.chat else "text_completion", "created": int(time.time()),
@@ -388,7 +395,7 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16, max_batch: int = 1)
                                       "finish_reason": None}], **first)
                     elif first:
                         yield chunk([delta_choice("", **ids_extra)], **first)
-                elif item[0] == "delta":
+                elif item[0] == "delta" and plan.tools is None:  # with tools: sent once the calls are known
                     yield chunk([delta_choice(item[1], item[2], **ids_extra)])
                 elif item[0] == "step":
                     _, k, step, temp, draft, accepted = item
@@ -397,8 +404,18 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16, max_batch: int = 1)
                     yield chunk([], dgport_draft={"canvas": k + 1, "step": step + 1, "temperature": temp, "accepted": accepted,
                                                   "text": text, "token_ids": draft})
             extra = {"token_ids": ans.generated} if plan.return_token_ids else {}
-            extra.update(holes(plan, ans))
-            yield chunk([delta_choice("", finish=ans.finish_reason(), **extra)], dgport=figures(ans.done))
+            finish = ans.finish_reason()
+            if plan.tools is not None:  # the content, then one delta per call (OpenAI's tool-call deltas)
+                content, reasoning, calls = await off(texting, tool_reply, plan, ans.generated, gen.tokenizer, pad_id)
+                if content or reasoning:
+                    yield chunk([delta_choice(content, reasoning)])
+                for k, call in enumerate(calls):
+                    yield chunk([{"index": 0, "delta": {"tool_calls": [{"index": k, **call}]}, "logprobs": None,
+                                  "finish_reason": None}])
+                finish = "tool_calls" if calls else finish
+            else:
+                extra.update(holes(plan, ans))
+            yield chunk([delta_choice("", finish=finish, **extra)], dgport=figures(ans.done))
             if plan.include_usage:
                 yield chunk([], usage=usage(plan, ans), dgport=figures(ans.done))
         except ApiError as e:

@@ -176,8 +176,8 @@ class Engine:
         answer tokens (not the answer re-rendered by the template), the turn's close, then the new turns.
         Only when the request repeats that conversation and the answer exactly as they were sent."""
         st, tok = self.state, self.gen.tokenizer
-        if not plan.chat or st.messages is None or plan.think != st.think:
-            return None
+        if not plan.chat or st.messages is None or plan.think != st.think or plan.tools is not None:
+            return None  # (with tools the template renders them too: a fresh rendering, its prefix reused)
         prev = st.messages + [{"role": "assistant", "content": st.answer}]
         if len(plan.messages) <= len(prev) or plan.messages[:len(prev)] != prev:
             return None
@@ -246,7 +246,7 @@ class Engine:
             answer.add(tokens)
         return done, CacheState(cached=ids + tokens[:C * (k - 1)],
                                 tail=[t for t in last[:eos] if t != gen.defaults.pad_token_id],
-                                messages=plan.messages, think=plan.think,
+                                messages=plan.messages if plan.tools is None else None, think=plan.think,
                                 answer=answer.text()[0] if answer is not None else None)
 
 

@@ -8,6 +8,7 @@ from ..errors import DgportError
 from .protocol import MAX_STOP, MAX_STOP_CHARS, REASONING_EFFORTS, SAMPLER_FIELDS, ApiError
 from ..canvas_template import Layout
 from .schema_plan import plan_response_format
+from .tool_plan import chat_messages, plan_tools
 from .template_plan import plan_template
 
 
@@ -28,6 +29,7 @@ class Plan:
     messages: list[dict] | None = None  # chat requests: the conversation, as rendered
     think: bool = False
     template: Layout | None = None  # a canvas template (the `template` field or `suffix`), tokenized
+    tools: dict | None = None  # chat with tools (serve/tool_plan.py): the answer's calls are split from it
     infill: bool = False  # `suffix`: the answer is the inserted text alone (the hole), as OpenAI returns it
 
 
@@ -84,8 +86,6 @@ def _check_common(req, gen) -> tuple[int, dict, list[str]]:
 
 
 def _message_text(m) -> str:
-    if m.tool_calls:
-        raise ApiError(400, "tool calls are not supported by dgport serve", param="messages")
     if m.content is None:
         return ""
     if isinstance(m.content, str):
@@ -119,25 +119,29 @@ def plan_chat(req, gen) -> Plan:
     if req.top_logprobs not in (None, 0):
         raise ApiError(400, "top_logprobs is not available; omit it", param="top_logprobs")
     think = _think(req)
-    template = plan_response_format(req, gen, think) or plan_template(req, gen, think)
+    tools, forced = plan_tools(req, gen, think)
+    template = forced or plan_response_format(req, gen, think) or plan_template(req, gen, think)
     if template is not None:
         max_new = template[1]
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
-                for m in req.messages]
-    if messages[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be the user's (dgport does not continue an assistant turn)",
-                       param="messages")
+    if tools is not None or any(m.tool_calls or m.role == "tool" for m in req.messages):
+        messages = chat_messages(req, _message_text)
+    else:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+                    for m in req.messages]
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise ApiError(400, "the last message must be the user's or a tool's (dgport does not continue an "
+                       "assistant turn)", param="messages")
     for i, m in enumerate(messages):
         if m["role"] == "user" and not m["content"].strip():
             raise ApiError(400, f"messages[{i}]: the user message is empty; give some text",
                            param=f"messages[{i}].content")
     try:
-        ids = encode(gen.tokenizer, gen.tokenizer.render(messages, enable_thinking=think),
-                     check=lambda n: _fits(gen, n, max_new, chat=True, template=template))
+        rendered = gen.tokenizer.render(messages, enable_thinking=think, tools=tools and tools["tools"])
+        ids = encode(gen.tokenizer, rendered, check=lambda n: _fits(gen, n, max_new, chat=True, template=template))
     except DgportError as e:
         raise ApiError(400, str(e), param="messages") from e
     plan = _plan(gen, ids, max_new, req, overrides, stop, chat=True, template=template)
-    plan.messages, plan.think = messages, think
+    plan.messages, plan.think, plan.tools = messages, think, tools
     return plan
 
 

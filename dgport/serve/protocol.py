@@ -72,13 +72,14 @@ def _models():
         text: str
 
     class Message(Strict):
-        role: Literal["system", "developer", "user", "assistant"]
+        role: Literal["system", "developer", "user", "assistant", "tool"]
         content: str | list[TextPart] | None = None
         name: str | None = None  # does not reach the template
         reasoning_content: str | None = None  # earlier turns' reasoning: the template drops it anyway
         reasoning: str | None = None
         refusal: str | None = None
-        tool_calls: list[Any] | None = None
+        tool_calls: list[Any] | None = None  # judged by dgport.tool_calls.chat_messages
+        tool_call_id: str | None = None
 
     class StreamOptions(Strict):
         include_usage: bool = False
@@ -119,6 +120,10 @@ def _models():
         reasoning_effort: str | None = None
         # structured output: judged on the planning thread (serve/schema_plan.py), in one line naming the field
         response_format: Any = None
+        # tools (serve/tool_plan.py): judged on the planning thread, in one line naming the field
+        tools: Any = None
+        tool_choice: Any = None
+        parallel_tool_calls: Any = None
 
     class CompletionRequest(Sampler):
         prompt: str | list[str] | list[int]
