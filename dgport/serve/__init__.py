@@ -23,12 +23,13 @@ temperature or nucleus to map OpenAI's `temperature` and `top_p` onto. They are 
 their neutral values (null or 1), anything else is refused with a 400 that names t_min / t_max;
 the sampler's own settings are body fields (`max_denoising_steps`, `t_min`, `t_max`,
 `entropy_bound`, `stability_threshold`, `confidence_threshold`). Fields that would change the answer
-and that dgport cannot honour (tools, logprobs, penalties, n > 1...) get a 400; `response_format`
-with a JSON schema is honoured by construction (serve/schema_plan.py), `json_object` refused.
+and that dgport cannot honour (logprobs, penalties, n > 1...) get a 400; `response_format` with a
+JSON schema (serve/schema_plan.py) and `tools` (serve/tool_plan.py) are honoured, `json_object` refused.
 
 Modules, one job each: protocol (errors in OpenAI's shape, request bodies), plan (a request -> the
 checked, tokenized Plan), engine (the worker thread, the cache reuse, shutdown), text (channels, stop
-strings, deltas), guard (the Host check, the API key, JSON-only bodies), app (the ASGI app: routes,
+strings, deltas), template_plan / schema_plan / tool_plan (canvas templates, response_format and tools
+planned into the Plan), guard (the Host check, the API key, JSON-only bodies), app (the ASGI app: routes,
 SSE, the thread pools that keep CPU work off the event loop), command (the click command and `main`).
 Importing the package needs only click: pydantic, fastapi and uvicorn are imported on first use.
 """
