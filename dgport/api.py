@@ -135,7 +135,8 @@ class Generator:
             content, found = split_calls(answer, self.tokenizer, calls["tokens"], calls["names"], calls["parallel"])
             res.tool_calls = found if calls["mode"] != "none" else []
             if calls["mode"] != "none":
-                res.texts = [self.tokenizer.decode(content)]
+                text = self.tokenizer.decode(content)
+                res.texts = ["" if found and not text.strip() else text]  # (a switch's whitespace before its call)
         return res
 
     def _tools(self, tools, tool_choice, parallel, template, raw, think):
@@ -151,13 +152,18 @@ class Generator:
         mode, forced = choose(tools, tool_choice, parallel)
         state = {"tools": tools, "mode": mode, "names": {t["function"]["name"] for t in tools},
                  "tokens": ToolTokens(self.tokenizer), "parallel": parallel is not False}
-        if mode == "forced":
+        if mode in ("forced", "switch"):
             if template is not None:
                 raise ToolError("a forced tool call is a template of its own; drop template / json_schema")
             if think:
                 raise ToolError("a forced tool call fixes the answer from its first position, where thinking "
                                 "mode's thought channel would go; drop think")
-            template = forced_template(forced)
+            if mode == "forced":
+                template = forced_template(forced)
+            else:
+                from .tool_switch import CallSwitch
+
+                template = CallSwitch(tools, self.tokenizer, self.config.canvas_length)
         return state, template
 
     def generate_batch(self, prompts, seeds=None, max_new_tokens: int | None = None, raw: bool = False,
@@ -205,7 +211,7 @@ class Generator:
             if think:
                 raise TemplateError("a template fixes the answer from its first position, so it cannot follow "
                                     "thinking mode's thought channel; drop think or the template")
-            layout = template if isinstance(template, Layout) else \
+            layout = template if isinstance(template, Layout) or getattr(template, "is_layout", False) else \
                 (template if isinstance(template, Template) else Template(template)).layout(self.tokenizer)
             max_new_tokens = layout.check_budget(self.config.canvas_length, max_new_tokens)
         settings = self.settings(max_new_tokens, **overrides)

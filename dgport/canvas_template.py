@@ -139,12 +139,16 @@ class Template:
     def constrained(self) -> bool:
         return any(isinstance(p, Hole) and p.kind is not None for p in self.parts)
 
-    def layout(self, tokenizer) -> "Layout":
+    def layout(self, tokenizer, classes_of=None) -> "Layout":
         """The template in token ids, for the step loop (the distinct text parts in one batch call
-        when the tokenizer has `encode_many`); with constrained holes, each position's token class."""
+        when the tokenizer has `encode_many`); with constrained holes, each position's token class.
+        `classes_of`: a Constraint whose class numbering (and so mask table) this layout shares."""
         from . import vocab_constraints as vc
 
-        con = vc.Constraint(vc.token_texts(tokenizer)) if self.constrained else None
+        con = None
+        if self.constrained:
+            con = vc.Constraint(vc.token_texts(tokenizer)) if classes_of is None else \
+                vc.Constraint(classes_of.texts, classes_of.keys, _index=classes_of._index)
         texts = [p for p in self.parts if isinstance(p, str) and p]
         for p in self.parts:
             if isinstance(p, Hole) and p.kind is not None:

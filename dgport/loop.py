@@ -217,6 +217,7 @@ class Row:
         else:
             committed = self.template.commit(self.argmax[0], self.fixed_ids, self.fixed, eos, pad, self.k * self.C,
                                              res.token_ids)
+            self.canvases = self.template.canvases(self.C)  # (a tool switch settles its length as it commits)
             finished = self.k == self.canvases - 1
             res.fixed_tokens += int(np.count_nonzero(self.fixed & (committed != pad)))
         res.token_ids.extend(int(t) for t in committed)

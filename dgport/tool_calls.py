@@ -83,20 +83,16 @@ def check_tools(tools, where: str = "tools") -> list[dict]:
 
 
 def choose(tools: list[dict], tool_choice, parallel) -> tuple[str, dict | None]:
-    """(mode, the forced tool or None): mode "auto", "none" or "forced". "required" forces a call of the
-    only tool; with several, name one."""
+    """(mode, the forced tool or None): mode "auto", "none", "forced" (a named function, or "required" with
+    one tool) or "switch" ("required" with several: the model chooses which, dgport.tool_switch)."""
     if parallel not in (None, True, False):
         raise ToolError("parallel_tool_calls: true or false")
     if tool_choice in (None, "auto"):
         return "auto", None
     if tool_choice == "none":
         return "none", None
-    if tool_choice == "required":
-        if len(tools) != 1:
-            raise ToolError(f"tool_choice: \"required\" with {len(tools)} tools: dgport forces a call with a template "
-                            "of one function's arguments; name the function "
-                            '({"type": "function", "function": {"name": ...}}) or send one tool')
-        return "forced", tools[0]
+    if tool_choice == "required":  # several tools: the model chooses the function (dgport.tool_switch)
+        return ("forced", tools[0]) if len(tools) == 1 else ("switch", None)
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function" \
             and isinstance(tool_choice.get("function"), dict) and set(tool_choice["function"]) == {"name"}:
         name = tool_choice["function"]["name"]

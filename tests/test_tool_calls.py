@@ -96,8 +96,9 @@ def test_tool_choice():
     assert choose(tools, {"type": "function", "function": {"name": "get_time"}}, None)[1]["function"]["name"] == \
         "get_time"
     assert choose(check_tools([TIME]), "required", None)[0] == "forced"
-    for bad, says in (("required", "name the function"), ({"type": "function", "function": {"name": "x"}},
-                                                          "no tool is named"), ("sometimes", "tool_choice")):
+    assert choose(tools, "required", None) == ("switch", None)
+    for bad, says in (({"type": "function", "function": {"name": "x"}}, "no tool is named"),
+                      ("sometimes", "tool_choice")):
         with pytest.raises(ToolError, match=says):
             choose(tools, bad, None)
     with pytest.raises(ToolError, match="parallel_tool_calls"):
@@ -125,6 +126,37 @@ def test_forced_calls_parse_and_validate_over_random_parameter_schemas_and_seeds
 
 
 # ------------------------------------------------------------------------------------------ rendering
+
+def test_required_with_several_tools_lets_the_model_choose_and_always_validates(gen, tools_ckpt, tmp_path):
+    """tool_choice "required" with several tools: canvases of whitespace, the call prefix and the name (a
+    choice), then the chosen function's argument template; every call validates against its function, more
+    than one tool gets chosen over the seeds, and ONNX, MLX and torch write the same tokens."""
+    from dgport.exporters.export import ExportOptions, export
+
+    r = random.Random(11)
+    tools = [WEATHER, TIME]
+    while len(tools) < 4:
+        params = random_schema(r)
+        if params.get("type") == "object":
+            tools.append({"type": "function", "function": {"name": f"tool_{len(tools)}", "parameters": params}})
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    chosen = set()
+    for seed in range(12):
+        res = gen.generate("Use a tool.", tools=tools, tool_choice="required", seed=seed)
+        assert len(res.tool_calls) == 1 and res.text == ""
+        call = res.tool_calls[0]
+        jsonschema.validate(call.arguments, schemas[call.name])
+        chosen.add(call.name)
+    assert len(chosen) >= 2, chosen
+    out = tmp_path / "both"
+    export(tools_ckpt, out, ExportOptions(formats=("onnx", "mlx"), validate=False))
+    gens = {"cpu": dgport.load(out, backend="cpu", threads=2), "mlx": dgport.load(out, backend="mlx"),
+            "torch": dgport.load(tools_ckpt, backend="torch")}
+    for seed in (0, 1):
+        runs = {k: g.generate("Use a tool.", tools=tools, tool_choice="required", seed=seed) for k, g in gens.items()}
+        assert len({json.dumps(x.token_ids) for x in runs.values()}) == 1
+        assert len({x.tool_calls[0].name for x in runs.values()}) == 1
+
 
 def test_tools_and_conversations_are_rendered_by_the_chat_template(gen):
     tok = gen.tokenizer

@@ -36,7 +36,7 @@ def plan_tools(req, gen, think: bool):
                        param="stop")
     state = {"tools": tools, "mode": mode, "names": {t["function"]["name"] for t in tools}, "tokens": tokens,
              "parallel": req.parallel_tool_calls is not False}
-    if mode != "forced":
+    if mode not in ("forced", "switch"):
         return state, None
     for field, given in (("template", req.template is not None), ("response_format", req.response_format
                                                                    not in (None, {"type": "text"}))):
@@ -47,7 +47,12 @@ def plan_tools(req, gen, think: bool):
         raise ApiError(400, "a forced tool call fixes the answer from its first position, where thinking mode's "
                        "thought channel would go; turn thinking off or use tool_choice auto", param="tool_choice")
     try:
-        layout = forced_template(forced).layout(gen.tokenizer)
+        if mode == "forced":
+            layout = forced_template(forced).layout(gen.tokenizer)
+        else:  # "required" with several tools: the model chooses the function
+            from ..tool_switch import CallSwitch
+
+            layout = CallSwitch(tools, gen.tokenizer, gen.config.canvas_length)
     except DgportError as e:
         raise ApiError(400, str(e), param="tools") from e
     max_new = layout.check_budget(gen.config.canvas_length, None)
@@ -85,4 +90,6 @@ def reply(plan, ids, tokenizer, pad_id) -> tuple[str, str, list[dict]]:
     text = TextStream(tokenizer, pad_id, plan.chat and plan.template is None, [])
     text.add(content_ids)
     content, reasoning = text.text()
+    if calls and not content.strip():
+        content = ""  # (a call among several tools is laid out after whitespace)
     return content, reasoning, [c.openai() for c in calls]
