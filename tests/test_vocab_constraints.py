@@ -139,7 +139,7 @@ def test_same_seed_same_tokens_on_onnx_mlx_and_torch(checkpoints, tmp_path, torc
         assert set(ref.parsed) == set(SCHEMA["properties"])
 
 
-@pytest.mark.parametrize("backend", ["cpu", "mlx", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "mlx", pytest.param("torch", marks=pytest.mark.slow)])  # torch: ~30 s
 def test_batched_rows_with_and_without_schemas_equal_each_run_alone(backend, checkpoints, tmp_path, torch_gens):
     """Rows with different schemas (and a free row) share a batch: the backend's table is the rows' tables
     stacked, each row's classes offset into it; every row equals its single-row run."""
