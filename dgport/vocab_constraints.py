@@ -89,6 +89,9 @@ class TokenTexts:
             if len(t) == 1 and t in DIGITS and not special[i]:
                 self.digit[i] = int(t)
         self.minus = np.array([t == "-" for t in texts], bool) & ~special
+
+    def check_numbers(self) -> None:
+        """Numbers need a token for each digit alone and for '-' alone."""
         for d in range(10):
             if not (self.digit == d).any():
                 raise ConstraintError(f"this tokenizer has no token for the digit {d} alone; numbers cannot be "
@@ -136,6 +139,8 @@ class Constraint:
         """The class of each of a hole's n positions."""
         if isinstance(kind, StringChars):
             return [self.class_of(("text", kind.one_char, True))] * n
+        if isinstance(kind, (IntegerDigits, FractionDigits)):
+            self.texts.check_numbers()
         if isinstance(kind, IntegerDigits):
             return [self.class_of(("sign",)), self.class_of(("digit", False))] + \
                 [self.class_of(("digit", True))] * (n - 2)

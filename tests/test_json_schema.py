@@ -194,3 +194,19 @@ def test_numbers_have_no_leading_zeros_and_a_valid_sign_and_fraction(gen):
 def test_json_schema_and_template_together_are_refused(gen):
     with pytest.raises(DgportError, match="either json_schema or template"):
         gen.generate("x", json_schema={"type": "null"}, template=["a", Hole(2)])
+
+
+def test_a_tokenizer_without_number_tokens_refuses_numbers_only(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dgport.tokenizer import ChatTokenizer
+    from dgport.vocab_constraints import ConstraintError
+
+    vocab = {"<pad>": 0, "<unk>": 1, '"': 2, "a": 3, "b": 4, **{str(d): 5 + d for d in range(10)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    t = ChatTokenizer(tmp_path)
+    assert compile_schema({"type": "string", "maxLength": 2}).layout(t).constraint is not None
+    with pytest.raises(ConstraintError, match="no token for '-'"):
+        compile_schema({"type": "integer"}).layout(t)
