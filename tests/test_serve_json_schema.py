@@ -136,3 +136,18 @@ def test_text_response_format_is_the_plain_answer(tiny):
     b = httpx.post(tiny.url + "/v1/chat/completions", json={**body, "response_format": {"type": "text"}},
                    timeout=60).json()
     assert a["choices"][0]["message"] == b["choices"][0]["message"]
+
+
+def test_the_one_request_engine_answers_the_same(tiny_export, tiny_gen):
+    """--max-batch 1 runs each request through Generator.generate (the single-row path) instead of rows."""
+    srv = ServerProcess(tiny_export, "--served-model-name", "tiny", "--max-batch", "1")
+    try:
+        srv.client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        for seed in (0, 5):
+            content = ask(srv, USER, seed).choices[0].message.content
+            assert content == tiny_gen.generate(PROMPT, json_schema=USER, seed=seed).text
+        plain = srv.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                                                   seed=1, max_tokens=16).choices[0].message.content
+        assert plain == tiny_gen.generate(PROMPT, seed=1, max_new_tokens=16).text
+    finally:
+        srv.stop()
