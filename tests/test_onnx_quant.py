@@ -135,12 +135,15 @@ def test_quantized_export_validates_against_dequantized_model(qexports, bits):
     # (the tied lm_head is not among them: the streamed head computes it from the 8-bit table's chunks)
     assert ops["MatMulNBits"] == 4 * cfg.num_layers + 2 + 2 * cfg.num_experts * cfg.num_layers, ops
     # left unfused: the embedding rows' DequantizeLinear, and the streamed head's Loop over chunks of
-    # the table (no fp32 copy of the whole table and no packed one, at load or per step)
-    assert ops["Loop"] == 1 and ops["DequantizeLinear"] == 1, ops
-    # and those two are per-axis (over [rows * H/g, g] blocks), not blocked: the CUDA EP runs blocked
-    # DequantizeLinear for 4-bit types only and fails on a blocked uint8 one at run time
+    # the table (no fp32 copy of the whole table and no packed one, at load or per step): one Loop in each
+    # branch of the If that picks the vocabulary-constrained head or the plain one, so one runs per step
+    loops = [n for n in _all_nodes(graph) if n.op_type == "Loop"]
+    assert ops["If"] == 1 and len(loops) == 2 and ops["DequantizeLinear"] == 1, ops
+    # and those (the embedding rows', and the table chunks' in each branch's Loop) are per-axis (over
+    # [rows * H/g, g] blocks), not blocked: the CUDA EP runs blocked DequantizeLinear for 4-bit types only
+    # and fails on a blocked uint8 one at run time
     left = [n for n in _all_nodes(graph) if n.op_type == "DequantizeLinear"]
-    assert len(left) == 2 and all(a.i == 0 for n in left for a in n.attribute if a.name == "block_size"), left
+    assert len(left) == 3 and all(a.i == 0 for n in left for a in n.attribute if a.name == "block_size"), left
 
 
 @pytest.mark.parametrize("flag", [{"denoise_moe": "dense"}, {"encoder_moe": "dense"}])
