@@ -63,9 +63,14 @@ class Generator:
             if raw:
                 raise DgportError("a list of messages is rendered by the chat template; drop raw")
             for i, m in enumerate(prompt):
-                if m.get("role") not in ("system", "user", "assistant", "tool") or \
-                        not isinstance(m.get("content") or "", str):
-                    raise DgportError(f"messages[{i}]: a role (system, user, assistant, tool) and text content")
+                content = m.get("content") or ""
+                if m.get("role") not in ("system", "user", "assistant", "tool") or not isinstance(content, (str, list)):
+                    raise DgportError(f"messages[{i}]: a role (system, user, assistant, tool) and text content "
+                                      "(or a list of text and image parts)")
+                if isinstance(content, list) and any(not isinstance(p, dict) or p.get("type") != "text" and
+                                                     p != {"type": "image"} for p in content):
+                    raise DgportError(f"messages[{i}]: image parts need images (generate(..., images=) or parts "
+                                      "with their image)")
             messages = ([{"role": "system", "content": system}] if system else []) + chat_messages(prompt)
             return self.tokenizer.encode(self.tokenizer.render(messages, enable_thinking=think, tools=tools))
         if isinstance(prompt, str):
@@ -94,7 +99,8 @@ class Generator:
                  rng: np.random.Generator | None = None, raw: bool = False, system: str | None = None,
                  think: bool = False, on_step=None, on_canvas=None, keep_cache: bool = False,
                  encode_chunk: int = ENCODE_CHUNK, template=None, json_schema=None, tools=None, tool_choice=None,
-                 parallel_tool_calls=None, **sampler_overrides) -> GenerationResult:
+                 parallel_tool_calls=None, images=None, max_soft_tokens: int | None = None,
+                 **sampler_overrides) -> GenerationResult:
         """Generate after `prompt` (string or token ids). `rng` (a numpy Generator) wins over `seed`;
         with neither, a fresh seed is drawn and returned as the result's `seed`. Sampler settings (max_denoising_steps, entropy_bound, t_min,
         t_max, stability_threshold, confidence_threshold, eos_token_ids, pad_token_id) override the
@@ -108,21 +114,25 @@ class Generator:
         by the chat template), `tool_choice` ("auto", "none", "required", {"type": "function", "function":
         {"name": ...}}: a forced call, by a template) and `parallel_tool_calls` (False: the first call
         only): the result's `tool_calls` are the calls the answer made, its `text` the rest
-        (docs/structured-output.md)."""
+        (docs/structured-output.md). `images` (paths, bytes, PIL images, HxWx3 uint8 arrays) go before the
+        text of a string prompt's user turn; messages carry theirs as content parts ({"type": "image",
+        "image": ...} or OpenAI's image_url with a data: URL); `max_soft_tokens` (70, 140, 280, 560, 1120;
+        default the checkpoint's) sets each image's detail (docs/images.md)."""
         if json_schema is not None:
             template = schema_template(json_schema, template)
         calls = None
         if tools is not None or tool_choice is not None or parallel_tool_calls is not None:
             calls, template = self._tools(tools, tool_choice, parallel_tool_calls, template, raw, think)
+        prompt, pimg = self.prompt_images(prompt, images, max_soft_tokens, raw)
         ids, settings, rng, seed, layout = self._prepare(prompt, max_new_tokens, seed, rng, raw, system, think,
                                                          template, sampler_overrides,
-                                                         None if calls is None else calls["tools"])
+                                                         None if calls is None else calls["tools"], pimg)
         check_encode_chunk(encode_chunk)
         check_context(self.config, self.backend.cache_len if keep_cache else 0, len(ids), settings.max_new_tokens)
         if not keep_cache:
             self.backend.reset()
         out = generate_ids(self.backend, ids, settings, rng, on_step=on_step, on_canvas=on_canvas,
-                           encode_chunk=encode_chunk, template=layout)
+                           encode_chunk=encode_chunk, template=layout, images=pimg)
         res = self._result(out, ids, settings, seed)
         if json_schema is not None:
             from .json_schema import parse_answer
@@ -202,8 +212,40 @@ class Generator:
         return [self._result(e.row.result, ids, settings, seed)
                 for e, (ids, settings, _, seed, _) in zip(entries, prepared)]
 
-    def _prepare(self, prompt, max_new_tokens, seed, rng, raw, system, think, template, overrides, tools=None):
-        """(prompt ids, settings, rng, seed, template layout) of one generation, every argument checked."""
+    def prompt_images(self, prompt, images, max_soft_tokens=None, raw: bool = False):
+        """(the prompt as the chat template reads it, its PromptImages or None): images from `images` or
+        from messages' content parts, decoded and patched (dgport.image_prompt)."""
+        from .image_prompt import image_parts, prepare_images
+
+        sources = [] if images is None else images
+        if images is not None and (isinstance(images, (str, bytes)) or not isinstance(images, (list, tuple))):
+            raise DgportError("images must be a list of images (paths, bytes, PIL images or uint8 arrays)")
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            prompt, in_parts = image_parts(prompt)
+            if in_parts and sources:
+                raise DgportError("give the images either as message content parts or as images=, not both")
+            sources = list(sources) or in_parts
+        elif isinstance(prompt, str) and sources and not raw:
+            text = [{"type": "text", "text": prompt}] if prompt.strip() else []
+            prompt = [{"role": "user", "content": [{"type": "image"}] * len(sources) + text}]
+        vision = getattr(self.backend, "vision", None)
+        settings = None if vision is None else vision.image.with_soft_tokens(max_soft_tokens)
+        if max_soft_tokens is not None and vision is None:
+            from .images import ImageSettings
+
+            ImageSettings().with_soft_tokens(max_soft_tokens)  # the value is checked all the same
+        if not sources:
+            return prompt, None
+        if vision is None:
+            from .backend import no_vision_error
+
+            raise no_vision_error(getattr(getattr(self.backend, "export", None), "path", "this model"))
+        return prompt, prepare_images(list(sources), settings)
+
+    def _prepare(self, prompt, max_new_tokens, seed, rng, raw, system, think, template, overrides, tools=None,
+                 images=None):
+        """(prompt ids, settings, rng, seed, template layout) of one generation, every argument checked;
+        `images` (PromptImages): the prompt's image tokens expanded to their soft-token slots."""
         if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens <= 0):
             raise DgportError(f"max_new_tokens must be a positive integer (got {max_new_tokens!r})")
         layout = None
@@ -224,6 +266,10 @@ class Generator:
         else:
             seed = None
         ids = self.prompt_ids(prompt, raw=raw, system=system, think=think, tools=tools)
+        if images is not None:
+            from .image_prompt import expand_ids
+
+            ids = expand_ids(ids, images, self.backend.vision)
         return ids, settings, rng, seed, layout
 
     def _result(self, out, ids, settings, seed) -> GenerationResult:

@@ -106,3 +106,30 @@ def row_step_inputs(rows, lengths, canvas, positions, temperatures, uniforms, fr
     if 0 in lengths:
         raise DgportError("denoise_rows on a row with an empty cache: encode_row its prompt first")
     return rows, canvas, positions, temperatures, uniforms, fresh
+
+
+def image_embeds_input(ids: np.ndarray, image_embeds, vision, hidden: int) -> np.ndarray | None:
+    """encode's `image_embeds` checked: None (text only; also for an empty array) or float32 [S, hidden],
+    S being the count of `vision.image_token_id` in ids [B, T] (rows taken in row-major order). `vision`:
+    the backend's VisionInfo (None: the backend takes no images)."""
+    if image_embeds is None:
+        return None
+    x = np.ascontiguousarray(image_embeds, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != hidden:
+        raise DgportError(f"encode: image_embeds must be [S, {hidden}] (got {list(x.shape)})")
+    if x.shape[0] == 0:
+        return None
+    if vision is None:
+        raise DgportError("this export takes no images (it has no vision tower); export the checkpoint again "
+                          "without --text-only")
+    n = int(np.count_nonzero(np.asarray(ids) == vision.image_token_id))
+    if n != x.shape[0]:
+        raise DgportError(f"encode: {x.shape[0]} image soft tokens for {n} image-token positions")
+    if not np.isfinite(x).all():
+        raise DgportError("encode: image_embeds holds NaN or infinite values")
+    return x
+
+
+def no_vision_error(path) -> DgportError:
+    return DgportError(f"{path}: this export takes no images (exported with --text-only, from a checkpoint without a "
+                       "vision tower, or by a dgport before images); export the checkpoint again without --text-only")

@@ -25,6 +25,7 @@ class Entry:
     encode_chunk: int = ENCODE_CHUNK
     tag: object = None  # the caller's handle (e.g. a server job)
     pending: bool = True  # `row.to_encode` is not encoded yet
+    soft: np.ndarray | None = None  # the prompt's image soft tokens [S, H] still to encode (dgport.image_prompt)
     error: BaseException | None = field(default=None, repr=False)
 
 
@@ -47,9 +48,11 @@ class BatchLoop:
         return len(self.entries)
 
     def add(self, prompt_ids, settings, rng, template=None, on_step=None, on_canvas=None,
-            encode_chunk: int = ENCODE_CHUNK, tag=None, copy_of: int | None = None, cached: int = 0) -> Entry:
+            encode_chunk: int = ENCODE_CHUNK, tag=None, copy_of: int | None = None, cached: int = 0,
+            images=None) -> Entry:
         """A new row generating after `prompt_ids`. `copy_of`: a backend row whose cache holds the first
-        `cached` of those ids (prefix reuse): the new row starts from a copy of it."""
+        `cached` of those ids (prefix reuse): the new row starts from a copy of it. `images`
+        (dgport.image_prompt.PromptImages): the prompt's images, encoded here by the vision tower."""
         check_encode_chunk(encode_chunk)
         backend_row = self.backend.open_row(copy_of)
         try:
@@ -58,10 +61,16 @@ class BatchLoop:
                                   f"not the {cached} the new row reuses")
             ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)[cached:]
             row = Row(ids, settings, rng, self.backend.config, cached, template, on_step, on_canvas)
+            soft = None
+            if images is not None:
+                from .image_prompt import soft_rows
+
+                images.encode(self.backend)
+                soft = soft_rows(images, prompt_ids, cached, self.backend.vision.image_token_id)
         except BaseException:
             self.backend.close_row(backend_row)
             raise
-        entry = Entry(row, backend_row, encode_chunk, tag)
+        entry = Entry(row, backend_row, encode_chunk, tag, soft=soft)
         self.entries.append(entry)
         return entry
 
@@ -75,8 +84,16 @@ class BatchLoop:
 
     def _encode(self, entry: Entry) -> None:
         row, chunk = entry.row, entry.encode_chunk
-        for s in range(0, row.to_encode.size, chunk):
-            self.backend.encode_row(entry.backend_row, row.to_encode[None, s:s + chunk], row.enc_pos[None, s:s + chunk])
+        if entry.soft is not None:  # the prompt with its images: blocks whole, each call its own soft tokens
+            from .image_prompt import encode_prompt
+
+            encode_prompt(lambda i, p, e: self.backend.encode_row(entry.backend_row, i, p, image_embeds=e), row.to_encode,
+                          row.enc_pos, chunk, entry.soft, self.backend.vision.image_token_id)
+            entry.soft = None
+        else:
+            for s in range(0, row.to_encode.size, chunk):
+                self.backend.encode_row(entry.backend_row, row.to_encode[None, s:s + chunk],
+                                        row.enc_pos[None, s:s + chunk])
         entry.pending = False
         row.begin_canvas()
         entry.pending = not row.done and not row.denoising  # a canvas with no hole: committed, encode the next

@@ -27,6 +27,8 @@ from .errors import DgportError
 @click.option("--attention", default="explicit", show_default=True,
               help="ONNX attention: explicit (MatMul/Softmax/MatMul) or fused (one ONNX Attention node, opset 23).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--text-only", is_flag=True, help="Leave the checkpoint's vision tower out: a smaller export that "
+              "takes no images.")
 @click.option("--no-validate", is_flag=True,
               help="Skip the comparison against the source model (which needs torch and transformers).")
 @click.option("--plan", is_flag=True, help="Print the export's size and a CPU run's peak memory (from config.json "
@@ -34,7 +36,7 @@ from .errors import DgportError
 @debug_option
 @click.pass_context
 def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, encoder_moe, denoise_moe, attention,
-           force, no_validate, plan=False):
+           force, text_only, no_validate, plan=False):
     """Export the Hugging Face DiffusionGemma checkpoint folder CHECKPOINT to the folder OUT."""
     import importlib.util
 
@@ -64,7 +66,8 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
         raise DgportError("--group-size applies only to quantized exports; add --quantize int4|int8 or drop it")
     opts = ExportOptions(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size,
                          with_logits=with_logits, encoder_moe=encoder_moe, denoise_moe=denoise_moe,
-                         attention=attention, force=force, validate=not no_validate)
+                         attention=attention, force=force, validate=not no_validate,
+                         text_only=text_only)
     console = Console(stderr=True)
     can_validate = bool(importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"))
     skipped = "validation: skipped (needs torch and transformers: pip install 'dgport[export]'; --no-validate skips it)"

@@ -243,6 +243,7 @@ def generate_ids(
     on_canvas: Callable[[CanvasEvent], None] | None = None,
     encode_chunk: int = ENCODE_CHUNK,
     template: Layout | None = None,
+    images=None,
 ) -> LoopResult:
     """Generate after `prompt_ids` (the uncached tokens; the backend's cache may already hold a
     prefix, e.g. earlier chat turns). Positions continue from `backend.cache_len`; the prompt is
@@ -252,13 +253,28 @@ def generate_ids(
     table (set_token_masks) and each step its positions' classes (denoise(..., classes=)). Its fixed
     tokens are written into every step's input and argmax canvas, accepted at no cost to the entropy budget (their entropy counts as 0) and left out
     of the stopping rule's mean entropy; a canvas with no hole takes no step. The answer is the
-    template's canvases, committed as Layout.commit says (and encoded so for the next canvas)."""
+    template's canvases, committed as Layout.commit says (and encoded so for the next canvas).
+
+    `images` (dgport.image_prompt.PromptImages, for the image blocks in prompt_ids): encoded once by
+    the backend's vision tower before the first encode call; the prompt's encode calls never split a block."""
     row = Row(prompt_ids, settings, rng, backend.config, backend.cache_len, template, on_step, on_canvas)
+    soft = None
+    if images is not None:
+        from .image_prompt import encode_prompt
+
+        images.encode(backend)
+        soft = np.concatenate(images.soft, axis=0)
     if row.masks is not None:
         backend.set_token_masks(row.masks)
     try:
         while not row.done:
-            encode_chunked(backend, row.to_encode[None], row.enc_pos[None], encode_chunk)
+            if soft is not None:  # the prompt, once
+                encode_prompt(lambda i, p, e: backend.encode(i, p, image_embeds=e) if e is not None else
+                              backend.encode(i, p), row.to_encode, row.enc_pos, encode_chunk, soft,
+                              backend.vision.image_token_id)
+                soft = None
+            else:
+                encode_chunked(backend, row.to_encode[None], row.enc_pos[None], encode_chunk)
             backend.new_canvas()
             row.begin_canvas()
             while row.denoising:

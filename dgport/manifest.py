@@ -22,6 +22,7 @@ from . import __version__, safe_files
 from . import schema as S
 from .config import GenerationDefaults, TextConfig
 from .errors import ExportError
+from .vision_config import VisionInfo
 
 MANIFEST = "dgport.json"
 # 2: per-graph expert form and weights_as_inputs; cpu_graphs whenever the CPU runs other graphs
@@ -29,7 +30,7 @@ MANIFEST = "dgport.json"
 FORMAT_VERSION = 3
 # dgport's cache of exports is keyed by this too: raised when the graphs gain something a cached export
 # of the same format version lacks, so it is exported again (r1: the vocabulary-constraint inputs)
-CACHE_REVISION = "r1"
+CACHE_REVISION = "r2"  # r2: the vision graph and the encoders' image_embeds input
 BACKEND_FORMAT = {"cpu": "onnx", "cuda": "onnx", "mlx": "mlx"}
 MAX_MANIFEST_BYTES = safe_files.CAPS[MANIFEST]  # 64 MiB; a real export's manifest is ~1 MB (an entry per tensor)
 
@@ -65,9 +66,10 @@ def manifest_digest(manifest: dict) -> str:
 
 
 def write_manifest(folder: Path, *, source: dict, config: TextConfig, generation: GenerationDefaults,
-                   tokenizer_files: list[str], formats: dict[str, dict]) -> dict:
+                   tokenizer_files: list[str], formats: dict[str, dict], vision=None) -> dict:
     """Write dgport.json. Each format entry lists its `files` (relative paths); their sizes and
-    checksums are recorded under `artifacts` with the tokenizer files'."""
+    checksums are recorded under `artifacts` with the tokenizer files'. `vision` (a VisionInfo): the
+    export takes images (every format wrote its vision weights)."""
     files = list(dict.fromkeys(list(tokenizer_files) + [f for entry in formats.values() for f in entry["files"]]))
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -79,6 +81,8 @@ def write_manifest(folder: Path, *, source: dict, config: TextConfig, generation
         "formats": formats,
         "artifacts": artifact_entries(folder, files),
     }
+    if vision is not None:
+        manifest["vision"] = vision.to_dict()
     manifest = json.loads(json.dumps(manifest))  # the digest is over what a reader will parse
     manifest["manifest_sha256"] = manifest_digest(manifest)
     validate_manifest(manifest)  # a writer bug is caught here, not by the first `run`
@@ -150,12 +154,13 @@ GRAPH_IO = {
     "step": (("input_ids", "position_ids", "sc_embeds", "temperature", "uniforms", "denoise"),
              ("argmax_ids", "entropy", "sampled_ids", "next_sc_embeds")),
 }
+GRAPH_IO["vision"] = (("pixel_values", "pixel_position_ids"), ("soft_tokens",))
 OPTIONAL_OUTPUTS = {"denoise_step": ("logits",), "step": ("logits",)}
 WITH_CACHE_OUT = ("encoder", "step")
 
 
 def _check_io_names(value, path, graph: str, config: TextConfig) -> None:
-    past = [f"past_{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")]
+    past = [f"past_{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")] if graph != "vision" else []
     inputs, outputs = GRAPH_IO[graph]
     want_in = set(inputs) | set(past)
     want_out = set(outputs) | ({f"present_{kv}_{i}" for i in range(config.num_layers) for kv in ("key", "value")}
@@ -207,6 +212,10 @@ def _onnx_entry(entry, path, artifacts, config: TextConfig) -> list[str]:
                 S.string(form, f"{path}.moe.{dev}.{g}", choices=MOE_FORMS)
     _onnx_weights(entry["weights"], f"{path}.weights", artifacts)
     named = [entry["weights"]["file"]]
+    if "vision_graph" in entry:
+        _onnx_graph(entry["vision_graph"], f"{path}.vision_graph", entry["weights"]["tensors"])
+        _check_io_names(entry["vision_graph"], f"{path}.vision_graph", "vision", config)
+        named.append(entry["vision_graph"]["file"])
     for key in ("graphs", "cpu_graphs"):
         if key == "cpu_graphs" and key not in entry:
             continue
@@ -248,7 +257,7 @@ def _check_top(manifest) -> None:
         raise ExportError(f"export format version {version!r}, this dgport reads version {FORMAT_VERSION}; "
                           "export again with this dgport")
     S.obj(manifest, "", required=("format_version", "dgport_version", "source", "config", "generation",
-                                  "tokenizer_files", "formats", "artifacts", "manifest_sha256"))
+                                  "tokenizer_files", "formats", "artifacts", "manifest_sha256"), optional=("vision",))
     S.obj(manifest["formats"], "formats", extra=True)
     for name in manifest["formats"]:
         if name not in FORMAT_ENTRIES:
@@ -269,6 +278,14 @@ def validate_manifest(manifest) -> tuple[TextConfig, GenerationDefaults]:
     for i, e in enumerate(generation.eos_token_ids):
         S.integer(e, f"generation.eos_token_ids[{i}]", 0, config.vocab_size - 1)
     S.integer(generation.pad_token_id, "generation.pad_token_id", 0, config.vocab_size - 1)
+    if "vision" in manifest:
+        vision = VisionInfo.from_dict(manifest["vision"], config.vocab_size)
+        if vision.config.text_hidden_size != config.hidden_size:
+            raise S.SchemaError("vision.config.text_hidden_size", f"{vision.config.text_hidden_size} is not the "
+                                                                  f"text width {config.hidden_size}")
+        for name, entry in manifest["formats"].items():
+            if name == "onnx" and "vision_graph" not in entry or name == "mlx" and entry.get("vision") is not True:
+                raise S.SchemaError(f"formats.{name}", "has no vision weights, but the export takes images")
 
     artifacts = S.obj(manifest["artifacts"], "artifacts", extra=True)
     for rel, meta in artifacts.items():
@@ -325,6 +342,12 @@ class Export:
         if self._generation is None:
             self._generation = GenerationDefaults.from_dict(self.manifest["generation"])
         return self._generation
+
+    @property
+    def vision(self) -> VisionInfo | None:
+        """The vision tower and image settings (None: the export takes no images)."""
+        v = self.manifest.get("vision")
+        return None if v is None else VisionInfo.from_dict(v, self.config.vocab_size)
 
     @property
     def formats(self) -> list[str]:

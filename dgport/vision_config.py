@@ -81,3 +81,109 @@ class VisionConfig:
                    position_embedding_size=integer("position_embedding_size", 10240, 1, 1 << 20),
                    rms_norm_eps=float(eps), rope_theta=float(theta), standardize=flag("standardize", False),
                    clipped_linears=flag("use_clipped_linears", False), text_hidden_size=text_hidden_size)
+
+
+VT = "model.encoder.vision_tower."
+EMB = "model.encoder.embed_vision."
+
+
+def expected_vision_tensors(c: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """The vision tower's and the embedder's tensors (transformers' names) and shapes."""
+    H, I, d = c.hidden_size, c.intermediate_size, c.head_dim
+    out = {VT + "patch_embedder.input_proj.weight": (H, 3 * c.patch_size ** 2),
+           VT + "patch_embedder.position_embedding_table": (2, c.position_embedding_size, H)}
+    linears = {"self_attn.q_proj": (c.num_heads * d, H), "self_attn.k_proj": (c.kv_heads * d, H),
+               "self_attn.v_proj": (c.kv_heads * d, H), "self_attn.o_proj": (H, c.num_heads * d),
+               "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
+    for i in range(c.num_layers):
+        p = f"{VT}encoder.layers.{i}."
+        for name, shape in linears.items():
+            out[f"{p}{name}.linear.weight"] = shape
+            if c.clipped_linears:
+                for bound in ("input_min", "input_max", "output_min", "output_max"):
+                    out[f"{p}{name}.{bound}"] = ()
+        out[f"{p}self_attn.q_norm.weight"] = (d,)
+        out[f"{p}self_attn.k_norm.weight"] = (d,)
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            out[f"{p}{norm}.weight"] = (H,)
+    if c.standardize:
+        out[VT + "std_bias"] = (H,)
+        out[VT + "std_scale"] = (H,)
+    out[EMB + "embedding_projection.weight"] = (c.text_hidden_size, H)
+    return out
+
+
+@dataclass(frozen=True)
+class VisionInfo:
+    """What a runtime needs to take images: the tower's config, the image processor's settings and the
+    image token ids (`<|image>` boi, `<|image|>` the soft-token placeholder, `<image|>` eoi)."""
+    config: VisionConfig
+    image: "ImageSettings"
+    image_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+    bidirectional: bool  # text_config.use_bidirectional_attention == "vision": image blocks see each other
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "image": self.image.to_dict(), "image_token_id": self.image_token_id,
+                "boi_token_id": self.boi_token_id, "eoi_token_id": self.eoi_token_id,
+                "bidirectional": self.bidirectional}
+
+    @classmethod
+    def from_dict(cls, d: dict, vocab_size: int, where: str = "vision") -> "VisionInfo":
+        """From a manifest's `vision` section (untrusted: every value checked)."""
+        from . import schema as S
+        from .images import ImageSettings
+
+        S.obj(d, where, required=("config", "image", "image_token_id", "boi_token_id", "eoi_token_id",
+                                  "bidirectional"))
+        ids = {k: S.integer(d[k], f"{where}.{k}", 0, vocab_size - 1)
+               for k in ("image_token_id", "boi_token_id", "eoi_token_id")}
+        S.obj(d["config"], f"{where}.config", extra=True)
+        try:
+            cfg = VisionConfig(**d["config"])
+            VisionConfig.from_hf(_as_hf(cfg), cfg.text_hidden_size, f"{where}.config")  # the same checks
+        except TypeError as e:
+            raise S.SchemaError(f"{where}.config", f"not a vision config ({e})") from None
+        image = ImageSettings.from_dict(d["image"], f"{where}.image")
+        if image.patch_size != cfg.patch_size or image.pooling_kernel_size != cfg.pooling_kernel_size:
+            raise S.SchemaError(f"{where}.image", "patch_size and pooling_kernel_size differ from the tower's")
+        return cls(cfg, image, bidirectional=S.boolean(d["bidirectional"], f"{where}.bidirectional"), **ids)
+
+
+def _as_hf(c: VisionConfig) -> dict:
+    return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+            "num_attention_heads": c.num_heads, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
+            "patch_size": c.patch_size, "pooling_kernel_size": c.pooling_kernel_size,
+            "position_embedding_size": c.position_embedding_size, "rms_norm_eps": c.rms_norm_eps,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": c.rope_theta}, "standardize": c.standardize,
+            "use_clipped_linears": c.clipped_linears, "hidden_activation": c.hidden_activation}
+
+
+def read_vision(raw: dict, folder, text_hidden: int, vocab_size: int, names, where: str) -> VisionInfo | None:
+    """A checkpoint's vision tower, or None when it has none (no vision_config, or no vision tensors:
+    a text-only checkpoint). `names`: the tensor names its weight files hold."""
+    from .images import ImageError, ImageSettings
+
+    vision = raw.get("vision_config")
+    if vision is None or not any(n.startswith(VT) for n in names):
+        return None
+    cfg = VisionConfig.from_hf(vision, text_hidden, where)
+    ids = {}
+    for key, default in (("image_token_id", 258880), ("boi_token_id", 255999), ("eoi_token_id", 258882)):
+        v = raw.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
+            raise CheckpointError(f"{where}: {key} must be a token id below the vocabulary size {vocab_size} "
+                                  f"(got {v!r})")
+        ids[key] = v
+    try:
+        image = ImageSettings.from_folder(folder)
+    except ImageError as e:
+        raise CheckpointError(str(e)) from None
+    if image.patch_size != cfg.patch_size or image.pooling_kernel_size != cfg.pooling_kernel_size:
+        raise CheckpointError(f"{folder}: the image processor's patch_size/pooling_kernel_size ({image.patch_size}, "
+                              f"{image.pooling_kernel_size}) differ from vision_config's ({cfg.patch_size}, "
+                              f"{cfg.pooling_kernel_size}); fix processor_config.json")
+    mode = (raw.get("text_config") or {}).get("use_bidirectional_attention")
+    return VisionInfo(cfg, image, bidirectional=mode == "vision", **ids)

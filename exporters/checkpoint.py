@@ -12,6 +12,7 @@ import numpy as np
 from dgport import safe_files
 from dgport.config import GenerationDefaults, TextConfig
 from dgport.errors import CheckpointError
+from dgport.vision_config import VisionInfo, expected_vision_tensors, read_vision
 
 from .safetensors_np import FLOAT_DTYPES, SafetensorsFile
 
@@ -100,6 +101,7 @@ class Checkpoint:
     _files: dict[str, SafetensorsFile] = field(repr=False)
     root: Path | None = None  # the folder its files really lie in (safe_files.model_root)
     _finite: set = field(default_factory=set, repr=False)
+    vision: "VisionInfo | None" = None  # the vision tower (None: a text-only checkpoint, or read text-only)
 
     def tensor(self, name: str) -> np.ndarray:
         """A text-model tensor by its transformers name, as stored (bf16 via ml_dtypes; memory-mapped).
@@ -184,8 +186,9 @@ def transformers_loadable(path: Path) -> bool:
     return (path / SAFETENSORS_SINGLE).is_file() or (path / SAFETENSORS_INDEX).is_file()
 
 
-def read_checkpoint(path) -> Checkpoint:
-    """Open and validate a checkpoint folder. Tensors are memory-mapped, not loaded."""
+def read_checkpoint(path, vision: bool = True) -> Checkpoint:
+    """Open and validate a checkpoint folder. Tensors are memory-mapped, not loaded. `vision=False`
+    ignores a vision tower (text-only exports)."""
     path = Path(path)
     text, gen, raw = read_config(path)
     st = weight_files(path)
@@ -217,9 +220,23 @@ def read_checkpoint(path) -> Checkpoint:
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{path}: {'; '.join(problems[:3])}{more}; the weights do not match config.json")
+    info = read_vision(raw, path, text.hidden_size, text.vocab_size, files, str(path / "config.json")) \
+        if vision else None
+    if info is not None:
+        for name, shape in expected_vision_tensors(info.config).items():
+            if name not in files:
+                problems.append(f"missing tensor {name} {list(shape)}")
+            elif files[name].shape(name) != shape:
+                problems.append(f"tensor {name} has shape {list(files[name].shape(name))}, expected {list(shape)}")
+            elif files[name].dtype_name(name) not in FLOAT_DTYPES:
+                problems.append(f"tensor {name} is stored as {files[name].dtype_name(name)}, not as floats")
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise CheckpointError(f"{path}: vision tower: {'; '.join(problems[:3])}{more}; the weights do not match "
+                                  "config.json's vision_config (export with --text-only to leave images out)")
     tok = [path / n for n in TOKENIZER_FILES if os.path.lexists(path / n)]
     if not os.path.lexists(path / "tokenizer.json"):
         raise CheckpointError(f"{path / 'tokenizer.json'}: missing; dgport needs the checkpoint's tokenizer.json")
     for p in tok:  # read later (the export copies them, the tokenizer reads them): refused now, not half-way
         safe_files.check(p, root, CheckpointError, FIX)
-    return Checkpoint(path, text, gen, raw, tok, files, root)
+    return Checkpoint(path, text, gen, raw, tok, files, root, vision=info)

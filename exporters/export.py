@@ -54,6 +54,7 @@ class ExportOptions:
     attention: str = "explicit"  # ONNX: "explicit" (MatMul/Softmax/MatMul) or "fused" (ONNX Attention, opset 23)
     force: bool = False
     validate: bool = True
+    text_only: bool = False  # leave a checkpoint's vision tower out (no images at run time)
 
 
 @dataclass
@@ -333,7 +334,7 @@ def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> E
     _prepare_out(out, opts.force)  # fail fast; checked again under the lock
     started = time.perf_counter()
     with progress.step("reading checkpoint"):
-        ckpt = read_checkpoint(src)
+        ckpt = read_checkpoint(src, vision=not opts.text_only)
     if out.exists():
         _refuse_links_into(Path(src), out)
     if opts.quantize:  # before anything is written: one group size for every format, or the tensor it fails
@@ -371,6 +372,11 @@ def export(src, out, opts: ExportOptions, progress: Progress | None = None) -> E
     return ExportSummary(out, files, time.perf_counter() - started, validation)
 
 
+def _has_vision(entry: dict) -> bool:
+    """Whether a format entry holds vision weights (ONNX: a vision graph; MLX: `vision: true`)."""
+    return "vision_graph" in entry or entry.get("vision") is True
+
+
 def _write(src, ckpt, tmp: Path, modules: dict, opts: ExportOptions, progress: Progress) -> tuple[dict, dict]:
     """Every format, the tokenizer files and the manifest into `tmp`; then the validation."""
     tok_files = []
@@ -383,6 +389,7 @@ def _write(src, ckpt, tmp: Path, modules: dict, opts: ExportOptions, progress: P
     manifest = write_manifest(
         tmp, source={"path": str(Path(src).resolve()), "fingerprint": ckpt.fingerprint()},
         config=ckpt.config, generation=ckpt.generation, tokenizer_files=tok_files, formats=formats,
+        vision=ckpt.vision if ckpt.vision is not None and all(map(_has_vision, formats.values())) else None,
     )
     validation = {}
     ckpt.close()  # the written weights' pages leave this process's memory before the models are loaded

@@ -21,6 +21,7 @@ from .onnx_steps import build_denoise, build_encoder, build_step, io_spec
 from .onnx_quant import QuantSpec
 
 ENCODER, DENOISE = "encoder.onnx", "denoise_step.onnx"
+VISION = "vision.onnx"  # checkpoints with a vision tower: patches -> soft tokens (exporters/onnx_vision.py)
 STEP = "step.onnx"  # quantized exports: encoder and denoiser in one graph (onnx_steps.build_step)
 CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
 SPARSE_DENOISE = "denoise_step.sparse.onnx"
@@ -62,6 +63,15 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         quant = QuantSpec(opts.quantize, opts.group_size, quantized_tensors(cfg, opts.quantize))
     what = f"int{opts.quantize} (group {opts.group_size})" if quant else opts.dtype
     files = []
+    vision = None if getattr(opts, "text_only", False) else ckpt.vision
+    built_vision = []
+
+    def vision_graph() -> None:  # on the same weights file, before the store closes
+        if vision is not None:
+            from .onnx_vision import build_vision
+
+            with progress.step("onnx: vision graph"):
+                built_vision.append(build_vision(vision.config, store, md))
 
     def write(b, fname, moe) -> dict:
         _save(b, out_dir / fname)
@@ -74,7 +84,8 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         try:
             with progress.step(f"onnx: step graph (encoder + denoiser) + {what} weights"):
                 step = build_step(cfg, store, md, opts.with_logits, progress=progress, fused_attention=fused,
-                                  quant=quant)
+                                  quant=quant, vision=vision)
+            vision_graph()
         finally:
             store.close()
         with progress.step("onnx: writing graphs"):
@@ -82,7 +93,14 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         cpu_graphs = graphs
         opset = step.opset
     else:
-        graphs, cpu_graphs, opset = _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progress)
+        graphs, cpu_graphs, opset = _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progress,
+                                                vision, vision_graph)
+    vision_entry = None
+    if built_vision:
+        _save(built_vision[0], out_dir / VISION)
+        files.append(VISION)
+        vision_entry = {"file": VISION, "weights": list(built_vision[0].weights), "weights_as_inputs": False,
+                        **io_spec(built_vision[0])}
     files.append(WEIGHTS_FILE)
     entry = {
         "files": files,
@@ -105,6 +123,8 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     }
     if cpu_graphs != graphs:
         entry["cpu_graphs"] = cpu_graphs
+    if vision_entry is not None:  # fp32 compute on every device; soft tokens out as float32
+        entry["vision_graph"] = vision_entry
     if quant is not None:
         entry["quantization"], entry["quantized_tensors"] = quantization_entry(quant)
     if opts.dtype == "bf16":
@@ -114,16 +134,18 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     return entry
 
 
-def _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progress) -> tuple[dict, dict, int]:
+def _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progress, vision=None,
+                vision_graph=lambda: None) -> tuple[dict, dict, int]:
     """Unquantized exports: the encoder and denoise_step graphs GPUs run and the CPU's set."""
     built = {}
     try:
         with progress.step(f"onnx: encoder graph + {what} weights"):
             built["encoder"] = build_encoder(cfg, store, md, progress=progress, sparse_moe=sparse["cuda"]["encoder"],
-                                             fused_attention=fused)
+                                             fused_attention=fused, vision=vision)
         with progress.step("onnx: denoise_step graph"):
             built["denoise_step"] = build_denoise(cfg, store, md, opts.with_logits, progress=progress,
                                                   sparse_moe=sparse["cuda"]["denoise_step"], fused_attention=fused)
+        vision_graph()
     finally:
         store.close()
     with progress.step("onnx: writing graphs"):
@@ -134,7 +156,8 @@ def _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progres
         store_ro = _ReadOnlyStore(store)
         if opts.dtype == "bf16":  # the CPU EP has no bf16 kernels: fp32-compute twins on the same bf16 weights
             cpu_graphs["encoder"] = write(build_encoder(cfg, store_ro, md, emulate=True,
-                                                        sparse_moe=sparse["cpu"]["encoder"], fused_attention=fused),
+                                                        sparse_moe=sparse["cpu"]["encoder"], fused_attention=fused,
+                                                        vision=vision),
                                           CPU_ENCODER, forms["cpu"]["encoder"])
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits, emulate=True,
                                                              sparse_moe=sparse["cpu"]["denoise_step"],

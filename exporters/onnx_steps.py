@@ -152,16 +152,31 @@ def _step_inputs(b: Builder, cfg: TextConfig, md: int, ids_name: str, length: st
 # ----------------------------------------------------------------------------------- graphs
 
 
+def _images(b: Builder, cfg: TextConfig, vision, ids: str):
+    """The image_embeds input (exporters/onnx_images.py) when the export takes images, else None."""
+    if vision is None:
+        return None
+    from .onnx_images import ImageInputs
+
+    return ImageInputs(b, cfg.hidden_size, vision.image_token_id, ids, vision.bidirectional)
+
+
 def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None,
-                  sparse_moe: bool = True, fused_attention: bool = False):
+                  sparse_moe: bool = True, fused_attention: bool = False, vision=None):
+    """`vision` (a VisionInfo): the graph also takes image soft tokens (exporters/onnx_images.py)."""
     b = Builder("dgport_encoder", store, md, emulate)
     m = Model(b, cfg, "encoder", sparse_moe, fused_attention)
     ids = b.input("input_ids", INT64, ["batch", "seq"])
     pos = b.input("position_ids", INT64, ["batch", "seq"])
     pasts = cache_inputs(b, cfg, md)
-    m.masks = attention_masks(b, cfg, pos, _past_lengths(b, cfg, pasts), "encoder")
+    images = _images(b, cfg, vision, ids)
+    lengths = _past_lengths(b, cfg, pasts)
+    m.masks = attention_masks(b, cfg, pos, lengths, "encoder")
     rope = m.rope_tables(pos)
     h = m.embed(ids)
+    if images is not None:
+        m.masks = images.overlay(m.masks, lengths)
+        h = images.embed(h)
     trim = _sliding_tail(b, cfg)
     for i in _layers(cfg, progress, "encoder layers"):
         last = i == cfg.num_layers - 1
@@ -190,7 +205,7 @@ def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: boo
 
 
 def build_step(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, progress=None,
-               fused_attention: bool = False, quant: "QuantSpec | None" = None):
+               fused_attention: bool = False, quant: "QuantSpec | None" = None, vision=None):
     """Encoder and denoiser in one graph (quantized exports), selected by the scalar input `denoise`:
     false: encode `input_ids` causally and return the extended cache (the encoder graph's contract;
     the sampler outputs are empty [B, 0]); true: one denoising step of the canvas `input_ids`
@@ -208,9 +223,14 @@ def build_step(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, 
     m.denoise = den
     pasts = cache_inputs(b, cfg, md)
     token_masks, classes = constraint_inputs(b, cfg.vocab_size, ids)
-    m.masks = attention_masks(b, cfg, pos, _past_lengths(b, cfg, pasts), "joint", den)
+    images = _images(b, cfg, vision, ids)
+    lengths = _past_lengths(b, cfg, pasts)
+    m.masks = attention_masks(b, cfg, pos, lengths, "joint", den)
     rope = m.rope_tables(pos)
     e = m.embed(ids)
+    if images is not None:  # (encoding only: a denoising call never feeds image_embeds)
+        m.masks = images.overlay(m.masks, lengths)
+        e = images.embed(e)
     h = b.op("Where", den, _denoise_input(b, m, cfg, ids, sc, e), e)
     trim = _sliding_tail(b, cfg)
     for i in _layers(cfg, progress, "step layers"):

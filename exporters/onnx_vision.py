@@ -2,7 +2,7 @@
 from patches to soft tokens in the text width (transformers' Gemma4VisionModel + embed_vision).
 
     pixel_values [N, P, 3 * patch**2] float32, pixel_position_ids [N, P, 2] int64 ((x, y); (-1, -1) pads)
-      -> soft_tokens [N, P / k**2, H] (the export dtype; an image's first `soft_tokens` rows are its own,
+      -> soft_tokens [N, P / k**2, H] (float32 holding export-dtype values; an image's first `soft_tokens` rows are its own,
          the rest pool only padding)
 
 Built from the config with the same Builder as the text graphs: the weights live in the export's
@@ -158,7 +158,8 @@ class Vision:
         if c.standardize:
             h = b.op("Mul", b.op("Sub", h, self.w32(VT + "std_bias")), self.w32(VT + "std_scale"))
         h = b.op("MatMul", self.rms(h, None), self.w(EMB + "embedding_projection.weight", transpose=True))
-        b.output("soft_tokens", b.to_md(h), b.md, ["N", "S", c.text_hidden_size])
+        # float32 out, rounded to the export dtype (transformers casts the tower's output to the embedding dtype)
+        b.output("soft_tokens", b.to_md(h), FLOAT, ["N", "S", c.text_hidden_size])
 
 
 def build_vision(cfg: VisionConfig, store, md: int) -> Builder:

@@ -19,6 +19,7 @@ from pathlib import Path
 SPECIAL_TOKENS = {
     0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>",
     48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>',
+    60: "<|image>", 61: "<|image|>", 62: "<image|>",
     98: "<|think|>", 100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>",
 }
 FIRST_BYTE_ID = 108  # byte-level tokens follow Gemma's reserved/special range
@@ -72,6 +73,15 @@ TOOLS_CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# The plain format with images: a content part {"type": "image"} renders as the image placeholder, which
+# the processor expands to <|image> + n x <|image|> + <image|> (n: the image's soft tokens).
+VISION_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ m.content | trim }}",
+    "{%- if m.content is string -%}{{ m.content | trim }}{%- else -%}{%- for p in m.content -%}"
+    "{%- if p.type == 'image' -%}<|image|>{%- elif p.type == 'text' -%}{{ p.text | trim }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}")
+IMAGE_TOKENS = {"boi_token_id": 60, "image_token_id": 61, "eoi_token_id": 62}
+
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -102,6 +112,10 @@ class Preset:
     qk_norm_scale: float = 1.0  # scales q_norm/k_norm weights; attention has no 1/sqrt(d), so 1.0 gives
     # near-one-hot attention on wide heads (a discrete choice that rounding can flip)
     chat_template: str = "plain"  # "tools": TOOLS_CHAT_TEMPLATE (Gemma 4's tool declarations and calls)
+    # the vision tower's config (transformers' Gemma4VisionConfig keys) and the image processor's
+    # (processor_config.json); None: a tiny tower that no test feeds (and no processor config)
+    vision: dict | None = None
+    image_processor: dict | None = None
 
 
 BASE_GENERATION = {
@@ -141,6 +155,19 @@ LARGE_PRESETS: dict[str, Preset] = {
         head_dim=256, global_head_dim=512, num_global_key_value_heads=2, layer_types=(SLIDING, FULL),
         sliding_window=1024, num_experts=128, top_k_experts=8, moe_intermediate_size=704, canvas_length=16,
         seed=4, torch_dtype="bfloat16", router_std=2.0, qk_norm_scale=0.25, generation={"max_new_tokens": 16, "max_denoising_steps": 2}),
+}
+
+
+# Presets for image input (not in PRESETS: the text matrix does not run on them).
+VISION_PRESETS: dict[str, Preset] = {
+    # images: a small tower with grouped heads, an odd patch size and standardization; up to 70 soft
+    # tokens an image (630 patches of 4x4 pixels)
+    "vision": Preset(seed=5, embed_std=1.0, residual_gain=0.3, chat_template="vision",
+                     generation={"max_denoising_steps": 8},
+                     vision=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, patch_size=4, pooling_kernel_size=3,
+                                 position_embedding_size=96, standardize=True),
+                     image_processor=dict(patch_size=4, pooling_kernel_size=3, max_soft_tokens=70)),
 }
 
 
@@ -209,11 +236,12 @@ def hf_config(p: Preset):
                    "rope_theta": 1_000_000.0},
         },
     )
-    # The vision tower is unused by a text runtime; keep it tiny so fixtures stay small.
-    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                  num_attention_heads=1, num_key_value_heads=1, head_dim=16)
+    # Text presets keep the tower tiny so fixtures stay small (no test feeds it images).
+    vision = dict(model_type="gemma4_vision", **(p.vision or dict(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+        head_dim=16)))
     return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=p.canvas_length,
-                                eos_token_id=[1, 106])
+                                eos_token_id=[1, 106], **IMAGE_TOKENS)
 
 
 def build_model(p: Preset):
@@ -233,6 +261,15 @@ def build_model(p: Preset):
         emb = model.model.decoder.embed_tokens.weight
         emb.normal_(0.0, p.embed_std, generator=g)
         emb[[1, 106, 50]] *= p.eos_boost
+        if p.vision is not None:  # weights at a scale where every part of the tower matters
+            tower = model.model.encoder.vision_tower
+            for name, prm in list(tower.named_parameters()) + list(model.model.encoder.embed_vision.named_parameters()):
+                prm.copy_(torch.randn(prm.shape, generator=g) * (0.3 if prm.dim() < 2 else prm.shape[-1] ** -0.5))
+            for name, buf in tower.named_buffers():
+                if name == "std_bias":
+                    buf.copy_(0.1 * torch.randn(buf.shape, generator=g))
+                elif name == "std_scale":
+                    buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
         for name, prm in model.model.decoder.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight") or "_layernorm_" in name:
                 prm.copy_(1.0 + 0.1 * torch.randn(prm.shape, generator=g))
@@ -259,14 +296,18 @@ def build_model(p: Preset):
 
 def build_fixture(name: str, out_dir, **overrides) -> Path:
     """Write preset `name` (with dataclass field overrides) as an HF checkpoint folder."""
-    p = replace(PRESETS[name] if name in PRESETS else LARGE_PRESETS[name], **overrides)
+    p = replace({**PRESETS, **LARGE_PRESETS, **VISION_PRESETS}[name], **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(p)
     model.save_pretrained(out)
     gen = {**BASE_GENERATION, **p.generation}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    write_tokenizer(out, p.vocab_size, TOOLS_CHAT_TEMPLATE if p.chat_template == "tools" else CHAT_TEMPLATE)
+    templates = {"tools": TOOLS_CHAT_TEMPLATE, "vision": VISION_CHAT_TEMPLATE}
+    write_tokenizer(out, p.vocab_size, templates.get(p.chat_template, CHAT_TEMPLATE))
+    if p.image_processor is not None:
+        (out / "processor_config.json").write_text(json.dumps({"image_processor": {
+            "image_processor_type": "Gemma4ImageProcessor", **p.image_processor}}, indent=2))
     return out
 
 
@@ -280,7 +321,7 @@ def main(argv=None) -> int:
 
     import click
 
-    names = [*PRESETS, *LARGE_PRESETS]
+    names = [*PRESETS, *LARGE_PRESETS, *VISION_PRESETS]
 
     @click.command(context_settings={"help_option_names": ["-h", "--help"]})
     @click.argument("preset", metavar="PRESET", type=click.Choice(names))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dgport import safe_files
-from dgport.backend import StepOutput
+from dgport.backend import StepOutput, image_embeds_input, no_vision_error
 from dgport.config import TextConfig
 from dgport.errors import BackendUnavailable, DgportError, ExportError
 
@@ -154,6 +154,11 @@ class OnnxBackend(RowsMixin):
         self._zero_sc = None
         self._logits = None
         self._bf16_reader = None
+        enc = graphs["step" if self._joint else "encoder"]
+        takes_images = "image_embeds" in {i["name"] for i in enc.get("optional_inputs", ())}
+        self.vision = export.vision if takes_images and "vision_graph" in entry else None
+        self._vision_sess = None
+        self._threads, self._so_kw = threads, so_kw
         self._init_rows(threads)
         self.reset()
 
@@ -255,23 +260,53 @@ class OnnxBackend(RowsMixin):
                     for i in range(cfg.num_layers)]
         self._batch = B
 
-    def encode(self, ids: np.ndarray, positions: np.ndarray) -> None:
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
+
+    def encode_images(self, pixel_values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The vision graph: patches [N, P, 3*patch**2] float32 and positions [N, P, 2] int64 -> soft
+        tokens [N, P / k**2, H] float32 (export-dtype values). Its session opens on first use."""
+        if self.vision is None:
+            raise no_vision_error(self.export.path)
+        pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        pos = np.ascontiguousarray(positions, dtype=np.int64)
+        c = self.vision.config
+        if pv.ndim != 3 or pv.shape[2] != 3 * c.patch_size ** 2 or pos.shape != (*pv.shape[:2], 2) \
+                or pv.shape[1] % c.pooling_kernel_size ** 2:
+            raise DgportError(f"encode_images: pixel_values [N, P, {3 * c.patch_size ** 2}] and positions [N, P, 2] "
+                              f"(got {list(pv.shape)} and {list(pos.shape)})")
+        if self._vision_sess is None:
+            g = self.entry["vision_graph"]
+            self._weights.update(self._load_weights({"vision": g}))
+            self._vision_sess = self._session(g, self._threads, self._so_kw)
+        return self._vision_sess.run(["soft_tokens"], {"pixel_values": pv, "pixel_position_ids": pos})[0]
+
+    def _image_embeds(self, ids, image_embeds):
+        return image_embeds_input(ids, image_embeds, self.vision, self.config.hidden_size) \
+            if image_embeds is not None else None
+
+    def encode(self, ids: np.ndarray, positions: np.ndarray, image_embeds=None) -> None:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         if ids.ndim != 2 or ids.shape != positions.shape:
             raise DgportError(f"encode: ids {ids.shape} and positions {positions.shape} must both be [B, T]")
+        image_embeds = self._image_embeds(ids, image_embeds)
         if self._kv is None:
             self._init_cache(ids.shape[0])
-        self._kv = self._encode_cache(self._kv, ids, positions)
+        self._kv = self._encode_cache(self._kv, ids, positions, image_embeds)
         self._cache_len += ids.shape[1]
 
-    def _encode_cache(self, kv: list, ids: np.ndarray, positions: np.ndarray) -> list:
+    def _encode_cache(self, kv: list, ids: np.ndarray, positions: np.ndarray, image_embeds=None) -> list:
         """The encoder (or the step graph in encoder mode) on a cache kv (per layer [K, V] OrtValues);
-        returns the extended cache, on the device."""
+        returns the extended cache, on the device. `image_embeds`: checked float32 [S, H] or None."""
         sess = self._sessions["encoder"]
         io = sess.io_binding()
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("position_ids", positions)
+        if image_embeds is not None:
+            # an overridable initializer: bound as an OrtValue (bind_cpu_input finds only plain inputs)
+            io.bind_ortvalue_input("image_embeds", self._ort.OrtValue.ortvalue_from_numpy(image_embeds, *self._dev))
         if self._joint:  # the step graph in encoder mode: the denoiser's inputs are read but unused
             B, T = ids.shape
             io.bind_ortvalue_input("sc_embeds", self._empty((B, T, self.config.hidden_size)))

@@ -141,10 +141,10 @@ class RowsMixin:
     def row_cache_len(self, row: int) -> int:
         return self._row(row).length
 
-    def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray) -> None:
+    def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray, image_embeds=None) -> None:
         r = self._row(row)
         ids, positions = row_encode_inputs(ids, positions)
-        r.kv = self._encode_cache(r.kv, ids, positions)
+        r.kv = self._encode_cache(r.kv, ids, positions, self._image_embeds(ids, image_embeds))
         r.length += ids.shape[1]
         if self._stacked is not None and row in self._stacked.rows:
             self._stacked = None  # stale now (its key no longer matches): free it before the next stack

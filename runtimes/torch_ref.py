@@ -40,7 +40,8 @@ class TorchRefBackend:
         from dgport.errors import CheckpointError
 
         self._torch = torch
-        self.config: TextConfig = read_checkpoint(checkpoint).config
+        ckpt = read_checkpoint(checkpoint)
+        self.config: TextConfig = ckpt.config
         if model is None and not transformers_loadable(Path(checkpoint)):
             raise CheckpointError(
                 f"{checkpoint}: the torch backend loads weights through transformers, which reads only "
@@ -58,6 +59,8 @@ class TorchRefBackend:
         if dtype == "fp64":  # validation's precise reference; grouped_mm has no float64 kernel
             model.config._experts_implementation = "eager"
         self.model = model
+        self._path = checkpoint
+        self.vision = ckpt.vision if getattr(model.model.encoder, "vision_tower", None) is not None else None
         self._logits = None
         self.reset()
 
@@ -77,11 +80,50 @@ class TorchRefBackend:
         self._cache_len = 0
         self._sc_logits = None
 
-    def encode(self, ids: np.ndarray, positions: np.ndarray) -> None:
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
+
+    def encode_images(self, pixel_values: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """transformers' get_image_features: soft tokens [N, P / k**2, H] float32 (each image's own
+        first, zero rows after them)."""
+        from dgport.backend import no_vision_error
+
+        if self.vision is None:
+            raise no_vision_error(self._path)
+        torch = self._torch
+        pos = np.ascontiguousarray(positions, dtype=np.int64)
+        enc = self.model.model.encoder
+        with torch.no_grad():
+            feats = enc.get_image_features(torch.from_numpy(np.ascontiguousarray(pixel_values, np.float32)).to(
+                self.model.dtype), torch.from_numpy(pos)).pooler_output.float().numpy()
+        k2 = self.vision.config.pooling_kernel_size ** 2
+        counts = [int(np.count_nonzero((p != -1).any(-1))) // k2 for p in pos]
+        feats = feats.reshape(-1, feats.shape[-1])
+        out = np.zeros((pos.shape[0], pos.shape[1] // k2, feats.shape[-1]), np.float32)
+        start = 0
+        for i, n in enumerate(counts):
+            out[i, :n] = feats[start:start + n]
+            start += n
+        return out
+
+    def encode(self, ids: np.ndarray, positions: np.ndarray, image_embeds=None) -> None:
+        from dgport.backend import image_embeds_input
+
         torch = self._torch
         ids_t = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
         pos_t = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
         B, T = ids_t.shape
+        image_embeds = image_embeds_input(ids, image_embeds, self.vision, self.config.hidden_size)
+        inputs = {"input_ids": ids_t}
+        mm = None
+        if image_embeds is not None:  # what the encoder's forward does with pixel_values, from given soft tokens
+            enc = self.model.model.encoder
+            with torch.no_grad():
+                e = enc.get_input_embeddings()(ids_t)
+            where = ids_t == self.vision.image_token_id
+            e[where] = torch.from_numpy(image_embeds).to(e.dtype)
+            inputs, mm = {"inputs_embeds": e}, where.long()
         # the same mask mapping generate() builds from an all-ones 2-D mask
         masks = self.model.model.encoder.create_masks_for_generate(
             config=self.model.config,
@@ -89,10 +131,10 @@ class TorchRefBackend:
             attention_mask=torch.ones((B, self._cache_len + T), dtype=torch.bool),
             past_key_values=self.cache,
             position_ids=pos_t,
+            mm_token_type_ids=mm,
         )
         with torch.no_grad():
-            self.model.model.encoder(input_ids=ids_t, attention_mask=masks, past_key_values=self.cache,
-                                     position_ids=pos_t)
+            self.model.model.encoder(**inputs, attention_mask=masks, past_key_values=self.cache, position_ids=pos_t)
         self._cache_len += T
 
     def new_canvas(self) -> None:
@@ -183,8 +225,8 @@ class TorchRefBackend:
             state["cache"], state["len"], state["sc"] = self.cache, self._cache_len, self._sc_logits
             self.cache, self._cache_len, self._sc_logits, self._logits = saved
 
-    def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray) -> None:
-        self._as_row(self._row(row), lambda: self.encode(ids, positions))
+    def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray, image_embeds=None) -> None:
+        self._as_row(self._row(row), lambda: self.encode(ids, positions, image_embeds))
 
     def denoise_rows(self, rows, canvas, positions, temperatures, uniforms, fresh, classes=None) -> StepOutput:
         outs = []
