@@ -340,10 +340,22 @@ class DiffusionGemma(nn.Module):
     def encode(self, ids: mx.array, positions: mx.array, cache: list) -> list:
         """Causal pass over ids [B, T] at absolute positions [B, T] (contiguous, continuing the
         cache). Returns the new cache: past ; new, sliding layers trimmed to sliding_window - 1."""
+        return self._encode(self._scaled_embed(ids), positions, cache)
+
+    def encode_images(self, ids, positions, cache, soft, index, blocks) -> list:
+        """encode with images: soft tokens [S, H] (float32) replace the embeddings where index [B, T]
+        >= 0 (row index[b, t]), cast to the model dtype; queries and keys of the same image block
+        (blocks [B, T] >= 0) also see each other in every layer (runtimes/mlx_vision.image_inputs)."""
+        rows = soft.astype(self._dtype)[mx.maximum(index, 0)]
+        h = mx.where((index >= 0)[..., None], rows, self._scaled_embed(ids))
+        return self._encode(h, positions, cache, blocks)
+
+    def _encode(self, h: mx.array, positions: mx.array, cache: list, blocks: mx.array | None = None) -> list:
+        from .mlx_vision import block_mask
+
         cfg = self._cfg
-        h = self._scaled_embed(ids)
         rope = self._rope(positions)
-        T = ids.shape[1]
+        T = h.shape[1]
         q = positions[0]
         new_cache = []
         for i, layer in enumerate(self.layers):
@@ -364,6 +376,8 @@ class DiffusionGemma(nn.Module):
             mask = kpos[None, :] <= q[:, None]
             if cfg.is_sliding(i):
                 mask = mask & (kpos[None, :] > q[:, None] - cfg.sliding_window)
+            if blocks is not None:
+                mask = block_mask(mask, blocks, P)
             a = layer.self_attn.attend(x, cos, sin, keys, values, mask)
             h = h + layer.post_attention_layernorm(a)
             h = layer.feed_forward(h) * layer.encoder_layer_scalar.astype(self._dtype)
