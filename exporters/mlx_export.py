@@ -18,6 +18,12 @@ self-conditioning expectation p @ E; it and attention stay 8-bit in 4-bit export
 formats dequantize to the same numbers bit for bit; norms, scalars and the router stay in the export dtype
 (the router decides which experts run: it is 0.01 % of the weights). One group size serves every
 quantized tensor, as in ONNX (quantize.choose_group).
+
+  mlx/vision.safetensors       (checkpoints with a vision tower, unless --text-only; entry["vision"] true)
+      the vision tower and the multimodal embedder under their transformers names
+      (model.encoder.vision_tower.*, model.encoder.embed_vision.*) for runtimes/mlx_vision.py, never
+      quantized; in the export dtype, except the standardization vectors and the clipped linears'
+      bounds, which stay float32 as in the ONNX vision graph (the tower computes in float32).
 """
 from __future__ import annotations
 
@@ -109,6 +115,17 @@ def global_tensors(ckpt) -> dict:
     return {n: ckpt.tensor(DEC + n) for n in names}
 
 
+def vision_tensors(ckpt) -> dict:
+    """The vision tower's and the embedder's tensors, by their transformers names."""
+    from dgport.vision_config import expected_vision_tensors
+
+    return {n: ckpt.tensor(n) for n in expected_vision_tensors(ckpt.vision.config)}
+
+
+def _fp32_in_vision(name: str) -> bool:
+    return name.endswith(("std_bias", "std_scale", "input_min", "input_max", "output_min", "output_max"))
+
+
 def _check_written(path: Path, arrays: dict) -> None:
     """MLX reports no error when a write fails (a full disk leaves a short file): the header and
     length of what was written are checked instead."""
@@ -131,8 +148,8 @@ def export(ckpt, out_dir, opts, progress) -> dict:
     files = []
     meta = {"format": "dgport-mlx", "layout": LAYOUT, "dtype": opts.dtype}
 
-    def save(rel, tensors):
-        arrays = _convert(tensors, dtype, opts)
+    def save(rel, tensors=None, arrays=None):
+        arrays = _convert(tensors, dtype, opts) if arrays is None else arrays
         mx.eval(arrays)
         path = out_dir / rel
         with writing(path):
@@ -145,6 +162,12 @@ def export(ckpt, out_dir, opts, progress) -> dict:
     for i in progress.track(range(ckpt.config.num_layers), "writing MLX layer weights",
                             total=ckpt.config.num_layers):
         save(f"mlx/layer-{i:03d}.safetensors", layer_tensors(ckpt, i))
+    vision = getattr(ckpt, "vision", None) is not None and not getattr(opts, "text_only", False)
+    if vision:
+        with progress.step("writing MLX vision tower weights"):
+            save("mlx/vision.safetensors", arrays={
+                n: mx.array(np.asarray(t)).astype(mx.float32 if _fp32_in_vision(n) else dtype)
+                for n, t in vision_tensors(ckpt).items()})
     quant = None
     if opts.quantize:
         quant = {"bits": opts.quantize, "group_size": opts.group_size, "mode": "affine", "scheme": SCHEME,
@@ -152,7 +175,10 @@ def export(ckpt, out_dir, opts, progress) -> dict:
                  "attention_bits": _bits("layers.0.self_attn.q_proj.weight", opts.quantize),
                  "quantized": "projections, experts, self-conditioning MLP, embedding (tied lm_head)",
                  "unquantized": "norms, layer scalars, router"}
-    return {"files": files, "layout": LAYOUT, "dtype": opts.dtype, "quantization": quant}
+    entry = {"files": files, "layout": LAYOUT, "dtype": opts.dtype, "quantization": quant}
+    if vision:
+        entry["vision"] = True
+    return entry
 
 
 VALIDATION_METRIC = max_abs_rel_err  # elementwise, stricter than the norm-wise ONNX measure
@@ -163,4 +189,6 @@ def validation_backends(ckpt, out_dir, entry):
     [(label, open)], label None for the format's one graph set."""
     from dgport.runtimes.mlx import MlxBackend
 
-    return [(None, lambda: MlxBackend(folder=Path(out_dir), entry=entry, config=ckpt.config, keep_logits=True))]
+    vision = getattr(ckpt, "vision", None) if entry.get("vision") else None
+    return [(None, lambda: MlxBackend(folder=Path(out_dir), entry=entry, config=ckpt.config, vision=vision,
+                                      keep_logits=True))]

@@ -6,6 +6,11 @@ denoising step the host sends the canvas, positions, the temperature and one uni
 position, and gets back argmax, entropy and the sampled ids. The encoder and the denoise step are
 `mx.compile`d (their shapes are static per canvas). Nothing here imports torch or transformers.
 
+Images (exports with `mlx/vision.safetensors`): `encode_images` runs the vision tower
+(runtimes/mlx_vision.py) one image at a time, and `encode`/`encode_row` take the soft tokens as
+`image_embeds` for the image placeholder tokens (a separate compiled encoder; text-only calls run the
+same compiled function as before).
+
 Rows (the RowBackend protocol, batched generation): each row owns a cache, its length and its
 self-conditioning signal, apart from the single-row state. `denoise_rows` stacks the rows' caches
 along the batch axis, left-padded with zeros to the longest per layer, and keeps that stack and
@@ -20,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from dgport import safe_files
-from dgport.backend import StepOutput, row_encode_inputs, row_step_inputs
+from dgport.backend import StepOutput, image_embeds_input, no_vision_error, row_encode_inputs, row_step_inputs
 from dgport.config import TextConfig
 from dgport.errors import BackendUnavailable, DgportError, ExportError
 
@@ -31,6 +36,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
         "backend 'mlx' needs MLX: pip install mlx (macOS, Apple silicon) or 'mlx[cpu]' (Linux)") from e
 
 from .mlx_model import DiffusionGemma, build
+from .mlx_vision import PREFIX as VISION_PREFIX, Vision, build_vision, image_inputs
 
 LAYOUT = "dgport-mlx/1"  # the weight layout exporters/mlx_export.py writes
 DTYPES = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
@@ -53,15 +59,19 @@ def load_weights(folder: Path, entry: dict) -> dict:
     return weights
 
 
-def load_model(folder: Path, entry: dict, config: TextConfig) -> DiffusionGemma:
+def load_model(folder: Path, entry: dict, config: TextConfig, vision=None) -> tuple[DiffusionGemma, Vision | None]:
+    """The text model, and the vision tower when the entry has its weights and `vision` (a VisionConfig)
+    is given (else None). The tower's weights are read on its first use (encode_images)."""
     if entry.get("layout") != LAYOUT:
         raise ExportError(f"{folder}: MLX weights in layout {entry.get('layout')!r}, this dgport reads {LAYOUT!r}; "
                           "export again with this dgport")
     dtype = DTYPES[entry["dtype"]]
     q = entry.get("quantization")
     weights = load_weights(folder, entry)
+    tower = {k: weights.pop(k) for k in [k for k in weights if k.startswith(VISION_PREFIX)]}
     try:
         model = build(config, weights, dtype, q["bits"] if q else None)
+        tower = build_vision(vision, tower, dtype) if tower and vision is not None else None
     except ValueError as e:
         first = str(e).splitlines()[0]
         raise ExportError(f"{folder}: the MLX weights do not match the manifest's config ({first}); "
@@ -70,7 +80,7 @@ def load_model(folder: Path, entry: dict, config: TextConfig) -> DiffusionGemma:
     # prompt length, each cache length, each batch of rows) would read the weights into a copy of
     # its own. Read them once, here.
     mx.eval(model.parameters())
-    return model
+    return model, tower
 
 
 
@@ -93,25 +103,34 @@ class _Batch:
 
 class MlxBackend:
     """Backend protocol (and RowBackend) over MLX. Options: keep_logits (store the last step's fp32
-    logits as `last_logits`, numpy; tests and validation), compile (default True)."""
+    logits as `last_logits`, numpy; tests and validation), compile (default True). Without an Export,
+    `vision` is the checkpoint's VisionInfo (None: no images)."""
 
     def __init__(self, export=None, *, folder=None, entry=None, config: TextConfig | None = None,
-                 keep_logits: bool = False, compile: bool = True):
+                 vision=None, keep_logits: bool = False, compile: bool = True):
         if export is not None:
             folder, entry, config = export.path, export.format("mlx"), export.config
+            vision = export.vision
         if folder is None or entry is None or config is None:
             raise TypeError("MlxBackend needs an Export, or folder=, entry= and config=")
         self.config: TextConfig = config
         self.entry = entry
-        self.model = load_model(Path(folder), entry, config)
+        self.path = Path(folder)
+        vision = vision if entry.get("vision") is True else None
+        self.model, self.tower = load_model(self.path, entry, config, None if vision is None else vision.config)
+        # the VisionInfo (image settings, token ids) the loop reads; None: this backend takes no images
+        self.vision = vision if self.tower is not None else None
+        self._tower_loaded = False
         self.dtype = self.model._dtype
         self.keep_logits = keep_logits
         step = self.model.denoise_step_with_logits if keep_logits else self.model.denoise_step
         rows_step = self.model.denoise_rows_step_with_logits if keep_logits else self.model.denoise_rows_step
         self._encode = mx.compile(self.model.encode) if compile else self.model.encode
+        m = self.model
+        self._encode_images = mx.compile(m.encode_images) if compile else m.encode_images
+        self._tower_fn = None if self.tower is None else mx.compile(self.tower) if compile else self.tower
         self._step = mx.compile(step) if compile else step
         self._rows_step = mx.compile(rows_step) if compile else rows_step
-        m = self.model
         self._step_masked = mx.compile(m.denoise_step_masked) if compile else m.denoise_step_masked
         self._rows_step_masked = mx.compile(m.denoise_rows_step_masked) if compile else m.denoise_rows_step_masked
         self._masks = None  # the vocabulary constraints' token-mask table [K, V] (on the device)
@@ -131,12 +150,50 @@ class MlxBackend:
         self._sc = None
         self.last_logits = None
 
-    def encode(self, ids: np.ndarray, positions: np.ndarray) -> None:
+    # -- images ------------------------------------------------------------------------------
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
+
+    def encode_images(self, pixel_values, positions) -> np.ndarray:
+        """Soft tokens float32 [N, P / k**2, text_hidden] of images patched by dgport.images.preprocess
+        (pixel_values float32 [N, P, 3 * patch**2], positions int64 [N, P, 2]); computed in float32,
+        rounded to the export dtype."""
+        if self.vision is None:
+            raise no_vision_error(self.path)
+        cfg = self.vision.config
+        pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        pos = np.asarray(positions)
+        k2 = cfg.pooling_kernel_size ** 2
+        if (pv.ndim != 3 or pv.shape[2] != 3 * cfg.patch_size ** 2 or pos.shape != (*pv.shape[:2], 2)
+                or pv.shape[1] % k2 or pv.shape[1] == 0):
+            raise DgportError(f"encode_images takes pixel_values [N, P, {3 * cfg.patch_size ** 2}] and positions "
+                              f"[N, P, 2] with P a positive multiple of {k2} (got {pv.shape} and {pos.shape})")
+        if not self._tower_loaded:  # read the tower's weights once, before any compiled trace
+            mx.eval(self.tower.parameters())
+            self._tower_loaded = True
+        pos = pos.astype(np.int32)
+        out = []
+        for i in range(pv.shape[0]):  # one image at a time: attention over P patches is P**2 per head
+            y = self._tower_fn(mx.array(pv[i:i + 1]), mx.array(pos[i:i + 1]))
+            mx.eval(y)
+            out.append(np.array(y))
+        return np.concatenate(out) if out else np.zeros((0, pv.shape[1] // k2, cfg.text_hidden_size), np.float32)
+
+    def _run_encode(self, ids: np.ndarray, positions: np.ndarray, cache: list, image_embeds) -> list:
+        args = (mx.array(ids.astype(np.int32)), mx.array(np.asarray(positions, np.int32)), cache)
+        soft = image_embeds_input(ids, image_embeds, self.vision, self.config.hidden_size)
+        if soft is None:
+            return self._encode(*args)  # text only: the compiled encoder as without images
+        v = self.vision
+        index, blocks = image_inputs(ids, v.image_token_id, soft.shape[0], v.bidirectional)
+        return self._encode_images(*args, mx.array(soft), mx.array(index), mx.array(blocks))
+
+    def encode(self, ids: np.ndarray, positions: np.ndarray, image_embeds=None) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         if self.cache is None or self.cache[0][0].shape[0] != ids.shape[0]:
             self.cache = self.model.empty_cache(ids.shape[0])
-        self.cache = self._encode(mx.array(ids.astype(np.int32)), mx.array(np.asarray(positions, np.int32)),
-                                  self.cache)
+        self.cache = self._run_encode(ids, positions, self.cache, image_embeds)
         mx.eval(self.cache)
         self._cache_len += ids.shape[1]
 
@@ -206,10 +263,10 @@ class MlxBackend:
     def row_cache_len(self, row: int) -> int:
         return self._row(row).length
 
-    def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray) -> None:
+    def encode_row(self, row: int, ids: np.ndarray, positions: np.ndarray, image_embeds=None) -> None:
         r = self._row(row)
         ids, positions = row_encode_inputs(ids, positions)
-        r.cache = self._encode(mx.array(ids.astype(np.int32)), mx.array(positions.astype(np.int32)), r.cache)
+        r.cache = self._run_encode(ids, positions, r.cache, image_embeds)
         mx.eval(r.cache)
         r.length += ids.shape[1]
 
