@@ -178,12 +178,14 @@ class Generator:
 
     def generate_batch(self, prompts, seeds=None, max_new_tokens: int | None = None, raw: bool = False,
                        system: str | None = None, templates=None, max_batch: int | None = None,
-                       encode_chunk: int = ENCODE_CHUNK, **sampler_overrides) -> list[GenerationResult]:
+                       encode_chunk: int = ENCODE_CHUNK, images=None, max_soft_tokens: int | None = None,
+                       **sampler_overrides) -> list[GenerationResult]:
         """Generate after each of `prompts` (strings or token-id lists, of any lengths) as one batch.
         Returns one result per prompt, each exactly what `generate(prompt, seed=its seed)` returns
         (the randomness contract per row; see docs/python-api.md for where floats may differ).
         `seeds`: one per prompt (None entries, or no list: fresh seeds, reported on the results);
-        `templates`: one per prompt (None entries: free); `max_batch`: rows per backend call (None: all).
+        `templates`: one per prompt (None entries: free); `max_batch`: rows per backend call (None: all);
+        `images`: one list per prompt (None entries: none), as generate's.
         The single-row cache (`keep_cache`) is not used or changed."""
         from .batch import BatchLoop
 
@@ -192,19 +194,21 @@ class Generator:
         n = len(prompts)
         seeds = [None] * n if seeds is None else list(seeds)
         templates = [None] * n if templates is None else list(templates)
-        if len(seeds) != n or len(templates) != n:
-            raise DgportError(f"seeds and templates need one entry per prompt ({n}); got {len(seeds)} seeds and "
-                              f"{len(templates)} templates")
+        images = [None] * n if images is None else list(images)
+        if len(seeds) != n or len(templates) != n or len(images) != n:
+            raise DgportError(f"seeds, templates and images need one entry per prompt ({n}); got {len(seeds)} seeds, "
+                              f"{len(templates)} templates and {len(images)} image lists")
         check_encode_chunk(encode_chunk)
-        prepared = [self._prepare(p, max_new_tokens, s, None, raw, system, False, t, sampler_overrides)
-                    for p, s, t in zip(prompts, seeds, templates)]
+        with_images = [self.prompt_images(p, im, max_soft_tokens, raw) for p, im in zip(prompts, images)]
+        prepared = [self._prepare(p, max_new_tokens, s, None, raw, system, False, t, sampler_overrides, None, pimg)
+                    for (p, pimg), s, t in zip(with_images, seeds, templates)]
         for ids, settings, *_ in prepared:
             check_context(self.config, 0, len(ids), settings.max_new_tokens)
         loop = BatchLoop(self.backend, max_batch)
         entries = []
         try:
-            for ids, settings, rng, _, layout in prepared:
-                entries.append(loop.add(ids, settings, rng, layout, encode_chunk=encode_chunk))
+            for (ids, settings, rng, _, layout), (_, pimg) in zip(prepared, with_images):
+                entries.append(loop.add(ids, settings, rng, layout, encode_chunk=encode_chunk, images=pimg))
             loop.run()
         finally:
             for e in list(loop.entries):
@@ -266,10 +270,11 @@ class Generator:
         else:
             seed = None
         ids = self.prompt_ids(prompt, raw=raw, system=system, think=think, tools=tools)
-        if images is not None:
-            from .image_prompt import expand_ids
+        vision = getattr(self.backend, "vision", None)
+        if images is not None or vision is not None and vision.image_token_id in ids:
+            from .image_prompt import PromptImages, expand_ids
 
-            ids = expand_ids(ids, images, self.backend.vision)
+            ids = expand_ids(ids, images or PromptImages([], ""), vision)  # (markers without images: refused)
         return ids, settings, rng, seed, layout
 
     def _result(self, out, ids, settings, seed) -> GenerationResult:
