@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from .cli_images import image_options
 from .cli_template import TASK_TEMPLATE_HELP
 from .errors import DgportError
 from .loop import ENCODE_CHUNK, fresh_seed
@@ -245,21 +246,25 @@ def _prompt_tokenizer(folder: Path | None):
 @click.option("--task-template", "use_task_template", is_flag=True, help=TASK_TEMPLATE_HELP)
 @click.option("--json-schema", "json_schema_file", default=None, metavar="FILE",
               help="Answer with JSON valid against this JSON schema (the subset in docs/structured-output.md).")
+@image_options
 @sampler_options
 @debug_option
 def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think, show_thinking, show_canvas,
-        as_json, template_file, suffix, use_task_template, json_schema_file, seed, max_new_tokens, **sampler):
+        as_json, template_file, suffix, use_task_template, json_schema_file, image_paths, max_soft_tokens, seed,
+        max_new_tokens, **sampler):
     """Generate from a prompt with an export (default: the shipped Sudoku model)."""
     from rich.console import Console
     from rich.markup import escape
 
-    from . import cli_template
+    from . import cli_images, cli_template
+    from .chat import timed_backend
     from .canvas_template import Template
     from .display import AnswerText, CanvasView, terminal_text
     from .task import check_answer
-    from .timing import TimedBackend
 
     text = _read_prompt(prompt, prompt_file)
+    images = cli_images.read_images(image_paths)
+    cli_images.warn_unused(images, max_soft_tokens, _warn)
     cli_template.check_flags(template_file, suffix, use_task_template, think, json_schema_file)
     template = cli_template.read_template(template_file) if template_file is not None else None
     if json_schema_file is not None:
@@ -278,8 +283,11 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
             raise DgportError("--task-template and --raw contradict each other: the task's template follows its "
                               "chat template's prompt; drop one of them")
         template = cli_template.task_template(task, text, think)
+    cli_images.check_model(path, backend, images, max_soft_tokens)
     gen = _load(path, backend)
-    gen.backend = TimedBackend(gen.backend)
+    if images:
+        cli_images.check_vision(getattr(gen.backend, "vision", None), path, images, max_soft_tokens)
+    gen.backend = timed_backend(gen.backend)
     C = gen.config.canvas_length
     if suffix is not None:  # the hole is --max-new-tokens; the run spans the canvases hole and suffix need
         template, max_new_tokens = Template.infill(suffix, max_new_tokens or C), None
@@ -322,9 +330,11 @@ def run(export_dir, backend, checkpoint, prompt, prompt_file, raw, system, think
     if live is not None:
         live.start()
     try:
-        result = gen.generate(text, max_new_tokens=max_new_tokens, seed=seed, raw=raw, system=system,
-                              think=think, on_canvas=on_canvas, on_step=on_step if show_canvas else None,
-                              encode_chunk=sampler["encode_chunk"], template=template, **overrides)
+        with cli_images.usage_errors():  # (e.g. --raw with more image markers than --image files)
+            result = gen.generate(text, max_new_tokens=max_new_tokens, seed=seed, raw=raw, system=system,
+                                  think=think, on_canvas=on_canvas, on_step=on_step if show_canvas else None,
+                                  encode_chunk=sampler["encode_chunk"], template=template, images=images or None,
+                                  max_soft_tokens=max_soft_tokens, **overrides)
     finally:
         if live is not None:
             live.stop()

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from .cli import (BACKEND_CHOICES, MAX_PROMPT_BYTES, SAMPLER_KEYS, _check_prompt_options, _for_stdout, _load,
-                  _prompt_tokenizer, _resolve, _task_of, cli, debug_option, sampler_options)
+                  _prompt_tokenizer, _resolve, _task_of, _warn, cli, debug_option, sampler_options)
+from .cli_images import image_options
 from .errors import DgportError
 from .loop import fresh_seed
 
@@ -18,27 +19,39 @@ from .loop import fresh_seed
 @click.option("--system", default=None, help="A system prompt for the conversation.")
 @click.option("--think", is_flag=True, help="Thinking mode.")
 @click.option("--show-thinking", is_flag=True, help="Print the thought channel too (with --think).")
+@image_options
 @sampler_options
 @debug_option
-def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens, **sampler):
+def chat(export_dir, backend, system, think, show_thinking, image_paths, max_soft_tokens, seed, max_new_tokens,
+         **sampler):
     """A multi-turn conversation. The KV cache is kept between turns: only each new turn is encoded.
-    Ctrl-C stops the answer being generated and keeps the conversation; Ctrl-D (or /exit) quits."""
+    Ctrl-C stops the answer being generated and keeps the conversation; Ctrl-D (or /exit) quits.
+    `/image PATH` attaches an image to the next message (--image: to the first)."""
+    from . import cli_images
     from .chat import ChatSession, ContextFull
     from .display import AnswerText, terminal_text
     from .task import SINGLE_TURN
 
+    pending = cli_images.read_images(image_paths)  # the images the next message carries
+    cli_images.warn_unused(pending, max_soft_tokens, _warn)
     tokenizer = _prompt_tokenizer(export_dir)
     if tokenizer is not None:
         _check_prompt_options(tokenizer, None, False, system, think, show_thinking)
     path, _ = _resolve(export_dir, backend)
+    cli_images.check_model(path, backend, pending, max_soft_tokens)
     gen = _load(path, backend)
+    vision = getattr(gen.backend, "vision", None)
+    if pending:
+        cli_images.check_vision(vision, path, pending, max_soft_tokens)
     seed = fresh_seed(seed)
     session = ChatSession(gen, system=system, think=think, seed=seed,
                           max_new_tokens=max_new_tokens or 4 * gen.config.canvas_length,
-                          encode_chunk=sampler["encode_chunk"], **{k: sampler[k] for k in SAMPLER_KEYS})
+                          encode_chunk=sampler["encode_chunk"], max_soft_tokens=max_soft_tokens,
+                          **{k: sampler[k] for k in SAMPLER_KEYS})
     err = _Stderr()
     err.write(f"dgport chat (seed {seed}): type a message; Ctrl-C stops an answer, /reset starts over, "
-              "Ctrl-D or /exit quits.\n")
+              + ("/image PATH attaches an image to the next message, " if vision is not None else "")
+              + "Ctrl-D or /exit quits.\n")
     task = _task_of(path)
     single_turn = task in SINGLE_TURN
     if single_turn:
@@ -51,14 +64,28 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
             break
         if text == "/reset":
             session.reset()
-            err.write("[a new conversation]\n")
+            err.write("[a new conversation]\n" if not pending else
+                      f"[a new conversation; {_images(len(pending))} dropped]\n")
+            pending = []
+            continue
+        if text == "/image" or text.startswith(("/image ", "/image\t")):
+            try:
+                pending.append(_attach(text[len("/image"):], vision, path, max_soft_tokens))
+            except (click.UsageError, DgportError) as e:
+                message = e.format_message() if isinstance(e, click.UsageError) else str(e)
+                err.write(f"dgport: error: {terminal_text(message)}\n")
+                continue
+            img, where = pending[-1]
+            err.write(f"[{terminal_text(where[len('/image '):])}: {img.width}x{img.height}; "
+                      f"{_images(len(pending))} for the next message]\n")
             continue
         if single_turn and session.messages:
             session.reset()  # a second turn of a single-turn task model would be garbage
         answer = AnswerText(gen.tokenizer, show_thinking=show_thinking, pad_id=gen.defaults.pad_token_id)
         out = _for_stdout()
+        images, pending = pending or None, []  # a message takes its images, whatever becomes of it
         try:
-            session.say(text, on_canvas=lambda e: _stream(answer, e, out))
+            session.say(text, on_canvas=lambda e: _stream(answer, e, out), images=images)
         except KeyboardInterrupt:  # the session re-encodes the conversation on the next turn
             sys.stdout.write("\n")
             err.write("[stopped; the conversation goes on without this answer]\n")
@@ -72,6 +99,24 @@ def chat(export_dir, backend, system, think, show_thinking, seed, max_new_tokens
         sys.stdout.write("\n")
         sys.stdout.flush()
         err.write(f"[{session.last_stats}]\n")
+
+
+def _images(n: int) -> str:
+    return f"{n} image{'s' if n != 1 else ''}"
+
+
+def _attach(arg: str, vision, path, max_soft_tokens):
+    """`/image PATH`: (the decoded image, its label), checked against the model; a usage error otherwise."""
+    from . import cli_images
+
+    name = arg.strip()
+    if len(name) > 1 and name[0] == name[-1] and name[0] in "'\"":
+        name = name[1:-1]  # a quoted path (one with spaces may also go unquoted)
+    if not name:
+        raise click.UsageError("/image needs a file: /image PATH")
+    image = cli_images.read_image(name, f"/image {name}")
+    cli_images.check_vision(vision, path, [image], max_soft_tokens, "/image")
+    return image
 
 
 def _chat_lines(err):
