@@ -24,6 +24,7 @@ from ..errors import DgportError
 from .access_log import TOKENS, AccessLog
 from .engine import Engine, Job
 from .guard import ApiKeyMiddleware, HostGuard, check_json_content_type
+from .image_plan import IMAGE_BODY_BYTES
 from .plan import Plan, plan_chat, plan_completion
 from .tool_plan import reply as tool_reply
 from .protocol import (_STATUS_TYPES, MAX_BODY_BYTES, MAX_JSON_VALUES, ApiError, _models, _validation_error,
@@ -37,7 +38,8 @@ class ServeConfig:
     backend: str
     fingerprint: str
     api_key: str | None = None
-    max_body_bytes: int = MAX_BODY_BYTES
+    # None: 4 MiB (MAX_BODY_BYTES), or 32 MiB for a model that takes images (image_plan.IMAGE_BODY_BYTES)
+    max_body_bytes: int | None = None
     # names the Host header may carry besides localhost and IP addresses; None: any Host (--allow-host '*')
     allowed_hosts: frozenset | None = frozenset()
     # this machine's folders (the model's, the home folder) that no response may show: replaced by their names
@@ -140,6 +142,8 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16, max_batch: int = 1)
     C = gen.config.canvas_length
     max_values = max(MAX_JSON_VALUES, gen.config.max_position_embeddings + 1024)  # a prompt of token ids fits
     redact = Redactor(cfg.private_paths)
+    max_body = cfg.max_body_bytes or (IMAGE_BODY_BYTES if getattr(gen.backend, "vision", None) is not None
+                                      else MAX_BODY_BYTES)
     planning = ThreadPoolExecutor(2, thread_name_prefix="dgport-serve-plan")
     texting = ThreadPoolExecutor(2, thread_name_prefix="dgport-serve-text")
 
@@ -188,15 +192,15 @@ def create_app(model, cfg: ServeConfig, max_queue: int = 16, max_batch: int = 1)
     async def read_body(request: Request, model):
         check_json_content_type(request.headers.get("content-type"))
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-            raise ApiError(413, f"the request body is {declared} bytes; the limit is {cfg.max_body_bytes}",
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            raise ApiError(413, f"the request body is {declared} bytes; the limit is {max_body}",
                            code="request_too_large")
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > cfg.max_body_bytes:
-                    raise ApiError(413, f"the request body exceeds the limit of {cfg.max_body_bytes} bytes",
+                if size > max_body:
+                    raise ApiError(413, f"the request body exceeds the limit of {max_body} bytes",
                                    code="request_too_large")
                 chunks.append(chunk)
         except ClientDisconnect:  # nobody reads the answer; no traceback in the server's log

@@ -2,7 +2,8 @@
 together. Between two denoising steps it admits waiting requests (their prompts encoded into rows of
 their own), drops cancelled ones, and answers finished ones; each request's tokens are those of its
 own run with its seed (dgport.batch). Prefix reuse keeps the last finished request's row: a new
-request whose prompt extends it starts from a copy of that row's cache."""
+request whose prompt extends it starts from a copy of that row's cache (with the same images in it: see
+serve/image_plan.py). A request's images go through the vision tower when it is admitted."""
 
 import queue
 import time
@@ -11,6 +12,7 @@ from ..batch import BatchLoop
 from ..errors import DgportError
 from ..loop import check_context, fresh_seed, make_rng
 from .engine import Engine, Job, failed, shutting_down
+from .image_plan import for_cached_row, images_after
 
 
 class BatchEngine(Engine):
@@ -74,7 +76,7 @@ class BatchEngine(Engine):
         job.started = time.perf_counter()
         self.active.append(job)
         try:
-            ids, n = self._prompt(plan)
+            ids, n, m = self._prompt(plan)
             settings = gen.settings(plan.max_new_tokens, **plan.overrides)
             settings.validate()
             check_context(gen.config, n, len(ids) - n, settings.max_new_tokens)
@@ -89,9 +91,10 @@ class BatchEngine(Engine):
             def on_canvas(event):
                 job.post(("canvas", event.canvas_index, event.tokens.tolist(), event.steps, event.finished))
 
+            images = for_cached_row(images_after(plan, m), ids, n, gen.backend)  # (the vision tower runs here)
             job.post(("start", ids, n))
             loop.add(ids, settings, make_rng(job.seed), plan.template, on_step, on_canvas, tag=job,
-                     copy_of=self.kept if n else None, cached=n)
+                     copy_of=self.kept if n else None, cached=n, images=images)
         except Exception as e:  # noqa: BLE001
             self._end(job, error=e)
 

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..chat import continuation_ids
+from ..chat import continuation_parts, run_ids, timed_backend
 from ..errors import DgportError
 from .plan import Plan
 from .protocol import ApiError
@@ -90,10 +90,7 @@ class Engine:
 
     @staticmethod
     def _own(gen):
-        from ..timing import TimedBackend
-
-        if not isinstance(gen.backend, TimedBackend):
-            gen.backend = TimedBackend(gen.backend)
+        gen.backend = timed_backend(gen.backend)
         return gen
 
     def submit(self, job: Job) -> None:
@@ -160,35 +157,67 @@ class Engine:
         """Positions in the cache that `state` describes."""
         return self.gen.backend.cache_len
 
-    def _prompt(self, plan: Plan) -> tuple[list[int], int]:
-        """(the token stream this request generates after, how many of its first ids are cached)."""
+    def _prompt(self, plan: Plan) -> tuple[list[int], int, int]:
+        """(the token stream this request generates after, how many of its first ids are cached, how many
+        of its images those hold). A cached prefix is reused only with the same images in it: image blocks
+        hold the same token ids whatever the image (serve/image_plan.py)."""
+        from .image_plan import image_count, images_after, reusable_images
+
         st = self.state
         n = len(st.cached)
+        out = plan.ids, 0, 0
         if n == 0 or self._cached_len() != n:
-            return plan.ids, 0
+            return out
         if n < len(plan.ids) and plan.ids[:n] == st.cached:
-            return plan.ids, n  # the same tokens as a fresh run, the prefix already encoded
-        stream = self._continuation(plan)
-        return (stream, n) if stream is not None else (plan.ids, 0)
+            m = reusable_images(plan, n, st.image_keys)
+            if m is not None:
+                out = plan.ids, n, m  # the same tokens as a fresh run, the prefix already encoded
+        else:
+            stream = self._continuation(plan)
+            if stream is not None:
+                out = stream, n, len(st.image_keys)
+        ids, n, m = out
+        rest = images_after(plan, m)
+        vision = getattr(self.gen.backend, "vision", None)
+        if n and image_count(ids[n:], vision) != sum(rest.counts if rest is not None else []):
+            return plan.ids, 0, 0  # (an image token the model wrote, past the prefix: encode afresh)
+        return out
 
     def _continuation(self, plan: Plan) -> list[int] | None:
         """The next turn of the conversation in the cache, as `dgport chat` continues it: the model's own
         answer tokens (not the answer re-rendered by the template), the turn's close, then the new turns.
-        Only when the request repeats that conversation and the answer exactly as they were sent."""
+        Only when the request repeats that conversation, its images and the answer exactly as they were sent."""
+        from ..image_prompt import PromptImages, expand_ids
+        from .image_plan import image_count, images_after
+
         st, tok = self.state, self.gen.tokenizer
         if not plan.chat or st.messages is None or plan.think != st.think or plan.tools is not None:
             return None  # (with tools the template renders them too: a fresh rendering, its prefix reused)
         prev = st.messages + [{"role": "assistant", "content": st.answer}]
         if len(plan.messages) <= len(prev) or plan.messages[:len(prev)] != prev:
             return None
+        k = len(st.image_keys)
+        if plan.image_keys[:k] != st.image_keys:
+            return None  # the same text with other images
 
         def render(messages, generation_prompt):
             return tok.render(messages, add_generation_prompt=generation_prompt, enable_thinking=plan.think)
 
-        rest = continuation_ids(tok, render, st.messages, st.answer, plan.messages, st.tail)
-        if rest is None:
+        parts = continuation_parts(tok, render, st.messages, st.answer, plan.messages, st.tail)
+        if parts is None:
             return None  # the template rewrites the history: start again
-        stream = st.cached + rest
+        head, turn = parts
+        vision = getattr(self.gen.backend, "vision", None)
+        if vision is not None:
+            new = images_after(plan, k)
+            if image_count(head, vision):
+                return None  # the answer's tail holds an image token the model wrote: encode afresh
+            try:
+                turn = expand_ids(turn, new or PromptImages([], ""), vision) if new or image_count(turn, vision) \
+                    else turn
+            except DgportError:
+                return None
+        stream = st.cached + head + turn
         from ..loop import ContextOverflow, check_context
 
         try:
@@ -202,7 +231,7 @@ class Engine:
 
         plan, gen = job.plan, self.gen
         backend = gen.backend
-        ids, n = self._prompt(plan)
+        ids, n, m = self._prompt(plan)
         job.post(("start", ids, n))  # the token stream it runs on: a stream's first chunk reports it
         self.state = CacheState()  # unknown until this generation ends
         backend.timings = Timings()
@@ -217,8 +246,15 @@ class Engine:
         def on_canvas(event):
             job.post(("canvas", event.canvas_index, event.tokens.tolist(), event.steps, event.finished))
 
-        result = gen.generate(ids[n:], max_new_tokens=plan.max_new_tokens, seed=plan.seed, keep_cache=n > 0,
-                              on_step=on_step, on_canvas=on_canvas, template=plan.template, **plan.overrides)
+        if getattr(backend, "vision", None) is None:
+            result = gen.generate(ids[n:], max_new_tokens=plan.max_new_tokens, seed=plan.seed, keep_cache=n > 0,
+                                  on_step=on_step, on_canvas=on_canvas, template=plan.template, **plan.overrides)
+        else:  # image blocks already expanded: the images after the cached prefix go with them
+            from .image_plan import images_after
+
+            result = run_ids(gen, ids[n:], images=images_after(plan, m), keep_cache=n > 0,
+                             max_new_tokens=plan.max_new_tokens, seed=plan.seed, on_step=on_step, on_canvas=on_canvas,
+                             template=plan.template, **plan.overrides)
         timings = backend.timings.as_dict()
         done, self.state = self._outcome(plan, ids, n, result)
         return {**done, "ms_per_step": timings["ms_per_step"], "ms_per_encode": timings["ms_per_encode"],
@@ -237,7 +273,7 @@ class Engine:
             # the cache holds the prompt and the committed canvases the loop encoded (exactly these ids), so
             # a prompt that starts with them may reuse it; the answer is never continued as a conversation
             # (its text is the template's, not what the model would have written there)
-            return done, CacheState(cached=ids + tokens[:C * (k - 1)])
+            return done, CacheState(cached=ids + tokens[:C * (k - 1)], image_keys=list(plan.image_keys))
         last = tokens[C * (k - 1):]  # the loop encoded every canvas but this one
         stops = set(gen.settings(plan.max_new_tokens, **plan.overrides).eos_token_ids)
         eos = next((i for i, t in enumerate(last) if t in stops), len(last))
@@ -247,7 +283,8 @@ class Engine:
         return done, CacheState(cached=ids + tokens[:C * (k - 1)],
                                 tail=[t for t in last[:eos] if t != gen.defaults.pad_token_id],
                                 messages=plan.messages if plan.tools is None else None, think=plan.think,
-                                answer=answer.text()[0] if answer is not None else None)
+                                answer=answer.text()[0] if answer is not None else None,
+                                image_keys=list(plan.image_keys))
 
 
 @dataclass
@@ -258,4 +295,5 @@ class CacheState:
     messages: list[dict] | None = None  # the chat request's conversation (None: not a chat)
     think: bool = False
     answer: str | None = None  # the content returned for it
+    image_keys: list[str] = field(default_factory=list)  # the images of the image blocks in `cached`, in order
 

@@ -2,12 +2,13 @@
 
 The app runs these functions on a worker thread: a 4 MB prompt takes seconds to tokenize."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import DgportError
 from .protocol import MAX_STOP, MAX_STOP_CHARS, REASONING_EFFORTS, SAMPLER_FIELDS, ApiError
 from ..canvas_template import Layout
 from .schema_plan import plan_response_format
+from .image_plan import check_no_image_tokens, expand, message_content, plan_images
 from .tool_plan import chat_messages, plan_tools
 from .template_plan import plan_template
 
@@ -31,6 +32,9 @@ class Plan:
     template: Layout | None = None  # a canvas template (the `template` field or `suffix`), tokenized
     tools: dict | None = None  # chat with tools (serve/tool_plan.py): the answer's calls are split from it
     infill: bool = False  # `suffix`: the answer is the inserted text alone (the hole), as OpenAI returns it
+    images: object = None  # chat with images: their PromptImages (decoded and patched), in prompt order
+    image_keys: list = field(default_factory=list)  # one per image: sha256 of its patches (the prefix cache's key)
+    image_starts: list = field(default_factory=list)  # where each image's block starts in `ids`
 
 
 def encode(tokenizer, text: str, raw: bool = False, check=None) -> list[int]:
@@ -85,14 +89,6 @@ def _check_common(req, gen) -> tuple[int, dict, list[str]]:
     return max_new, overrides, stop
 
 
-def _message_text(m) -> str:
-    if m.content is None:
-        return ""
-    if isinstance(m.content, str):
-        return m.content
-    return "\n".join(part.text for part in m.content)
-
-
 def _think(req) -> bool:
     kwargs = dict(req.chat_template_kwargs or {})
     unknown = sorted(set(kwargs) - {"enable_thinking"})
@@ -123,26 +119,39 @@ def plan_chat(req, gen) -> Plan:
     template = forced or plan_response_format(req, gen, think) or plan_template(req, gen, think)
     if template is not None:
         max_new = template[1]
-    if tools is not None or any(m.tool_calls or m.role == "tool" for m in req.messages):
-        messages = chat_messages(req, _message_text)
-    else:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
-                    for m in req.messages]
-    if messages[-1]["role"] not in ("user", "tool"):
+    contents, urls = {}, []
+    for i, m in enumerate(req.messages):
+        contents[id(m)], found = message_content(m, i)
+        urls += found
+    if messages_last_role(req) not in ("user", "tool"):
         raise ApiError(400, "the last message must be the user's or a tool's (dgport does not continue an "
                        "assistant turn)", param="messages")
-    for i, m in enumerate(messages):
-        if m["role"] == "user" and not m["content"].strip():
+    for i, m in enumerate(req.messages):
+        content = contents[id(m)]
+        if m.role == "user" and not (content.strip() if isinstance(content, str) else content):
             raise ApiError(400, f"messages[{i}]: the user message is empty; give some text",
                            param=f"messages[{i}].content")
+    if tools is not None or any(m.tool_calls or m.role == "tool" for m in req.messages):
+        messages = chat_messages(req, lambda m: contents[id(m)])
+    else:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": contents[id(m)]}
+                    for m in req.messages]
+    images, keys = plan_images(urls, gen, req.max_soft_tokens)  # decoded and patched here, off the event loop
     try:
         rendered = gen.tokenizer.render(messages, enable_thinking=think, tools=tools and tools["tools"])
         ids = encode(gen.tokenizer, rendered, check=lambda n: _fits(gen, n, max_new, chat=True, template=template))
+        ids, starts = expand(ids, images, getattr(gen.backend, "vision", None))
     except DgportError as e:
         raise ApiError(400, str(e), param="messages") from e
     plan = _plan(gen, ids, max_new, req, overrides, stop, chat=True, template=template)
     plan.messages, plan.think, plan.tools = messages, think, tools
+    plan.images, plan.image_keys, plan.image_starts = images, keys, starts
     return plan
+
+
+def messages_last_role(req) -> str:
+    m = req.messages[-1]
+    return "system" if m.role == "developer" else m.role
 
 
 def plan_completion(req, gen) -> Plan:
@@ -168,6 +177,7 @@ def plan_completion(req, gen) -> Plan:
         V = gen.config.vocab_size
         if not ids or min(ids) < 0 or max(ids) >= V:
             raise ApiError(400, f"prompt token ids must be a non-empty list in [0, {V})", param="prompt")
+    check_no_image_tokens(ids, gen, "prompt")
     return _plan(gen, ids, max_new, req, overrides, stop, chat=False, template=template)
 
 

@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 SAMPLER_FIELDS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
                   "confidence_threshold")
-MAX_BODY_BYTES = 4 << 20
+MAX_BODY_BYTES = 4 << 20  # a model that takes images: serve/image_plan.py's IMAGE_BODY_BYTES
 MAX_STOP = 16
 MAX_STOP_CHARS = 256  # per stop string: the held-back tail of each delta is checked against its prefixes
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
@@ -67,13 +67,11 @@ def _models():
         # no coercion ("5" or true for a number, 5.0 for a count) and no NaN or infinities
         model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    class TextPart(Strict):
-        type: Literal["text"]
-        text: str
-
     class Message(Strict):
         role: Literal["system", "developer", "user", "assistant", "tool"]
-        content: str | list[TextPart] | None = None
+        # a list of parts (text, image_url): judged on the planning thread (serve/image_plan.py), in one line
+        # naming the part
+        content: str | list[Any] | None = None
         name: str | None = None  # does not reach the template
         reasoning_content: str | None = None  # earlier turns' reasoning: the template drops it anyway
         reasoning: str | None = None
@@ -124,6 +122,8 @@ def _models():
         tools: Any = None
         tool_choice: Any = None
         parallel_tool_calls: Any = None
+        # dgport's extension: soft tokens per image (70, 140, 280, 560, 1120; default: the model's)
+        max_soft_tokens: int | None = None
 
     class CompletionRequest(Sampler):
         prompt: str | list[str] | list[int]
