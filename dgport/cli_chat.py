@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .cli import (BACKEND_CHOICES, MAX_PROMPT_BYTES, SAMPLER_KEYS, _check_prompt_options, _for_stdout, _load,
-                  _prompt_tokenizer, _resolve, _task_of, _warn, cli, debug_option, sampler_options)
+                  _prompt_tokenizer, _resolve, _task_of, cli, debug_option, sampler_options)
 from .cli_images import image_options
 from .errors import DgportError
 from .loop import fresh_seed
@@ -32,8 +32,7 @@ def chat(export_dir, backend, system, think, show_thinking, image_paths, max_sof
     from .display import AnswerText, terminal_text
     from .task import SINGLE_TURN
 
-    pending = cli_images.read_images(image_paths)  # the images the next message carries
-    cli_images.warn_unused(pending, max_soft_tokens, _warn)
+    pending = cli_images.read_images(image_paths)  # the images the next message carries (/image adds more)
     tokenizer = _prompt_tokenizer(export_dir)
     if tokenizer is not None:
         _check_prompt_options(tokenizer, None, False, system, think, show_thinking)
