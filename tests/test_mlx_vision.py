@@ -64,16 +64,17 @@ def test_mlx_tower_matches_transformers(variant):
 @pytest.mark.slow
 def test_mlx_tower_at_the_real_geometry():
     """Width 1152, 16 heads of 72, patch 16, pooling 3, 2,520 patches (a 480x640 image: 266 soft
-    tokens), the 10,240-row position table; two of the 27 layers."""
+    tokens), the 10,240-row position table; one of the 27 layers (each is the same code). MLX's Linux
+    CPU matmul is slow (~50 s a layer on 2 cores): on Apple silicon this is a fraction of a second."""
     import time
 
-    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=1, num_attention_heads=16,
                   num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3,
                   position_embedding_size=10240, standardize=True)
     t = time.perf_counter()
     mine, ref, patches = tower_vs_transformers(*hf_tower(3, 2816, **vision), 2816, _images([(480, 640)]),
                                                ImageSettings())
-    print(f"\nreal geometry, 2 layers: max rel err {rel_err(mine, ref):.2e} ({time.perf_counter() - t:.1f} s in all)")
+    print(f"\nreal geometry, 1 layer: max rel err {rel_err(mine, ref):.2e} ({time.perf_counter() - t:.1f} s in all)")
     assert patches[0].soft_tokens == 266 and mine.shape == (266, 2816)
     assert rel_err(mine, ref) <= TOL
 
