@@ -250,3 +250,16 @@ def test_bf16_soft_tokens_are_bf16_values_close_to_fp32(vision_exports):
     err = rel_err(h, f)
     print(f"\nbf16 vs fp32 soft tokens: max rel err {err:.2e}")
     assert 0 < err <= 2e-2
+
+
+def test_quantized_exports_keep_the_tower_unquantized(vision_exports, checkpoints, tmp_path):
+    """--quantize 4 quantizes the text model only: the vision file holds the fp32 export's tensors and
+    the soft tokens are the fp32 export's bits."""
+    out = tmp_path / "q4"
+    export(checkpoints["vision"], out, ExportOptions(formats=("mlx",), quantize=4, validate=False))
+    q = mx.load(str(out / "mlx" / "vision.safetensors"))
+    f = mx.load(str(vision_exports["fp32"] / "mlx" / "vision.safetensors"))
+    assert set(q) == set(f) and all(mx.array_equal(q[n], f[n]).item() for n in f)
+    quant, info = open_vision(out)
+    full, _ = open_vision(vision_exports["fp32"])
+    np.testing.assert_array_equal(soft_tokens(quant, info, [(20, 30)])[0], soft_tokens(full, info, [(20, 30)])[0])
