@@ -125,6 +125,11 @@ class VisionInfo:
     eoi_token_id: int
     bidirectional: bool  # text_config.use_bidirectional_attention == "vision": image blocks see each other
 
+    def __post_init__(self):  # images whose patches would fall off the tower's position table are refused
+        from dataclasses import replace
+
+        object.__setattr__(self, "image", replace(self.image, max_position=self.config.position_embedding_size))
+
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "image": self.image.to_dict(), "image_token_id": self.image_token_id,
                 "boi_token_id": self.boi_token_id, "eoi_token_id": self.eoi_token_id,
@@ -162,8 +167,10 @@ def _as_hf(c: VisionConfig) -> dict:
 
 
 def read_vision(raw: dict, folder, text_hidden: int, vocab_size: int, names, where: str) -> VisionInfo | None:
-    """A checkpoint's vision tower, or None when it has none (no vision_config, or no vision tensors:
-    a text-only checkpoint). `names`: the tensor names its weight files hold."""
+    """A checkpoint's vision tower, or None when it has none (no vision_config, no vision tensors, or
+    image token ids its vocabulary cannot hold: a text-only checkpoint that kept the tower transformers
+    builds with every model, as the shipped Sudoku model does). `names`: the tensor names its weight
+    files hold."""
     from .images import ImageError, ImageSettings
 
     vision = raw.get("vision_config")
@@ -173,10 +180,11 @@ def read_vision(raw: dict, folder, text_hidden: int, vocab_size: int, names, whe
     ids = {}
     for key, default in (("image_token_id", 258880), ("boi_token_id", 255999), ("eoi_token_id", 258882)):
         v = raw.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
-            raise CheckpointError(f"{where}: {key} must be a token id below the vocabulary size {vocab_size} "
-                                  f"(got {v!r})")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CheckpointError(f"{where}: {key} must be a non-negative token id (got {v!r})")
         ids[key] = v
+    if any(v >= vocab_size for v in ids.values()):
+        return None  # no prompt can hold an image block: the tower is unreachable
     try:
         image = ImageSettings.from_folder(folder)
     except ImageError as e:

@@ -129,3 +129,17 @@ def test_vision_config_refusals():
                          ({"pooling_kernel_size": 1}, "pooling_kernel_size")]:
         with pytest.raises(CheckpointError, match=message):
             VisionConfig.from_hf({**good, **bad}, 64)
+
+
+def test_image_tokens_outside_the_vocabulary_read_as_text_only(tmp_path):
+    from dgport.errors import CheckpointError
+    from dgport.vision_config import read_vision
+
+    # the shipped Sudoku model keeps the tiny tower transformers builds with every model, but its 192-token
+    # vocabulary holds no image tokens: it is a text-only checkpoint, not a broken one
+    raw = {"vision_config": dict(hidden_size=16, num_attention_heads=1, head_dim=16),
+           "image_token_id": 258880, "boi_token_id": 255999, "eoi_token_id": 258882}
+    names = {"model.encoder.vision_tower.encoder.layers.0.mlp.down_proj.weight": None}
+    assert read_vision(raw, tmp_path, 16, 192, names, "config.json") is None
+    with pytest.raises(CheckpointError, match="image_token_id must be a non-negative token id"):
+        read_vision({**raw, "image_token_id": -1}, tmp_path, 16, 192, names, "config.json")
