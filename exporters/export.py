@@ -400,7 +400,8 @@ def _write(src, ckpt, tmp: Path, modules: dict, opts: ExportOptions, progress: P
                 with progress.step(f"validating {name} against the source model"):
                     # the opener, not an opened backend: validation keeps one model in memory at a time
                     validation[name] = validate_export(open_candidate, ckpt, fmt, opts.dtype, opts.quantize,
-                                                       mod.VALIDATION_METRIC)
+                                                       mod.VALIDATION_METRIC,
+                                                       images="vision" in manifest and _has_vision(formats[fmt]))
             if hasattr(mod, "extra_validation"):  # e.g. quantized ONNX against its own dequantized weights
                 validation.update(mod.extra_validation(ckpt, tmp, formats[fmt], opts, progress))
     return manifest, validation

@@ -88,20 +88,49 @@ class Trace:
     events: list = field(default_factory=list)
 
 
+def _image_prompt(backend, rng, V: int):
+    """A seeded random image's patches (at most 70 soft tokens) and a prompt holding its block:
+    (pixel_values [1, P, D], positions [1, P, 2], ids [1, T] with the block after <bos>)."""
+    from dgport.images import preprocess
+
+    vision = backend.vision
+    s = vision.image.with_soft_tokens(70)
+    side = s.patch_size * s.pooling_kernel_size
+    pixels = rng.integers(0, 256, (5 * side + 7, 7 * side + 3, 3), dtype=np.uint8)  # resized: odd sides
+    from PIL import Image
+
+    p = preprocess(Image.fromarray(pixels), s)
+    tail = rng.integers(0, V, size=5)
+    tail[tail == vision.image_token_id] = vision.eoi_token_id  # the block's tokens only
+    ids = [vision.boi_token_id] + [vision.image_token_id] * p.soft_tokens + [vision.eoi_token_id] + list(tail)
+    return p.pixel_values[None], p.positions[None], np.array(ids, np.int64)[None], p.soft_tokens
+
+
 def record(backend, cfg, *, seed: int = 0, prompt_len: int | None = None, steps_per_canvas: int = 2,
-           inputs: Trace | None = None) -> Trace:
+           inputs: Trace | None = None, images: bool = False) -> Trace:
     """Drive `backend` from a fresh cache through: a prompt past the sliding window, a canvas of
     `steps_per_canvas` denoising steps (each after the first self-conditioned on the one before),
     the canvas committed, and a second such canvas. The next canvas mixes the backend's own samples
     with fresh random ids. With `inputs` (another backend's trace), replay exactly its calls instead.
     Traces let validation run one model at a time: a multi-GB reference is recorded and freed
-    before the next one is loaded."""
+    before the next one is loaded. `images`: first the vision tower on a random image, and a prompt
+    whose image block each backend fills with its own soft tokens (the encoder's image path)."""
     backend.reset()
     trace = Trace()
+    soft = {}
 
-    def encode(ids, positions):
-        backend.encode(ids, positions)
-        trace.events.append(("encode", ids, positions, [backend.cache_numpy(i) for i in range(cfg.num_layers)]))
+    def encode(ids, positions, with_image=False):
+        if with_image:
+            backend.encode(ids, positions, image_embeds=soft["rows"])
+        else:
+            backend.encode(ids, positions)
+        trace.events.append(("encode", ids, positions, [backend.cache_numpy(i) for i in range(cfg.num_layers)],
+                             with_image))
+
+    def encode_images(pv, pos, n):
+        out = backend.encode_images(pv, pos)
+        soft["rows"] = out[0, :n]
+        trace.events.append(("images", pv, pos, n, np.array(out[0, :n], np.float32)))
 
     def denoise(canvas, positions, t, u):
         out = backend.denoise(canvas, positions, t, u)
@@ -116,13 +145,20 @@ def record(backend, cfg, *, seed: int = 0, prompt_len: int | None = None, steps_
 
     if inputs is not None:
         for event in inputs.events:
-            {"encode": lambda e: encode(e[1], e[2]), "new_canvas": lambda e: new_canvas(),
-             "denoise": lambda e: denoise(*e[1:5])}[event[0]](event)
+            {"encode": lambda e: encode(e[1], e[2], e[4]), "new_canvas": lambda e: new_canvas(),
+             "images": lambda e: encode_images(*e[1:4]), "denoise": lambda e: denoise(*e[1:5])}[event[0]](event)
         return trace
 
     rng = np.random.Generator(np.random.PCG64(seed))
     V, C = cfg.vocab_size, cfg.canvas_length
     P = prompt_len if prompt_len is not None else min(cfg.sliding_window + 3, 64)
+    start = 0
+    if images:
+        pv, pos, ids, n = _image_prompt(backend, rng, V)
+        encode_images(pv, pos, n)
+        ids = np.concatenate([[[cfg.bos_token_id]], ids], axis=1)
+        start = ids.shape[1]
+        encode(ids, np.arange(start, dtype=np.int64)[None], with_image=True)
 
     def canvas_steps(positions):
         new_canvas()
@@ -132,7 +168,8 @@ def record(backend, cfg, *, seed: int = 0, prompt_len: int | None = None, steps_
             canvas = np.where(rng.random((1, C)) < 0.5, out.sampled, rng.integers(0, V, size=(1, C)))
 
     ids = np.concatenate([[cfg.bos_token_id], rng.integers(0, V, size=P - 1)])[None]
-    encode(ids, np.arange(P, dtype=np.int64)[None])
+    encode(ids, np.arange(start, start + P, dtype=np.int64)[None])
+    P += start
     positions = np.arange(P, P + C, dtype=np.int64)[None]
     canvas_steps(positions)
     encode(rng.integers(0, V, size=(1, C)), positions)
@@ -161,11 +198,14 @@ def entropy_err(got, want, vocab_size: int, metric=rel_err) -> float:
 
 
 def trace_errors(got: Trace, want: Trace, cfg, metric=rel_err) -> dict:
-    """{"encoder_kv", "step_entropy" and, when both traces hold logits, "step_logits"}: the largest
-    error of `got` against `want` over every layer and step (entropies: `entropy_err`)."""
+    """{"encoder_kv", "step_entropy", when both traces hold logits "step_logits", with images
+    "vision_soft_tokens"}: the largest error of `got` against `want` over every layer and step
+    (entropies: `entropy_err`)."""
     errs = {"encoder_kv": 0.0, "step_entropy": 0.0}
     for a, r in zip(got.events, want.events, strict=True):
-        if a[0] == "encode":
+        if a[0] == "images":
+            errs["vision_soft_tokens"] = max(errs.get("vision_soft_tokens", 0.0), metric(a[4], r[4]))
+        elif a[0] == "encode":
             for i, (pair_a, pair_r) in enumerate(zip(a[3], r[3], strict=True)):
                 for x, y in zip(pair_a, pair_r):
                     if x.shape != y.shape:
@@ -185,7 +225,8 @@ def compare(candidate, reference, cfg, *, seed: int = 0, metric=rel_err, prompt_
     return trace_errors(record(candidate, cfg, inputs=want), want, cfg, metric)
 
 
-def _reference_traces(ckpt, dtype: str, seeds, inputs: list[Trace] | None = None) -> list[Trace]:
+def _reference_traces(ckpt, dtype: str, seeds, inputs: list[Trace] | None = None, images: bool = False
+                      ) -> list[Trace]:
     """transformers runs in `dtype`, one trace per seed (or per trace in `inputs`), its model
     loaded once and freed before returning."""
     from dgport.runtimes.torch_ref import TorchRefBackend
@@ -194,7 +235,7 @@ def _reference_traces(ckpt, dtype: str, seeds, inputs: list[Trace] | None = None
     try:
         if inputs is not None:
             return [record(reference, ckpt.config, inputs=t) for t in inputs]
-        return [record(reference, ckpt.config, seed=s) for s in seeds]
+        return [record(reference, ckpt.config, seed=s, images=images) for s in seeds]
     finally:
         del reference
         gc.collect()
@@ -224,10 +265,12 @@ def _quantization_gate(errors: dict, fp32: list, ckpt, fmt: str, bits, metric, s
         "--no-validate to keep it anyway")
 
 
-def validate_export(candidate, ckpt, fmt: str, dtype: str, quantize, metric, seed: int = 0) -> dict:
+def validate_export(candidate, ckpt, fmt: str, dtype: str, quantize, metric, seed: int = 0,
+                    images: bool = False) -> dict:
     """Compare an export with the source checkpoint and raise ExportError past the gate.
     `candidate` is an opened backend, or a function that opens one: then it is opened only while
     it runs, so at most one model is in memory at a time (the driver passes the opener).
+    `images`: the export takes images (its vision tower and the encoder's image path are compared too).
     Returns the measured errors, plus, when the fallback ran, the errors against the more precise
     run (`*_vs_fp32` / `*_vs_fp64`) and transformers' own errors against it (`reference_*`)."""
     opener = candidate if callable(candidate) else (lambda: candidate)
@@ -244,7 +287,7 @@ def validate_export(candidate, ckpt, fmt: str, dtype: str, quantize, metric, see
     # unquantized: against HF in the export's dtype; quantized: against HF fp32 (what it costs), norm-wise
     ref_dtype = "fp32" if quantize else dtype
     metric = rel_err if quantize else metric
-    want = _reference_traces(ckpt, ref_dtype, [seed])
+    want = _reference_traces(ckpt, ref_dtype, [seed], images=images)
     errors = mean_errors(candidate_traces(want), want, cfg, metric)
     if quantize:
         return _quantization_gate(errors, want, ckpt, fmt, quantize, metric, seed)
@@ -253,7 +296,7 @@ def validate_export(candidate, ckpt, fmt: str, dtype: str, quantize, metric, see
         return errors
     exact_dtype = "fp64" if dtype == "fp32" else "fp32"
     seeds = [seed + k for k in range(FALLBACK_SEEDS)]
-    exact = _reference_traces(ckpt, exact_dtype, seeds)
+    exact = _reference_traces(ckpt, exact_dtype, seeds, images=images)
     baseline = mean_errors(_reference_traces(ckpt, dtype, seeds, inputs=exact), exact, cfg)
     ours = mean_errors(candidate_traces(exact), exact, cfg)
     report = {**errors, **{f"{k}_vs_{exact_dtype}": v for k, v in ours.items()},

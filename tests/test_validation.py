@@ -100,3 +100,24 @@ def test_entropy_error_is_norm_wise_for_onnx_and_elementwise_for_mlx():
     assert entropy_err(got[:, :50], want, V) == float("inf")
     everywhere = want + 0.05  # a wrong graph moves every position
     assert entropy_err(everywhere, want, V) == pytest.approx(0.05 / np.log(V))
+
+
+class ScaledSoftTokens(ScaledCache):
+    """A backend whose vision tower's soft tokens come out `scale` times too large."""
+
+    def encode_images(self, pixel_values, positions):
+        return self._b.encode_images(pixel_values, positions) * self._scale
+
+
+def test_vision_tower_is_validated(checkpoints, tmp_path, monkeypatch):
+    """An export that takes images is validated on an image prompt too: the soft tokens (metric
+    vision_soft_tokens) and the encoder's image path; a tower 0.1 % off fails the gate."""
+    summary = export(checkpoints["vision"], tmp_path / "good", ExportOptions())
+    report = summary.validation["onnx"]
+    assert 0 <= report["vision_soft_tokens"] <= 1e-5 and report["encoder_kv"] <= 1e-5, report
+    real = onnx_export.validation_backends
+    monkeypatch.setattr(onnx_export, "validation_backends",
+                        lambda *a: [(label, lambda o=o: ScaledSoftTokens(o(), 1.001)) for label, o in real(*a)])
+    with pytest.raises(ExportError, match=r"failed validation: max relative error 0\.001"):
+        export(checkpoints["vision"], tmp_path / "bad", ExportOptions())
+    assert not (tmp_path / "bad").exists()
