@@ -23,31 +23,9 @@ from .schema import utf8_text
 from .timing import TimedBackend
 
 
-class _TimedImages(TimedBackend):
-    """TimedBackend whose encode and encode_row pass the image soft tokens on (dgport.timing's take none)."""
-
-    def encode(self, ids, positions, image_embeds=None):
-        if image_embeds is None:
-            return super().encode(ids, positions)
-        t = time.perf_counter()
-        self.inner.encode(ids, positions, image_embeds=image_embeds)
-        self.timings.encode_s.append(time.perf_counter() - t)
-        self.timings.encode_tokens += int(ids.shape[-1])
-
-    def encode_row(self, row, ids, positions, image_embeds=None):
-        if image_embeds is None:
-            return super().encode_row(row, ids, positions)
-        t = time.perf_counter()
-        self.inner.encode_row(row, ids, positions, image_embeds=image_embeds)
-        self.timings.encode_s.append(time.perf_counter() - t)
-        self.timings.encode_tokens += int(ids.shape[-1])
-
-
 def timed_backend(backend):
-    """`backend` timed (dgport.timing.TimedBackend), image soft tokens passed on; a timed one as it is."""
-    if isinstance(backend, TimedBackend):
-        return backend
-    return _TimedImages(backend)
+    """`backend` timed (dgport.timing.TimedBackend); a timed one as it is."""
+    return backend if isinstance(backend, TimedBackend) else TimedBackend(backend)
 
 
 def run_ids(gen: Generator, ids: list[int], images=None, keep_cache: bool = False, max_new_tokens=None,

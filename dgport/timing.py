@@ -37,9 +37,12 @@ class TimedBackend:
     def cache_len(self) -> int:
         return self.inner.cache_len
 
-    def encode(self, ids, positions):
+    def encode(self, ids, positions, image_embeds=None):
         t = time.perf_counter()
-        self.inner.encode(ids, positions)
+        if image_embeds is None:  # a backend without images takes no image_embeds argument
+            self.inner.encode(ids, positions)
+        else:
+            self.inner.encode(ids, positions, image_embeds=image_embeds)
         self.timings.encode_s.append(time.perf_counter() - t)
         self.timings.encode_tokens += int(ids.shape[-1])
 
@@ -49,9 +52,12 @@ class TimedBackend:
         self.timings.denoise_s.append(time.perf_counter() - t)
         return out
 
-    def encode_row(self, row, ids, positions):
+    def encode_row(self, row, ids, positions, image_embeds=None):
         t = time.perf_counter()
-        self.inner.encode_row(row, ids, positions)
+        if image_embeds is None:
+            self.inner.encode_row(row, ids, positions)
+        else:
+            self.inner.encode_row(row, ids, positions, image_embeds=image_embeds)
         self.timings.encode_s.append(time.perf_counter() - t)
         self.timings.encode_tokens += int(ids.shape[-1])
 
