@@ -46,6 +46,7 @@ class ImageSettings:
     do_normalize: bool = False
     image_mean: tuple = (0.0, 0.0, 0.0)
     image_std: tuple = (1.0, 1.0, 1.0)
+    max_position: int = 0  # the tower's position table (patches a side); 0: unchecked. Not the processor's
 
     @property
     def max_patches(self) -> int:
@@ -240,7 +241,7 @@ def target_size(height: int, width: int, s: ImageSettings) -> tuple[int, int]:
         th, tw = side, min(int(math.floor(width / height)) * side, longest)
     elif tw == 0:
         tw, th = side, min(int(math.floor(height / width)) * side, longest)
-    if th * tw > target_px:
+    if th * tw > target_px or (s.max_position and max(th, tw) > s.max_position * s.patch_size):
         raise ImageError(f"a {width}x{height} image is too elongated for {s.max_patches} patches "
                          f"(it would need {th}x{tw}); crop it")
     return th, tw

@@ -127,3 +127,13 @@ def test_settings_are_checked(tmp_path):
     assert s.with_soft_tokens(70).max_soft_tokens == 70
     with pytest.raises(ImageError, match="one of"):
         s.with_soft_tokens(71)
+
+
+def test_a_thin_image_past_the_towers_position_table_is_refused():
+    # the fixture tower's table holds 96 positions a side; a 4000x1 strip would need 210 patches across
+    s = ImageSettings(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3, max_position=96)
+    with pytest.raises(ImageError, match="too elongated.*crop it"):
+        preprocess(load_image(_arr(1, 4000)), s)
+    assert preprocess(load_image(_arr(1, 4000)), ImageSettings(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)) \
+        .positions[:, 0].max() == 209  # the processor alone would take it
+    assert preprocess(load_image(_arr(40, 300)), s).positions[:, 0].max() < 96
