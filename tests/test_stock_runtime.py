@@ -314,6 +314,50 @@ def test_stock_session_runs_the_quantized_step_graph(bits, checkpoints, tmp_path
     assert be.cache_len == T  # denoising leaves the cache alone
 
 
+def test_stock_sessions_run_images(checkpoints, tmp_path):
+    """docs/GRAPH_CONTRACT.md#images from the files alone: transformers' own image processor with the
+    manifest's settings, vision.onnx by path, then encoder.onnx fed `image_embeds`; the soft tokens and
+    the cache equal dgport's, and the image changes the cache (an encoder that ignored it would not)."""
+    import json
+
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    out = tmp_path / "vision"
+    export(checkpoints["vision"], out, ExportOptions(validate=False))
+    manifest = json.loads((out / "dgport.json").read_text())
+    entry, vision = manifest["formats"]["onnx"], manifest["vision"]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    tower = ort.InferenceSession(str(out / entry["vision_graph"]["file"]), so, providers=["CPUExecutionProvider"])
+    enc = ort.InferenceSession(str(out / entry["graphs"]["encoder"]["file"]), so, providers=["CPUExecutionProvider"])
+    image = vision["image"]
+    proc = Gemma4ImageProcessorPil(patch_size=image["patch_size"], pooling_kernel_size=image["pooling_kernel_size"],
+                                   max_soft_tokens=image["max_soft_tokens"])
+    rng = np.random.default_rng(3)
+    feats = proc([rng.integers(0, 256, (45, 77, 3), dtype=np.uint8)], return_tensors="np")
+    pv, pos = feats["pixel_values"].astype(np.float32), feats["image_position_ids"].astype(np.int64)
+    soft = tower.run(["soft_tokens"], {"pixel_values": pv, "pixel_position_ids": pos})[0]
+    n = int((pos[0, :, 0] >= 0).sum()) // image["pooling_kernel_size"] ** 2
+    text = [t for t in rng.integers(0, manifest["config"]["vocab_size"], 6).tolist() if t != vision["image_token_id"]]
+    ids = np.array([[manifest["config"]["bos_token_id"], vision["boi_token_id"]] + [vision["image_token_id"]] * n
+                    + [vision["eoi_token_id"]] + text])
+    positions = np.arange(ids.shape[1])[None]
+    feeds = {"input_ids": ids, "position_ids": positions, **{k: v.numpy() for k, v in empty_past(enc, 1).items()}}
+    names = [o.name for o in enc.get_outputs()]
+    with_image = dict(zip(names, enc.run(names, {**feeds, "image_embeds": soft[0, :n]})))
+    without = dict(zip(names, enc.run(names, feeds)))
+
+    be = OnnxBackend(open_export(out, "cpu"), device="cpu", threads=THREADS)
+    np.testing.assert_array_equal(be.encode_images(pv, pos), soft)
+    be.encode(ids, positions, image_embeds=soft[0, :n])
+    L = manifest["config"]["num_layers"]
+    for i in range(L):
+        for j, name in enumerate((f"present_key_{i}", f"present_value_{i}")):
+            np.testing.assert_array_equal(be.cache_numpy(i)[j], with_image[name], err_msg=name)
+    assert not np.allclose(with_image[f"present_key_{L - 1}"], without[f"present_key_{L - 1}"])
+
+
 # ------------------------------------------------------------------ onnxruntime versions for fused attention
 def test_ort_version_parsing():
     assert ort_version("1.23.1") == (1, 23, 1)
