@@ -21,9 +21,11 @@ from .errors import DgportError
                    "divide the model's widths).")
 @click.option("--with-logits", is_flag=True, help="ONNX: also output the fp32 logits (parity/debug exports).")
 @click.option("--encoder-moe", default="sparse", show_default=True,
-              help="ONNX encoder experts: sparse (each expert on its routed tokens; long prompts) or dense.")
+              help="ONNX encoder experts: sparse (each expert on its routed tokens; long prompts), dense, or grouped "
+                   "(one batched product over every expert's routed tokens).")
 @click.option("--denoise-moe", default="auto", show_default=True,
-              help="ONNX denoise-step experts: auto (both forms: sparse on CPUs, dense on GPUs), dense or sparse.")
+              help="ONNX denoise-step experts: auto (both forms: sparse on CPUs, dense on GPUs), dense, sparse or "
+                   "grouped.")
 @click.option("--attention", default="explicit", show_default=True,
               help="ONNX attention: explicit (MatMul/Softmax/MatMul) or fused (one ONNX Attention node, opset 23).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

@@ -49,7 +49,9 @@ class ExportOptions:
     quantize: int | None = None
     group_size: int | None = None  # None: 64, or 32 where 64 does not divide (quantize.choose_group)
     with_logits: bool = False
-    encoder_moe: str = "sparse"  # ONNX experts per graph: "sparse" (per-expert loop) or "dense" (all experts)
+    # ONNX experts per graph: "sparse" (per-expert loop), "dense" (all experts) or "grouped" (one batched
+    # product per projection over [experts, capacity, width]: exporters/onnx_grouped.py)
+    encoder_moe: str = "sparse"
     denoise_moe: str = "auto"  # "auto": both forms, each device runs its faster one (onnx_export.moe_forms)
     attention: str = "explicit"  # ONNX: "explicit" (MatMul/Softmax/MatMul) or "fused" (ONNX Attention, opset 23)
     force: bool = False
@@ -83,15 +85,15 @@ def check_options(opts: ExportOptions) -> None:
             raise DgportError(f"--quantize with --dtype {opts.dtype}: quantized ONNX exports keep their unquantized "
                               "tensors in fp32 and compute in fp32 (onnxruntime's CPU EP has no bf16 kernels); "
                               "drop --dtype or pass --dtype fp32")
-    if opts.encoder_moe not in ("sparse", "dense"):
-        raise DgportError(f"--encoder-moe {opts.encoder_moe!r}: choose sparse or dense")
-    if opts.denoise_moe not in ("auto", "sparse", "dense"):
-        raise DgportError(f"--denoise-moe {opts.denoise_moe!r}: choose auto, sparse or dense")
-    dense = opts.encoder_moe != "sparse" or opts.denoise_moe == "dense"
-    if opts.quantize is not None and "onnx" in opts.formats and dense:
-        raise DgportError("--encoder-moe/--denoise-moe dense with --quantize: quantized ONNX exports run each "
-                          "expert as its own constant 4/8-bit weight (the form onnxruntime fuses into "
-                          "MatMulNBits; a dense stack of dequantized experts was 15x slower per step); "
+    if opts.encoder_moe not in ("sparse", "dense", "grouped"):
+        raise DgportError(f"--encoder-moe {opts.encoder_moe!r}: choose sparse, dense or grouped")
+    if opts.denoise_moe not in ("auto", "sparse", "dense", "grouped"):
+        raise DgportError(f"--denoise-moe {opts.denoise_moe!r}: choose auto, sparse, dense or grouped")
+    stacked = {opts.encoder_moe, opts.denoise_moe} & {"dense", "grouped"}
+    if opts.quantize is not None and "onnx" in opts.formats and stacked:
+        raise DgportError(f"--encoder-moe/--denoise-moe {sorted(stacked)[0]} with --quantize: quantized ONNX exports "
+                          "run each expert as its own constant 4/8-bit weight (the form onnxruntime fuses into "
+                          "MatMulNBits; a stack of dequantized experts was 15x slower per step); "
                           "drop the --*-moe flag")
     if opts.attention not in ("explicit", "fused"):
         raise DgportError(f"--attention {opts.attention!r}: choose explicit or fused")

@@ -25,6 +25,7 @@ VISION = "vision.onnx"  # checkpoints with a vision tower: patches -> soft token
 STEP = "step.onnx"  # quantized exports: encoder and denoiser in one graph (onnx_steps.build_step)
 CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
 SPARSE_DENOISE = "denoise_step.sparse.onnx"
+CPU_DENOISE_BY_FORM = {"sparse": SPARSE_DENOISE, "dense": DENOISE, "grouped": "denoise_step.grouped.onnx"}
 
 
 def _save(b, path: Path) -> None:
@@ -40,8 +41,10 @@ def moe_forms(opts) -> dict:
     each device run its faster one: sparse on CPUs (compute-bound; 3.8x per step at the real 16:1
     expert ratio, bench/RESULTS.md), dense on GPUs (a 256-token canvas hits nearly every expert,
     and one batched MatMul beats a Loop of 128 iterations, each with a NonZero, per layer)."""
-    den = {"cuda": "sparse" if opts.denoise_moe == "sparse" else "dense",
-           "cpu": "dense" if opts.denoise_moe == "dense" else "sparse"}
+    if opts.denoise_moe in ("sparse", "dense", "grouped"):  # grouped: exporters/onnx_grouped.py
+        den = {"cuda": opts.denoise_moe, "cpu": opts.denoise_moe}
+    else:
+        den = {"cuda": "dense", "cpu": "sparse"}
     return {dev: {"encoder": opts.encoder_moe, "denoise_step": den[dev]} for dev in ("cuda", "cpu")}
 
 
@@ -54,7 +57,7 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     md = ONNX_DTYPE[opts.dtype]
     forms = moe_forms(opts)
     fused = opts.attention == "fused"
-    sparse = {dev: {k: v == "sparse" for k, v in f.items()} for dev, f in forms.items()}
+    sparse = forms  # device -> graph -> its expert form (_form)
     store = WeightStore(ckpt, out_dir, opts.dtype)
     quant = None
     if opts.quantize:
@@ -134,17 +137,22 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     return entry
 
 
+def _form(form: str) -> dict:
+    """The graph builders' keywords for an expert form ("sparse", "dense" or "grouped")."""
+    return {"sparse_moe": form == "sparse", "grouped_moe": form == "grouped"}
+
+
 def _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progress, vision=None,
                 vision_graph=lambda: None) -> tuple[dict, dict, int]:
     """Unquantized exports: the encoder and denoise_step graphs GPUs run and the CPU's set."""
     built = {}
     try:
         with progress.step(f"onnx: encoder graph + {what} weights"):
-            built["encoder"] = build_encoder(cfg, store, md, progress=progress, sparse_moe=sparse["cuda"]["encoder"],
+            built["encoder"] = build_encoder(cfg, store, md, progress=progress, **_form(sparse["cuda"]["encoder"]),
                                              fused_attention=fused, vision=vision)
         with progress.step("onnx: denoise_step graph"):
             built["denoise_step"] = build_denoise(cfg, store, md, opts.with_logits, progress=progress,
-                                                  sparse_moe=sparse["cuda"]["denoise_step"], fused_attention=fused)
+                                                  **_form(sparse["cuda"]["denoise_step"]), fused_attention=fused)
         vision_graph()
     finally:
         store.close()
@@ -156,18 +164,18 @@ def _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progres
         store_ro = _ReadOnlyStore(store)
         if opts.dtype == "bf16":  # the CPU EP has no bf16 kernels: fp32-compute twins on the same bf16 weights
             cpu_graphs["encoder"] = write(build_encoder(cfg, store_ro, md, emulate=True,
-                                                        sparse_moe=sparse["cpu"]["encoder"], fused_attention=fused,
+                                                        **_form(sparse["cpu"]["encoder"]), fused_attention=fused,
                                                         vision=vision),
                                           CPU_ENCODER, forms["cpu"]["encoder"])
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits, emulate=True,
-                                                             sparse_moe=sparse["cpu"]["denoise_step"],
+                                                             **_form(sparse["cpu"]["denoise_step"]),
                                                              fused_attention=fused),
                                                CPU_DENOISE, forms["cpu"]["denoise_step"])
         elif forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
-                                                             sparse_moe=sparse["cpu"]["denoise_step"],
+                                                             **_form(sparse["cpu"]["denoise_step"]),
                                                              fused_attention=fused),
-                                               SPARSE_DENOISE, forms["cpu"]["denoise_step"])
+                                               CPU_DENOISE_BY_FORM[forms["cpu"]["denoise_step"]], forms["cpu"]["denoise_step"])
     return graphs, cpu_graphs, built["encoder"].opset
 
 

@@ -57,8 +57,9 @@ class Model:
     selected by the bool tensor `self.denoise`: build_step)."""
 
     def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False, fused_attention: bool = False,
-                 quant: "QuantSpec | None" = None):
+                 quant: "QuantSpec | None" = None, grouped_moe: bool = False):
         self.b, self.cfg, self.mode, self.sparse_moe = b, cfg, mode, sparse_moe
+        self.grouped_moe = grouped_moe  # exporters/onnx_grouped.py; takes precedence over sparse_moe
         self.fused_attention = fused_attention
         self.quant = quant
         self.denoise = None  # joint mode: the bool scalar input choosing the denoiser
@@ -252,12 +253,17 @@ class Model:
         else:  # the sparse loop gathers one expert's weights, then casts them (emulate mode)
             wgu = b.weight(f"layers.{i}.experts.gate_up",
                            lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)),
-                           cast=not self.sparse_moe)
+                           cast=not self.sparse_moe or self.grouped_moe)
             wd = b.weight(f"layers.{i}.experts.down",
                           lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.down_proj")), 1, 2)),
-                          cast=not self.sparse_moe)
-            moe = self.sparse_experts(y2, topi, topw, wgu, wd) if self.sparse_moe else \
-                self.dense_experts(y2, probs, topi, topw, wgu, wd)
+                          cast=not self.sparse_moe or self.grouped_moe)
+            if self.grouped_moe:
+                from .onnx_grouped import grouped_experts
+
+                moe = grouped_experts(self, y2, topi, topw, wgu, wd)
+            else:
+                moe = self.sparse_experts(y2, topi, topw, wgu, wd) if self.sparse_moe else \
+                    self.dense_experts(y2, probs, topi, topw, wgu, wd)
         moe = b.op("Reshape", moe, b.op("Shape", r))
         h2 = self.rms(moe, self.vec32(p + "post_feedforward_layernorm_2.weight"))
         ff = self.rms(b.op("Add", h1, h2), self.vec32(p + "post_feedforward_layernorm.weight"))
