@@ -3,6 +3,12 @@ fp32 (Gemma4VisionModel + the multimodal embedder), side by side, at the real vi
 
     python -m bench.bench_vision                       # 27 layers, one 480x640 image, 2 threads
     python -m bench.bench_vision --layers 4 --rounds 3 --json out.json
+    python -m bench.bench_vision --layers 3 --forms explicit,fused,fused+int8,fused+int4
+
+Each --forms entry is one vision graph: its attention form ("explicit": MatMul, Softmax, MatMul;
+"fused": one opset-23 Attention node a layer), optionally with its encoder linears as 8- or 4-bit
+blocks (+int8, +int4: exporters/onnx_vision.py vision_quant at group 64, MatMulNBits accuracy level 4).
+For the whole image-to-answer path (generate through the Python API): bench/bench_vision_e2e.py.
 
 Random weights at the real geometry (width 1152, 16 heads of 72, MLP 4304, patch 16, pooling 3,
 280 soft tokens at most, the 10,240-row position table, standardization), the text width 2816. The
@@ -35,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="480x640", help="the image's HxW")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--forms", default="fused", help="comma-separated vision graphs to time (see above)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import onnxruntime as ort
@@ -54,37 +61,55 @@ def main(argv=None) -> int:
     print(f"vision tower: {args.layers} layers at the real width, a {h}x{w} image -> {int((pos[0, :, 0] >= 0).sum())} "
           f"patches, {p.soft_tokens} soft tokens; {args.threads} threads; CPU flags: {cpu_flags()}", flush=True)
     cfg, tower, emb, tensors = hf_tower(3, 2816, num_hidden_layers=args.layers, **REAL)
+    forms = args.forms.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        sess = onnx_session(cfg, 2816, tensors, Path(tmp))
+        sessions = {}
+        for form in forms:
+            attention, _, bits = form.partition("+int")
+            (Path(tmp) / form).mkdir()
+            sessions[form] = onnx_session(cfg, 2816, tensors, Path(tmp) / form, attention, 64 if bits else None,
+                                          int(bits) if bits else None)
         del tensors
 
         def run_hf():
             with torch.no_grad():
                 return emb(tower(torch.from_numpy(pv), torch.from_numpy(pos)).last_hidden_state).numpy()
 
-        def run_onnx():
-            return sess.run(None, {"pixel_values": pv, "pixel_position_ids": pos})[0][0, :p.soft_tokens]
+        def runner(sess):
+            return lambda: sess.run(None, {"pixel_values": pv, "pixel_position_ids": pos})[0][0, :p.soft_tokens]
 
-        times = {"transformers": [], "dgport": []}
-        ref, got = run_hf(), run_onnx()  # warm-up
+        fns = [("transformers", run_hf)] + [(f, runner(s)) for f, s in sessions.items()]
+        times = {name: [] for name, _ in fns}
+        out = {name: fn() for name, fn in fns}  # warm-up
         for r in range(args.rounds):
-            for name, fn in (("transformers", run_hf), ("dgport", run_onnx))[:: 1 if r % 2 == 0 else -1]:
+            for name, fn in fns[:: 1 if r % 2 == 0 else -1]:
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)
-    err = float(np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max())
-    cos = float(np.mean(np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))))
-    hf_s, dg_s = statistics.median(times["transformers"]), statistics.median(times["dgport"])
+    ref = out["transformers"]
+    hf_s = statistics.median(times["transformers"])
     report = {"layers": args.layers, "image": args.size, "threads": args.threads, "cpu_flags": cpu_flags(),
-              "transformers_s": hf_s, "dgport_onnx_fp32_s": dg_s, "speedup": hf_s / dg_s, "max_rel_err": err,
-              "cosine": cos, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "transformers_s": hf_s, "forms": {}, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "attn_implementation": tower.config._attn_implementation, "onnxruntime": ort.__version__,
               "torch": torch.__version__}
-    print(f"transformers fp32 ({report['attn_implementation']}): {hf_s:.2f} s   dgport ONNX fp32: {dg_s:.2f} s   "
-          f"speed-up {hf_s / dg_s:.2f}x   max rel err {err:.2e}, cosine {cos:.6f}   peak RSS {report['peak_rss_mb']:.0f} MB")
+    print(f"transformers fp32 ({report['attn_implementation']}): {hf_s:.2f} s")
+    fp32 = next((out[f] for f in forms if "+" not in f), None)
+    for form in forms:
+        got, s = out[form], statistics.median(times[form])
+        err = float(np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max())
+        cos = _cos(got, ref)
+        report["forms"][form] = {"seconds": s, "speedup": hf_s / s, "max_rel_err": err, "cosine": cos,
+                                 "cosine_vs_fp32": None if fp32 is None else _cos(got, fp32)}
+        print(f"dgport ONNX {form:<14} {s:6.2f} s   speed-up {hf_s / s:.2f}x   max rel err {err:.2e}   cosine {cos:.6f}"
+              + ("" if fp32 is None else f" (to dgport fp32 {report['forms'][form]['cosine_vs_fp32']:.6f})"))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _cos(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def export(ctx, src, out, formats, dtype, quantize, group_size, with_logits, enc
         from .exporters.export import ExportOptions as Opts, check_options, parse_formats
         from .exporters.plan import format_plan, format_plan_mlx, plan as make_plan, plan_mlx
 
-        popts = Opts(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size)
+        popts = Opts(formats=parse_formats(formats), dtype=dtype, quantize=quantize, group_size=group_size,
+                     text_only=text_only)
         check_options(popts)
         config = _plan_config(src)
         blocks = []

@@ -67,14 +67,16 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     what = f"int{opts.quantize} (group {opts.group_size})" if quant else opts.dtype
     files = []
     vision = None if getattr(opts, "text_only", False) else ckpt.vision
-    built_vision = []
+    built_vision, vision_specs = [], []
 
     def vision_graph() -> None:  # on the same weights file, before the store closes
         if vision is not None:
-            from .onnx_vision import build_vision
+            from .onnx_vision import build_vision, vision_quant
 
             with progress.step("onnx: vision graph"):
-                built_vision.append(build_vision(vision.config, store, md))
+                vq = vision_quant(vision.config, quant.group) if quant is not None else None
+                built_vision.append(build_vision(vision.config, store, md, quant=vq))
+                vision_specs.extend({id(q): q for q in (vq or {}).values()}.values())
 
     def write(b, fname, moe) -> dict:
         _save(b, out_dir / fname)
@@ -102,8 +104,10 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     if built_vision:
         _save(built_vision[0], out_dir / VISION)
         files.append(VISION)
+        from .onnx_vision import ATTENTION
+
         vision_entry = {"file": VISION, "weights": list(built_vision[0].weights), "weights_as_inputs": False,
-                        **io_spec(built_vision[0])}
+                        "attention": ATTENTION, **io_spec(built_vision[0])}
     files.append(WEIGHTS_FILE)
     entry = {
         "files": files,
@@ -129,7 +133,7 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     if vision_entry is not None:  # fp32 compute on every device; soft tokens out as float32
         entry["vision_graph"] = vision_entry
     if quant is not None:
-        entry["quantization"], entry["quantized_tensors"] = quantization_entry(quant)
+        entry["quantization"], entry["quantized_tensors"] = quantization_entry(quant, vision_specs)
     if opts.dtype == "bf16":
         entry["cpu_note"] = ("onnxruntime's CPU EP has no bf16 kernels: on CPU the fp32-compute graphs read the "
                              "bf16 weights and cast each to fp32 where it is used (bf16 rounding kept at the "
@@ -179,14 +183,14 @@ def _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progres
     return graphs, cpu_graphs, built["encoder"].opset
 
 
-def quantization_entry(quant: QuantSpec) -> tuple[dict, dict]:
+def quantization_entry(quant: QuantSpec, vision_specs=()) -> tuple[dict, dict]:
     """The manifest's record of a quantized export: the scheme with a summary per role, and per
     quantized transformers tensor its bits and measured relative weight error (relative Frobenius
     norm of dequantized - original; everything not listed stays fp32)."""
     from .quantize import SCHEME
 
-    tensors = {name: {"role": role, "bits": bits, "rel_error": round(quant.errors[name], 6)}
-               for name, (role, bits) in quant.tensors.items()}
+    tensors = {name: {"role": role, "bits": bits, "rel_error": round(q.errors[name], 6)}
+               for q in (quant, *vision_specs) for name, (role, bits) in q.tensors.items()}
     roles: dict = {}
     for t in tensors.values():
         r = roles.setdefault(t["role"], {"bits": t["bits"], "max_rel_error": 0.0})
@@ -255,7 +259,8 @@ def extra_validation(ckpt, out_dir, entry, opts, progress) -> dict:
         for label, open_candidate in validation_backends(ckpt, out_dir, entry):
             name = "onnx vs dequantized fp32" + ("" if label is None else f" ({label})")
             with progress.step(f"validating {name}"):
-                errors[name] = validate_export(open_candidate, deq, "onnx", "fp32", None, VALIDATION_METRIC)
+                errors[name] = validate_export(open_candidate, deq, "onnx", "fp32", None, VALIDATION_METRIC,
+                                               images="vision_graph" in entry and deq.vision is not None)
         deq.close()
         return errors
     finally:

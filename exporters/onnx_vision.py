@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dgport.vision_config import VisionConfig
+from dgport.vision_config import VisionConfig, expected_vision_tensors
 
 from .onnx_builder import FLOAT, INT64, Builder
 
@@ -23,8 +23,8 @@ EMB = "model.encoder.embed_vision."
 
 
 class Vision:
-    def __init__(self, b: Builder, cfg: VisionConfig):
-        self.b, self.cfg = b, cfg
+    def __init__(self, b: Builder, cfg: VisionConfig, attention: str = "explicit", quant=None):
+        self.b, self.cfg, self.attention, self.quant = b, cfg, attention, quant
         self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
         self.neg_half = b.const(np.float32(-0.5), FLOAT)
         self.last = b.const(np.array([-1], np.int64), INT64)
@@ -43,12 +43,37 @@ class Vision:
         y = b.op("Mul", x, b.op("Pow", b.op("Add", ms, self.eps), self.neg_half))
         return y if weight is None else b.op("Mul", y, weight)
 
+    def fused_linear(self, x: str, prefixes: list[str]) -> list[str]:
+        """Several unclipped linears of one input as one MatMul on their weights side by side (q/k/v,
+        gate/up: one wider GEMM), split again; clipped linears (bounds of their own) one at a time."""
+        b = self.b
+        if self.cfg.clipped_linears or len(prefixes) == 1:
+            return [self.linear(x, p) for p in prefixes]
+        names = [p + "linear.weight" for p in prefixes]
+        key = names[0].removesuffix(".weight") + "+" + "+".join(n.split(".")[-3] for n in names[1:])
+        if self.quant and names[0] in self.quant:
+            w = self.quant[names[0]].constant(b, key, names)
+        else:
+            w = b.weight(key, lambda: np.concatenate([np.asarray(b.store.raw(n)).T for n in names], axis=1))
+        return b.op("Split", b.op("MatMul", x, w), b.const(np.array(self.widths(prefixes), np.int64), INT64),
+                    axis=-1, n_out=len(names))
+
+    def widths(self, prefixes: list[str]) -> list[int]:
+        c = self.cfg
+        w = {"q_proj.": c.num_heads * c.head_dim, "k_proj.": c.kv_heads * c.head_dim, "v_proj.": c.kv_heads * c.head_dim,
+             "gate_proj.": c.intermediate_size, "up_proj.": c.intermediate_size}
+        return [w[p.split(".")[-2] + "."] for p in prefixes]
+
     def linear(self, x: str, prefix: str) -> str:
         """A Gemma4ClippableLinear: clamp the input, multiply, clamp the output (when the config clips)."""
         b, clip = self.b, self.cfg.clipped_linears
         if clip:
             x = b.op("Clip", x, self.w32(prefix + "input_min"), self.w32(prefix + "input_max"))
-        y = b.op("MatMul", x, self.w(prefix + "linear.weight", transpose=True))
+        name = prefix + "linear.weight"
+        if self.quant and name in self.quant:  # blocked integers -> MatMulNBits
+            y = b.op("MatMul", x, self.quant[name].constant(b, name.removesuffix(".weight"), [name]))
+        else:
+            y = b.op("MatMul", x, self.w(name, transpose=True))
         if clip:
             y = b.op("Clip", y, self.w32(prefix + "output_min"), self.w32(prefix + "output_max"))
         return y
@@ -86,9 +111,36 @@ class Vision:
         p = f"{VT}encoder.layers.{i}."
         a = p + "self_attn."
         y = self.rms(h, self.w(p + "input_layernorm.weight"))
-        q = self.rope(self.rms(self.heads(self.linear(y, a + "q_proj."), c.num_heads), self.w(a + "q_norm.weight")), tables)
-        k = self.rope(self.rms(self.heads(self.linear(y, a + "k_proj."), c.kv_heads), self.w(a + "k_norm.weight")), tables)
-        v = self.rms(self.heads(self.linear(y, a + "v_proj."), c.kv_heads), None)
+        q, k, v = self.fused_linear(y, [a + "q_proj.", a + "k_proj.", a + "v_proj."])
+        q = self.rope(self.rms(self.heads(q, c.num_heads), self.w(a + "q_norm.weight")), tables)
+        k = self.rope(self.rms(self.heads(k, c.kv_heads), self.w(a + "k_norm.weight")), tables)
+        v = self.rms(self.heads(v, c.kv_heads), None)
+        if self.attention == "fused":
+            o = self.fused_attend(q, k, v, bias)
+        else:
+            o = self.attend(q, k, v, bias)
+        o = self.rms(self.linear(o, a + "o_proj."), self.w(p + "post_attention_layernorm.weight"))
+        h = b.op("Add", h, o)
+        m = f"{p}mlp."
+        y = self.rms(h, self.w(p + "pre_feedforward_layernorm.weight"))
+        gate, up = self.fused_linear(y, [m + "gate_proj.", m + "up_proj."])
+        y = b.op("Mul", b.op("Gelu", gate, approximate="tanh"), up)
+        y = self.rms(self.linear(y, m + "down_proj."), self.w(p + "post_feedforward_layernorm.weight"))
+        return b.op("Add", h, y)
+
+    def fused_attend(self, q: str, k: str, v: str, mask: str) -> str:
+        """One ONNX `Attention` node (opset 23) on [N, heads, P, d] (the head counts from the 4-D shapes),
+        scaling 1, the boolean key mask expanded over the queries ([N, 1, P, P]: onnxruntime's kernel
+        wants the query axis) -> [N, P, heads * d]."""
+        b, c = self.b, self.cfg
+        q, k, v = (b.op("Transpose", t, perm=[0, 2, 1, 3]) for t in (q, k, v))
+        o = b.op("Attention", q, k, v, mask, scale=1.0)
+        return b.op("Reshape", b.op("Transpose", o, perm=[0, 2, 1, 3]),
+                    b.const(np.array([0, 0, c.num_heads * c.head_dim], np.int64), INT64))
+
+    def attend(self, q: str, k: str, v: str, bias: str) -> str:
+        """Spelled out: [N, kv, g, P, P] fp32 scores, softmax, values -> [N, P, heads * d]."""
+        b, c = self.b, self.cfg
         g = c.num_heads // c.kv_heads
         # [N, kv, g, P, d] queries against [N, kv, 1, P, d] keys: grouped heads without copying K/V
         q = b.op("Reshape", b.op("Transpose", q, perm=[0, 2, 1, 3]),
@@ -98,15 +150,8 @@ class Vision:
         scores = b.op("Add", b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 2, 4, 3])), bias)  # scaling 1
         o = b.op("MatMul", b.op("Softmax", scores, axis=-1), v)  # [N, kv, g, P, d]
         o = b.op("Reshape", o, b.const(np.array([0, c.num_heads, -1, c.head_dim], np.int64), INT64))
-        o = b.op("Reshape", b.op("Transpose", o, perm=[0, 2, 1, 3]),
-                 b.const(np.array([0, 0, c.num_heads * c.head_dim], np.int64), INT64))
-        o = self.rms(self.linear(o, a + "o_proj."), self.w(p + "post_attention_layernorm.weight"))
-        h = b.op("Add", h, o)
-        m = f"{p}mlp."
-        y = self.rms(h, self.w(p + "pre_feedforward_layernorm.weight"))
-        y = b.op("Mul", b.op("Gelu", self.linear(y, m + "gate_proj."), approximate="tanh"), self.linear(y, m + "up_proj."))
-        y = self.rms(self.linear(y, m + "down_proj."), self.w(p + "post_feedforward_layernorm.weight"))
-        return b.op("Add", h, y)
+        return b.op("Reshape", b.op("Transpose", o, perm=[0, 2, 1, 3]),
+                    b.const(np.array([0, 0, c.num_heads * c.head_dim], np.int64), INT64))
 
     def pool(self, h: str, pos: str, pad: str, n_patches: str) -> str:
         """Average k x k patches by position into P / k**2 soft tokens ([N, S, D]), then scale by sqrt(D)."""
@@ -147,9 +192,14 @@ class Vision:
         pe = b.op("Add", b.op("Gather", tx, cx, axis=0), b.op("Gather", ty, cy, axis=0))
         pe = b.op("Where", b.op("Unsqueeze", pad, self.last), b.const(np.float32(0), FLOAT), pe)
         h = b.op("Add", h, pe)
-        # keys that are padding never attended: 0 / -inf per key, [N, 1, 1, 1, P]
-        bias = b.op("Where", pad, b.const(np.float32(-np.inf), FLOAT), b.const(np.float32(0), FLOAT))
-        bias = b.op("Unsqueeze", bias, b.const(np.array([1, 2, 3], np.int64), INT64))
+        if self.attention == "fused":  # True = attend: [N, 1, P, P] (every query row the same)
+            keep = b.op("Unsqueeze", b.op("Not", pad), b.const(np.array([1, 2], np.int64), INT64))  # [N, 1, 1, P]
+            n_p = b.op("Gather", b.op("Shape", pv), b.const(np.array([1], np.int64), INT64))
+            one = b.const(np.array([1], np.int64), INT64)
+            bias = b.op("Expand", keep, b.op("Concat", one, one, n_p, one, axis=0))
+        else:  # keys that are padding never attended: 0 / -inf per key, [N, 1, 1, 1, P]
+            bias = b.op("Where", pad, b.const(np.float32(-np.inf), FLOAT), b.const(np.float32(0), FLOAT))
+            bias = b.op("Unsqueeze", bias, b.const(np.array([1, 2, 3], np.int64), INT64))
         tables = self.rope_tables(b.cast(pos, FLOAT))
         for i in range(c.num_layers):
             h = self.layer(i, h, bias, tables)
@@ -162,9 +212,40 @@ class Vision:
         b.output("soft_tokens", b.to_md(h), FLOAT, ["N", "S", c.text_hidden_size])
 
 
-def build_vision(cfg: VisionConfig, store, md: int) -> Builder:
+# The tower's form, chosen by measurement (bench/RESULTS.md, 2026-12-06; real geometry, 2,520 patches, 2 threads):
+# one Attention node a layer is as exact as the spelled-out form and faster; in quantized exports its
+# linears are 8-bit blocks (MatMulNBits): faster than fp32 with soft tokens at cosine 0.9999 to fp32,
+# where 4-bit blocks were slower still and at 0.98.
+ATTENTION = "fused"
+VISION_BITS = 8
+
+
+def vision_quant(cfg: VisionConfig, group: int, bits: int | None = None) -> dict:
+    """{linear weight name: QuantSpec} of a quantized export's tower: every linear at VISION_BITS bits,
+    in blocks of the export's group size, or the largest of 32 and 16 below it that divides the linear's
+    input width (the real MLP's 4,304); a linear none divides stays fp32. (`bits`: other than VISION_BITS
+    for bench/bench_vision.py's comparison only.)"""
+    from .onnx_quant import QuantSpec
+
+    specs: dict[int, QuantSpec] = {}
+    out = {}
+    for name, shape in expected_vision_tensors(cfg).items():
+        if not name.endswith("linear.weight"):
+            continue
+        g = next((g for g in (group, 32, 16) if g <= group and shape[-1] % g == 0), None)
+        if g is not None:
+            out[name] = specs.setdefault(g, QuantSpec(bits or VISION_BITS, g, {}))
+            out[name].tensors[name] = ("vision tower", bits or VISION_BITS)
+    return out
+
+
+def build_vision(cfg: VisionConfig, store, md: int, attention: str = ATTENTION, quant=None) -> Builder:
     """The vision graph on a Builder (weights written to `store`; computed in fp32): `.model()` is the
-    ONNX model, `.weights` the weights it reads."""
+    ONNX model, `.weights` the weights it reads. `attention`: "explicit" (MatMul, Softmax, MatMul) or
+    "fused" (one opset-23 Attention node a layer); `quant`: {linear's weight name: the QuantSpec
+    (bits, group) it is stored with} as blocked integers (DequantizeLinear -> MatMul, fused into MatMulNBits)."""
     b = Builder("dgport_vision", store, md, emulate=md != FLOAT)
-    Vision(b, cfg).build()
+    if attention == "fused":
+        b.opset = max(b.opset, 23)
+    Vision(b, cfg, attention, quant).build()
     return b

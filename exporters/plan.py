@@ -18,6 +18,8 @@ from dgport.config import TextConfig
 from .checkpoint import DEC, expected_tensors, read_config
 from .onnx_builder import ALIGN
 from .onnx_head import VOCAB_CHUNK
+from .onnx_vision import VISION_BITS
+from .plan_vision import read_vision_config, vision_plan
 from .quantize import check, choose_group, quantized_tensors, tensor_bytes
 
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -71,7 +73,8 @@ def plan(src, opts) -> dict:
     """{"rows": [(component, bytes)], "weights_bytes": int, "padding_max": int, "rss": [(component, bytes)],
     "rss_bytes": int} for exporting the checkpoint (or config.json) at `src` to ONNX with `opts`."""
     src = Path(src)
-    cfg, _, _ = read_config(src.parent if src.name == "config.json" else src)
+    folder = src.parent if src.name == "config.json" else src
+    cfg, _, raw = read_config(folder)
     bits = opts.quantize
     group = None
     if bits:
@@ -84,6 +87,11 @@ def plan(src, opts) -> dict:
     # each stored tensor starts on an ALIGN boundary; fused parts share stored tensors, so this bounds it
     weights = sum(n for *_, n in rows)
     padding_max = sum(k for _, _, k, _ in rows) * (ALIGN - 1)
+    vision = None if getattr(opts, "text_only", False) else \
+        vision_plan(folder, cfg, raw, opts.dtype, bits, group, PACKED_RSS[VISION_BITS, 4])
+    if vision is not None:  # vision.onnx's weights share weights.bin
+        by_role["vision tower (vision.onnx)"] = vision["weights_bytes"]
+        padding_max += vision["stored"] * (ALIGN - 1)
     # a CPU-EP run, canvas C. Unquantized: weights.bin memory-mapped and shared by both sessions.
     # Quantized (one step graph, one session): onnxruntime repacks every 4/8-bit weight for MatMulNBits
     # and frees the original (PACKED_RSS: the resident bytes per weights.bin byte, measured); the 8-bit
@@ -112,8 +120,10 @@ def plan(src, opts) -> dict:
     else:
         rss_rows = [("weights.bin, memory-mapped", weights)] + head
         rss_total, rss_by_level = sum(n for _, n in rss_rows), None
+    if vision is not None:  # what the first image adds: its session's weights and its activations
+        vision["image_bytes"] = rss_total + vision["resident_bytes"] + vision["activation_bytes"]
     return {"config": cfg, "group": group, "rows": sorted(by_role.items(), key=lambda kv: -kv[1]),
-            "weights_bytes": weights,
+            "weights_bytes": weights + (vision["weights_bytes"] if vision else 0), "vision": vision, "src": folder,
             "padding_max": padding_max, "rss": rss_rows, "rss_bytes": rss_total, "rss_by_level": rss_by_level}
 
 
@@ -126,7 +136,8 @@ def plan_mlx(src, opts) -> dict:
     integers (attention and the embedding at 8 bits in 4-bit exports) with a scale and a bias per group
     in the export dtype. Safetensors headers are not counted."""
     src = Path(src)
-    cfg, _, _ = read_config(src.parent if src.name == "config.json" else src)
+    folder = src.parent if src.name == "config.json" else src
+    cfg, _, raw = read_config(folder)
     item = ITEMSIZE[opts.dtype]
     group = choose_group(cfg, opts.quantize, opts.group_size)[0] if opts.quantize else None
     by_role: dict[str, int] = {}
@@ -138,8 +149,17 @@ def plan_mlx(src, opts) -> dict:
         else:
             nbytes = n * item
         by_role[_role(name)] = by_role.get(_role(name), 0) + nbytes
+    vc = None if getattr(opts, "text_only", False) else \
+        read_vision_config(raw, cfg.hidden_size, cfg.vocab_size, str(folder / "config.json"))
+    vision = None
+    if vc is not None:  # mlx/vision.safetensors: the tower unquantized, in the export dtype
+        from .plan_vision import activations, max_patches, mlx_bytes
+
+        soft, P = max_patches(folder)
+        by_role["vision tower (mlx/vision.safetensors)"] = mlx_bytes(vc, opts.dtype)
+        vision = {"soft_tokens": soft, "patches": P, "activations": activations(vc, P)}
     return {"group": group, "rows": sorted(by_role.items(), key=lambda kv: -kv[1]),
-            "weights_bytes": sum(by_role.values())}
+            "weights_bytes": sum(by_role.values()), "vision": vision}
 
 
 def size(n: int) -> str:
@@ -168,7 +188,48 @@ def format_plan(p: dict, opts) -> str:
     if p["rss_by_level"]:
         lines.append(f"  {'total at accuracy level 0 (fp32 activations, ~2x slower)':<56} "
                      f"{size(p['rss_by_level'][0]):>10} (DGPORT_ORT_ACCURACY_LEVEL=0)")
+    v = p.get("vision")
+    if v is not None:
+        lines.append(f"With an image (the vision graph's session opens at the first one; one image at "
+                     f"{v['soft_tokens']} soft tokens, {v['patches']:,} patches; the tower computes in fp32):")
+        what = (f"vision weights, resident (8-bit blocks packed, {PACKED_RSS[VISION_BITS, 4]:g} x)"
+                if opts.quantize else "vision weights, memory-mapped")
+        for w, n in [(what, v["resident_bytes"])] + v["activations"]:
+            lines.append(f"  {w:<56} {size(n):>10}")
+        lines.append(f"  {'total with an image':<56} {size(v['image_bytes']):>10}")
+        lines += precision_table(p["src"])
     return "\n".join(lines)
+
+
+PRECISIONS = (("fp32", "fp32", None), ("bf16", "bf16", None), ("int8", "fp32", 8), ("int4", "fp32", 4))
+
+
+def precisions(src) -> list[tuple[str, dict]]:
+    """(precision, plan) of the ONNX export at fp32, bf16, int8 and int4 (default group sizes); a
+    precision the config cannot be quantized to is left out."""
+    from types import SimpleNamespace
+
+    from dgport.errors import DgportError
+
+    out = []
+    for label, dtype, bits in PRECISIONS:
+        try:
+            out.append((label, plan(src, SimpleNamespace(dtype=dtype, quantize=bits, group_size=None))))
+        except DgportError:
+            pass
+    return out
+
+
+def precision_table(src) -> list[str]:
+    """The memory plan with vision at every precision: weights.bin, the vision graph's share, a CPU run's
+    estimated peak for text and with one image at the default detail."""
+    lines = ["At each precision (ONNX, CPU EP; peaks estimated as above):",
+             f"  {'':<6} {'weights.bin':>12} {'of it vision':>13} {'vision act.':>12} {'text peak':>11} {'with an image':>14}"]
+    for label, q in precisions(src):
+        v = q["vision"]
+        lines.append(f"  {label:<6} {size(q['weights_bytes']):>12} {size(v['weights_bytes']):>13} "
+                     f"{size(v['activation_bytes']):>12} {size(q['rss_bytes']):>11} {size(v['image_bytes']):>14}")
+    return lines
 
 
 def format_plan_mlx(p: dict, opts) -> str:
@@ -177,4 +238,8 @@ def format_plan_mlx(p: dict, opts) -> str:
         lines.append(f"  {role:<40} {size(n):>10}")
     lines.append(f"  {'mlx/*.safetensors':<40} {size(p['weights_bytes']):>10}  (MLX loads the weights once: "
                  "about this much memory, + activations)")
+    v = p.get("vision")
+    if v is not None:
+        lines.append(f"  {'an image: activation peak':<40} {size(sum(n for _, n in v['activations'])):>10}  "
+                     f"({v['soft_tokens']} soft tokens, {v['patches']:,} patches; the tower unquantized)")
     return "\n".join(lines)

@@ -177,7 +177,11 @@ def write_dequantized_checkpoint(ckpt, bits: int, group: int, out_dir) -> None:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    quant = quantized_tensors(ckpt.config, bits)
+    quant = {name: (bits_, group) for name, (_, bits_) in quantized_tensors(ckpt.config, bits).items()}
+    if getattr(ckpt, "vision", None) is not None:  # the ONNX vision graph's 8-bit linears, in their own blocks
+        from .onnx_vision import vision_quant
+
+        quant.update({name: (q.bits, q.group) for name, q in vision_quant(ckpt.vision.config, group).items()})
     for f in ckpt.path.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and not f.name.endswith(".safetensors.index.json"):
             shutil.copy2(f, out_dir / f.name)
@@ -187,7 +191,8 @@ def write_dequantized_checkpoint(ckpt, bits: int, group: int, out_dir) -> None:
         for name in sf.names:
             w = np.asarray(sf.tensor(name))
             if name in quant:
-                w = dequantize(*quantize(w, quant[name][1], group), group)
+                b, g = quant[name]
+                w = dequantize(*quantize(w, b, g), g)
             elif w.dtype.kind == "f" or w.dtype == ml_dtypes.bfloat16:
                 w = w.astype(np.float32)
             tensors[name] = np.ascontiguousarray(w)

@@ -278,6 +278,8 @@ class OnnxBackend(RowsMixin):
                               f"(got {list(pv.shape)} and {list(pos.shape)})")
         if self._vision_sess is None:
             g = self.entry["vision_graph"]
+            if g.get("attention") == "fused":  # one ONNX Attention node a layer (opset 23)
+                check_fused_attention(self._ort.__version__)
             self._weights.update(self._load_weights({"vision": g}))
             self._vision_sess = self._session(g, self._threads, self._so_kw)
         return self._vision_sess.run(["soft_tokens"], {"pixel_values": pv, "pixel_position_ids": pos})[0]

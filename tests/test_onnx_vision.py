@@ -40,19 +40,20 @@ def hf_tower(seed: int, text_hidden: int, **vision):
     return cfg, tower, emb, tensors
 
 
-def onnx_session(cfg, text_hidden, tensors, out):
+def onnx_session(cfg, text_hidden, tensors, out, attention=None, quant_group=None, bits=None):
     import onnx
     import onnxruntime as ort
 
     from dgport.exporters.onnx_builder import FLOAT, WeightStore
-    from dgport.exporters.onnx_vision import build_vision
+    from dgport.exporters.onnx_vision import ATTENTION, build_vision, vision_quant
 
     class Checkpoint:
         def tensor(self, name):
             return tensors[name]
 
     store = WeightStore(Checkpoint(), out, "fp32")
-    b = build_vision(VisionConfig.from_hf(cfg.to_dict(), text_hidden), store, FLOAT)
+    vc = VisionConfig.from_hf(cfg.to_dict(), text_hidden)
+    b = build_vision(vc, store, FLOAT, attention or ATTENTION, vision_quant(vc, quant_group, bits) if quant_group else None)
     store.close()
     onnx.save(b.model(), out / "vision.onnx")
     onnx.checker.check_model(str(out / "vision.onnx"))
@@ -85,8 +86,9 @@ def _images(sizes):
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
+@pytest.mark.parametrize("attention", ["explicit", "fused"])
 @pytest.mark.parametrize("variant", ["grouped+clipped+standardized", "plain, pooling 3"])
-def test_vision_graph_matches_transformers(variant, tmp_path):
+def test_vision_graph_matches_transformers(variant, attention, tmp_path):
     if variant.startswith("grouped"):
         vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8, patch_size=8, pooling_kernel_size=2,
@@ -98,7 +100,8 @@ def test_vision_graph_matches_transformers(variant, tmp_path):
                       position_embedding_size=256)
         settings = ImageSettings.from_dict({"patch_size": 4, "pooling_kernel_size": 3, "max_soft_tokens": 70}, "t")
     cfg, tower, emb, tensors = hf_tower(0, 24, **vision)
-    sess = onnx_session(cfg, 24, tensors, tmp_path)
+    sess = onnx_session(cfg, 24, tensors, tmp_path, attention)
+    assert ("Attention" in {n.op_type for n in _graph(tmp_path).node}) == (attention == "fused")
     patches = compare(cfg, tower, emb, sess, _images([(50, 70), (123, 31), (64, 64), (7, 300)]), settings)
     assert any((p.positions[:, 0] == -1).any() for p in patches)  # padding patches were exercised
 
@@ -116,6 +119,48 @@ def test_vision_graph_at_the_real_geometry(tmp_path):
     patches = compare(cfg, tower, emb, sess, _images([(480, 640)]), ImageSettings())
     assert patches[0].soft_tokens == 266 and (patches[0].positions[:, 0] >= 0).sum() == 2394
     assert patches[0].positions.shape == (2520, 2)
+
+
+def _graph(folder):
+    import onnx
+
+    return onnx.load(str(folder / "vision.onnx"), load_external_data=False).graph
+
+
+def test_quantized_tower_is_8_bit_blocks_close_to_fp32(tmp_path):
+    """A quantized export's tower: each linear as 8-bit blocks dequantized into a MatMul (onnxruntime's
+    MatMulNBits), q/k/v and gate/up fused; blocks of the export's group where it divides the input width,
+    else 32 or 16 (the MLP's 80 here, the real model's 4,304); soft tokens within cosine 0.999 of fp32."""
+    import onnx
+
+    from dgport.exporters.onnx_vision import vision_quant
+
+    vision = dict(hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=16, patch_size=8, pooling_kernel_size=3,
+                  position_embedding_size=256, standardize=True)
+    settings = ImageSettings.from_dict({"patch_size": 8, "pooling_kernel_size": 3, "max_soft_tokens": 70}, "t")
+    cfg, tower, emb, tensors = hf_tower(2, 48, **vision)
+    vq = vision_quant(VisionConfig.from_hf(cfg.to_dict(), 48), 64)
+    groups = {n.split(".")[-3]: (q.bits, q.group) for n, q in vq.items()}
+    assert groups == {"q_proj": (8, 64), "k_proj": (8, 64), "v_proj": (8, 64), "o_proj": (8, 64),
+                      "gate_proj": (8, 64), "up_proj": (8, 64), "down_proj": (8, 16)}
+    assert len(vq) == 7 * 2
+    p = preprocess(_images([(90, 130)])[0], settings)
+    feeds = {"pixel_values": p.pixel_values[None], "pixel_position_ids": p.positions[None]}
+    (tmp_path / "q").mkdir()
+    (tmp_path / "f").mkdir()
+    got = onnx_session(cfg, 48, tensors, tmp_path / "q", quant_group=64).run(None, feeds)[0][0, :p.soft_tokens]
+    ref = onnx_session(cfg, 48, tensors, tmp_path / "f").run(None, feeds)[0][0, :p.soft_tokens]
+    g = _graph(tmp_path / "q")
+    deq = [n for n in g.node if n.op_type == "DequantizeLinear"]
+    ints = {i.name: i.data_type for i in g.initializer}
+    assert len(deq) == 4 * 2 and all(ints[n.input[0]] == onnx.TensorProto.UINT8 for n in deq)  # qkv, o, gate_up, down
+    cos = np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert 0 < np.abs(got - ref).max() and cos.min() >= 0.999, cos.min()
+    # the real tower: 64-blocks, the MLP's down projection (4,304 wide) in 16-blocks
+    real = VisionConfig.from_hf(dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, head_dim=72), 2816)
+    assert {q.group for n, q in vision_quant(real, 64).items() if "down_proj" in n} == {16}
+    assert {q.group for n, q in vision_quant(real, 64).items() if "down_proj" not in n} == {64}
 
 
 def test_vision_config_refusals():
