@@ -7,6 +7,7 @@ both graphs; or (`--compare attention`) attention spelled out vs one fused ONNX 
     python -m bench.bench_moe --checkpoint PATH --lengths 256,2048
     python -m bench.bench_moe --experts 128 --top-k 8 --canvas 256   # the real model's expert counts
     python -m bench.bench_moe --compare attention --lengths 256,2048
+    python -m bench.bench_moe --compare grouped        # grouped experts vs sparse (grouped-dense: vs dense)
 
 Reports ms per encode call for prompts of each length and ms per denoise step over one canvas
 (medians of --runs after a warm-up), the dense/sparse ratios, and the largest K/V and entropy
@@ -28,6 +29,11 @@ VARIANTS = {
     "moe": {"dense": dict(encoder_moe="dense", denoise_moe="dense"),
             "sparse": dict(encoder_moe="sparse", denoise_moe="sparse")},
     "attention": {"explicit": dict(attention="explicit"), "fused": dict(attention="fused")},
+    # grouped experts (exporters/onnx_grouped.py) against the CPU's form and against the GPU's
+    "grouped": {"grouped": dict(encoder_moe="grouped", denoise_moe="grouped"),
+                "sparse": dict(encoder_moe="sparse", denoise_moe="sparse")},
+    "grouped-dense": {"grouped": dict(encoder_moe="grouped", denoise_moe="grouped"),
+                      "dense": dict(encoder_moe="dense", denoise_moe="dense")},
 }
 
 # a fixture whose feed-forward cost is mostly experts, in the real model's 16:1 experts-to-top-k ratio
@@ -85,7 +91,8 @@ def main(argv=None):
     ap.add_argument("--top-k", type=int, help="fixture: experts per token (default 2)")
     ap.add_argument("--canvas", type=int, help="fixture: canvas length (default 64)")
     ap.add_argument("--compare", default="moe", choices=list(VARIANTS),
-                    help="moe: dense vs sparse experts; attention: explicit vs fused (ONNX Attention)")
+                    help="moe: dense vs sparse experts; attention: explicit vs fused (ONNX Attention); grouped: "
+                         "grouped vs sparse experts; grouped-dense: grouped vs dense")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     from dgport.exporters.export import ExportOptions, export
