@@ -322,8 +322,10 @@ def run_step(work: Path, names, rounds: int, runs: int, threads: int) -> dict:
     for name in names:
         # "NAME +thp": glibc's malloc asks for transparent huge pages (THP "madvise" kernels give them only
         # on request; onnxruntime's buffers otherwise sit on 4 KB pages)
+        # "NAME +ram": the weights read into anonymous memory (numpy asks for huge pages) instead of mapping
+        # weights.bin from the page cache
         envs[name] = {**os.environ, **({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"} if name.endswith(" +thp") else {})}
-        base = name.removesuffix(" +thp")
+        base = name.removesuffix(" +thp").removesuffix(" +ram")
         if base == "transformers bf16":
             outs[name] = [str(ckpt), "--acc", "-1"]
             continue
@@ -331,10 +333,14 @@ def run_step(work: Path, names, rounds: int, runs: int, threads: int) -> dict:
         if not (out / "dgport.json").exists():
             export(ckpt, out, ExportOptions(validate=False, force=True, **STEP_VARIANTS[base]))
         outs[name] = [str(out)] + (["--acc", "4"] if "int" in name else [])
+        if name.endswith(" +ram"):
+            outs[name] = ["--ram", str(out)]
     res = {name: [] for name in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            p = subprocess.run([sys.executable, "-m", "bench.bench_quant", "--side", *outs[name], "--runs", str(runs),
+            mod = "bench.bench_grouped" if outs[name][0] == "--ram" else "bench.bench_quant"
+            side = outs[name][1:] if mod == "bench.bench_grouped" else outs[name]
+            p = subprocess.run([sys.executable, "-m", mod, "--side", *side, "--runs", str(runs),
                                 "--threads", str(threads)], capture_output=True, text=True, env=envs[name])
             if p.returncode:
                 res[name].append({"error": (p.stderr.strip().splitlines() or ["?"])[-1]})
@@ -360,7 +366,14 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # one export's steps, weights read into memory
     a = ap.parse_args(argv)
+    if a.side:
+        from bench.bench_quant import side_onnx
+
+        np.memmap = lambda f, dtype, mode: np.fromfile(f, dtype=dtype)  # this process only: no page-cache mapping
+        print(json.dumps(side_onnx(a.side, a.runs, a.threads, None)))
+        return
     print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} cores; {a.threads} threads", flush=True)
     if a.waste:
         r = run_waste(a.puzzles, a.checkpoint)
