@@ -3,11 +3,12 @@ fp32 (Gemma4VisionModel + the multimodal embedder), side by side, at the real vi
 
     python -m bench.bench_vision                       # 27 layers, one 480x640 image, 2 threads
     python -m bench.bench_vision --layers 4 --rounds 3 --json out.json
-    python -m bench.bench_vision --layers 3 --forms explicit,fused,fused+int8,fused+int4
+    python -m bench.bench_vision --layers 3 --forms explicit,fused,fused+int8,fused+blocks8,fused+blocks4
 
 Each --forms entry is one vision graph: its attention form ("explicit": MatMul, Softmax, MatMul;
-"fused": one opset-23 Attention node a layer), optionally with its encoder linears as 8- or 4-bit
-blocks (+int8, +int4: exporters/onnx_vision.py vision_quant at group 64, MatMulNBits accuracy level 4).
+"fused": one opset-23 Attention node a layer), optionally with its encoder linears quantized
+(exporters/onnx_vision.py vision_quant): +int8 the rows form (int8 activations per patch, int8 weights
+per column, MatMulInteger), +blocks8 / +blocks4 8- or 4-bit blocks of 64 (MatMulNBits, accuracy level 4).
 For the whole image-to-answer path (generate through the Python API): bench/bench_vision_e2e.py.
 
 Random weights at the real geometry (width 1152, 16 heads of 72, MLP 4304, patch 16, pooling 3,
@@ -65,10 +66,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
         for form in forms:
-            attention, _, bits = form.partition("+int")
+            attention, _, quant = form.partition("+")
             (Path(tmp) / form).mkdir()
-            sessions[form] = onnx_session(cfg, 2816, tensors, Path(tmp) / form, attention, 64 if bits else None,
-                                          int(bits) if bits else None)
+            bits = int(quant[-1]) if quant else None
+            sessions[form] = onnx_session(cfg, 2816, tensors, Path(tmp) / form, attention, 64 if quant else None,
+                                          bits, "blocks" if quant.startswith("blocks") else "rows")
         del tensors
 
         def run_hf():

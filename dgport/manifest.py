@@ -35,8 +35,8 @@ BACKEND_FORMAT = {"cpu": "onnx", "cuda": "onnx", "mlx": "mlx"}
 MAX_MANIFEST_BYTES = safe_files.CAPS[MANIFEST]  # 64 MiB; a real export's manifest is ~1 MB (an entry per tensor)
 
 DTYPES = ("fp32", "fp16", "bf16")
-ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "uint8": 1}
-QUANT_DTYPES = ("uint8", "uint4")  # quantized ONNX exports' integer weights (uint4: two a byte)
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "uint8": 1, "int8": 1}
+QUANT_DTYPES = ("uint8", "uint4", "int8")  # quantized ONNX exports' integer weights (uint4: two a byte; int8: the tower)
 MOE_FORMS = ("sparse", "dense", "grouped")
 GRAPHS = ("encoder", "denoise_step")
 # a graph set is the two graphs, or (quantized exports) one graph that does both: exporters/onnx_graph.build_step

@@ -20,7 +20,7 @@ FUSED_ATTENTION_OPSET = 23  # the first with ONNX `Attention`
 FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 ONNX_DTYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 # quantized exports' integer tensors: "uint4" is packed two to a byte (ONNX's int4 order), "uint8" plain
-QUANT_DTYPE = {"uint4": TensorProto.UINT4, "uint8": TensorProto.UINT8}
+QUANT_DTYPE = {"uint4": TensorProto.UINT4, "uint8": TensorProto.UINT8, "int8": TensorProto.INT8}  # int8: the vision tower
 UINT8 = TensorProto.UINT8
 NP_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 WEIGHTS_FILE = "weights.bin"
@@ -63,7 +63,7 @@ class WeightStore:
             return name
         shape = None
         if dtype in QUANT_DTYPE:  # bytes as made (uint8; uint4 packed in pairs)
-            arr = np.ascontiguousarray(np.asarray(make(), np.uint8))
+            arr = np.ascontiguousarray(np.asarray(make(), np.int8 if dtype == "int8" else np.uint8))
             shape = list(arr.shape[:-1]) + [arr.shape[-1] * (2 if dtype == "uint4" else 1)]
             label = dtype
         elif dtype == "bf16":  # quantization scales: bf16 in any export

@@ -247,6 +247,7 @@ def extra_validation(ckpt, out_dir, entry, opts, progress) -> dict:
     import tempfile
 
     from .checkpoint import read_checkpoint
+    from .onnx_vision import VISION_QUANT
     from .quantize import write_dequantized_checkpoint
     from .validation import validate_export
 
@@ -260,7 +261,8 @@ def extra_validation(ckpt, out_dir, entry, opts, progress) -> dict:
             name = "onnx vs dequantized fp32" + ("" if label is None else f" ({label})")
             with progress.step(f"validating {name}"):
                 errors[name] = validate_export(open_candidate, deq, "onnx", "fp32", None, VALIDATION_METRIC,
-                                               images="vision_graph" in entry and deq.vision is not None)
+                                               images=VISION_QUANT == "blocks" and "vision_graph" in entry
+                                               and deq.vision is not None)
         deq.close()
         return errors
     finally:

@@ -16,7 +16,7 @@ import numpy as np
 
 from dgport.vision_config import VisionConfig, expected_vision_tensors
 
-from .onnx_builder import FLOAT, INT64, Builder
+from .onnx_builder import FLOAT, INT64, UINT8, Builder
 
 VT = "model.encoder.vision_tower."
 EMB = "model.encoder.embed_vision."
@@ -25,6 +25,7 @@ EMB = "model.encoder.embed_vision."
 class Vision:
     def __init__(self, b: Builder, cfg: VisionConfig, attention: str = "explicit", quant=None):
         self.b, self.cfg, self.attention, self.quant = b, cfg, attention, quant
+        self._rows: dict = {}  # an input's int8 rows and scales (RowInt8 linears)
         self.eps = b.const(np.float32(cfg.rms_norm_eps), FLOAT)
         self.neg_half = b.const(np.float32(-0.5), FLOAT)
         self.last = b.const(np.array([-1], np.int64), INT64)
@@ -51,12 +52,30 @@ class Vision:
             return [self.linear(x, p) for p in prefixes]
         names = [p + "linear.weight" for p in prefixes]
         key = names[0].removesuffix(".weight") + "+" + "+".join(n.split(".")[-3] for n in names[1:])
+        if self.quant and isinstance(self.quant.get(names[0]), RowInt8):
+            y = self.int8_matmul(x, self.quant[names[0]], key, names)
+            return b.op("Split", y, b.const(np.array(self.widths(prefixes), np.int64), INT64), axis=-1,
+                        n_out=len(names))
         if self.quant and names[0] in self.quant:
             w = self.quant[names[0]].constant(b, key, names)
         else:
             w = b.weight(key, lambda: np.concatenate([np.asarray(b.store.raw(n)).T for n in names], axis=1))
         return b.op("Split", b.op("MatMul", x, w), b.const(np.array(self.widths(prefixes), np.int64), INT64),
                     axis=-1, n_out=len(names))
+
+    def int8_matmul(self, x: str, spec: RowInt8, key: str, names) -> str:
+        """x [N, P, in] fp32 times the int8 weights of `names` side by side (RowInt8) -> [N, P, out] fp32."""
+        b = self.b
+        wq = b.weight(f"{key}.w8", lambda: spec.quantized(b.store, key, names)[0], dtype="int8")
+        ws = b.weight(f"{key}.wscale", lambda: spec.quantized(b.store, key, names)[1], "fp32")
+        if x not in self._rows:  # one quantization of an input for all the linears that read it
+            m = b.op("Max", b.op("ReduceMax", b.op("Abs", x), self.last, keepdims=1), b.const(np.float32(1e-30), FLOAT))
+            sx = b.op("Div", m, b.const(np.float32(127), FLOAT))
+            xq = b.op("Add", b.op("Round", b.op("Div", x, sx)), b.const(np.float32(128), FLOAT))
+            self._rows[x] = (b.cast(xq, UINT8), sx)
+        xq, sx = self._rows[x]
+        y = b.op("MatMulInteger", xq, wq, b.const(np.uint8(128), UINT8))
+        return b.op("Mul", b.op("Mul", b.cast(y, FLOAT), sx), ws)
 
     def widths(self, prefixes: list[str]) -> list[int]:
         c = self.cfg
@@ -70,7 +89,9 @@ class Vision:
         if clip:
             x = b.op("Clip", x, self.w32(prefix + "input_min"), self.w32(prefix + "input_max"))
         name = prefix + "linear.weight"
-        if self.quant and name in self.quant:  # blocked integers -> MatMulNBits
+        if self.quant and isinstance(self.quant.get(name), RowInt8):
+            y = self.int8_matmul(x, self.quant[name], name.removesuffix(".weight"), [name])
+        elif self.quant and name in self.quant:  # blocked integers -> MatMulNBits
             y = b.op("MatMul", x, self.quant[name].constant(b, name.removesuffix(".weight"), [name]))
         else:
             y = b.op("MatMul", x, self.w(name, transpose=True))
@@ -213,24 +234,60 @@ class Vision:
 
 
 # The tower's form, chosen by measurement (bench/RESULTS.md, 2026-12-06; real geometry, 2,520 patches, 2 threads):
-# one Attention node a layer is as exact as the spelled-out form and faster; in quantized exports its
-# linears are 8-bit blocks (MatMulNBits): faster than fp32 with soft tokens at cosine 0.9999 to fp32,
-# where 4-bit blocks were slower still and at 0.98.
+# one Attention node a layer is as exact as the spelled-out form and faster. In quantized exports its
+# linears are int8 ("rows": each patch's activations quantized symmetrically on the fly, int8 weights
+# per output column, MatMulInteger: onnxruntime's u8s8 GEMM), which beat 8-bit blocks (MatMulNBits,
+# "blocks") at cosine 0.9996 to fp32's soft tokens; 4-bit blocks were slower still and at 0.98.
 ATTENTION = "fused"
 VISION_BITS = 8
+VISION_QUANT = "rows"
 
 
-def vision_quant(cfg: VisionConfig, group: int, bits: int | None = None) -> dict:
-    """{linear weight name: QuantSpec} of a quantized export's tower: every linear at VISION_BITS bits,
-    in blocks of the export's group size, or the largest of 32 and 16 below it that divides the linear's
-    input width (the real MLP's 4,304); a linear none divides stays fp32. (`bits`: other than VISION_BITS
-    for bench/bench_vision.py's comparison only.)"""
+class RowInt8:
+    """The tower's linears as int8 (the "rows" form): weights [in, out] symmetric per output column
+    (`key.w8` int8, `key.wscale` fp32 [out]); at run time each row of the input symmetric over its
+    features, as uint8 with zero point 128 ((x / s + 128), s = max|x| / 127), into `MatMulInteger`,
+    then the int32 product times both scales. Stock operators (opset 10)."""
+    bits, group, form = 8, None, "rows"
+
+    def __init__(self):
+        self.tensors: dict = {}
+        self.errors: dict = {}
+        self._made: dict = {}
+
+    def quantized(self, store, key: str, names) -> tuple[np.ndarray, np.ndarray]:
+        if key not in self._made:
+            self._made.clear()
+            ws = [np.asarray(store.raw(n), np.float32).T for n in names]
+            w = np.concatenate(ws, axis=1)
+            s = np.abs(w).max(axis=0) / 127
+            s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
+            q = np.clip(np.rint(w / s), -127, 127).astype(np.int8)
+            col = 0
+            for n, part in zip(names, ws):
+                d = q[:, col:col + part.shape[1]].astype(np.float32) * s[col:col + part.shape[1]] - part
+                self.errors[n] = float(np.linalg.norm(d) / max(float(np.linalg.norm(part)), 1e-30))
+                col += part.shape[1]
+            self._made[key] = (q, s)
+        return self._made[key]
+
+
+def vision_quant(cfg: VisionConfig, group: int, bits: int | None = None, form: str = VISION_QUANT) -> dict:
+    """{linear weight name: its quantization} of a quantized export's tower (the encoder layers' linears).
+    "rows": every linear, RowInt8. "blocks": VISION_BITS-bit blocks (QuantSpec) of the export's group
+    size, or the largest of 32 and 16 below it that divides the linear's input width (the real MLP's
+    4,304); a linear none divides stays fp32. (`bits`, "blocks" at other than VISION_BITS: for
+    bench/bench_vision.py's comparison only.)"""
     from .onnx_quant import QuantSpec
 
-    specs: dict[int, QuantSpec] = {}
+    specs: dict = {}
     out = {}
     for name, shape in expected_vision_tensors(cfg).items():
         if not name.endswith("linear.weight"):
+            continue
+        if form == "rows":
+            out[name] = specs.setdefault("rows", RowInt8())
+            out[name].tensors[name] = ("vision tower", 8)
             continue
         g = next((g for g in (group, 32, 16) if g <= group and shape[-1] % g == 0), None)
         if g is not None:

@@ -18,7 +18,7 @@ from dgport.config import TextConfig
 from .checkpoint import DEC, expected_tensors, read_config
 from .onnx_builder import ALIGN
 from .onnx_head import VOCAB_CHUNK
-from .onnx_vision import VISION_BITS
+from .onnx_vision import VISION_BITS, VISION_QUANT
 from .plan_vision import read_vision_config, vision_plan
 from .quantize import check, choose_group, quantized_tensors, tensor_bytes
 
@@ -30,6 +30,9 @@ HEAD_CHUNK_ARRAYS = 6  # [C, chunk] fp32 arrays of one streamed-head iteration (
 # real-geometry slice (0.94 / 1.74 GB of int4 / int8 weights) minus the interpreter and onnxruntime
 # (75 MB), bench/RESULTS.md. Level 4 (int8 activations) keeps block sums beside the packed blocks.
 PACKED_RSS = {(4, 4): 1.25, (4, 0): 1.14, (8, 4): 1.12, (8, 0): 1.06}
+# the quantized tower's resident bytes per stored byte: 8-bit blocks as MatMulNBits packs them; int8 rows
+# (MatMulInteger): onnxruntime prepacks the constant int8 weights for its GEMM, about their own size
+VISION_PACKED = PACKED_RSS[VISION_BITS, 4] if VISION_QUANT == "blocks" else 1.0
 FP32_SUFFIXES = ("layernorm.weight", "layernorm_1.weight", "layernorm_2.weight", "q_norm.weight", "k_norm.weight",
                  "norm.weight", "pre_norm.weight", "per_expert_scale")
 
@@ -88,7 +91,7 @@ def plan(src, opts) -> dict:
     weights = sum(n for *_, n in rows)
     padding_max = sum(k for _, _, k, _ in rows) * (ALIGN - 1)
     vision = None if getattr(opts, "text_only", False) else \
-        vision_plan(folder, cfg, raw, opts.dtype, bits, group, PACKED_RSS[VISION_BITS, 4])
+        vision_plan(folder, cfg, raw, opts.dtype, bits, group, VISION_PACKED)
     if vision is not None:  # vision.onnx's weights share weights.bin
         by_role["vision tower (vision.onnx)"] = vision["weights_bytes"]
         padding_max += vision["stored"] * (ALIGN - 1)
@@ -192,8 +195,8 @@ def format_plan(p: dict, opts) -> str:
     if v is not None:
         lines.append(f"With an image (the vision graph's session opens at the first one; one image at "
                      f"{v['soft_tokens']} soft tokens, {v['patches']:,} patches; the tower computes in fp32):")
-        what = (f"vision weights, resident (8-bit blocks packed, {PACKED_RSS[VISION_BITS, 4]:g} x)"
-                if opts.quantize else "vision weights, memory-mapped")
+        what = (f"vision weights, resident (int8, packed {VISION_PACKED:g} x)" if opts.quantize
+                else "vision weights, memory-mapped")
         for w, n in [(what, v["resident_bytes"])] + v["activations"]:
             lines.append(f"  {w:<56} {size(n):>10}")
         lines.append(f"  {'total with an image':<56} {size(v['image_bytes']):>10}")

@@ -1,7 +1,7 @@
 """The vision tower's part of `dgport export --plan`: the bytes the vision graph stores (exactly the tensors
 exporters/onnx_vision.py writes: q/k/v and gate/up side by side, the position table split in its x and y
 halves, norms in the export dtype, standardization and clip bounds in fp32; in quantized exports the
-encoder layers' linears as 8-bit blocks, `vision_quant`), the MLX tower's, and the activation peak of
+encoder layers' linears as int8, `vision_quant`), the MLX tower's, and the activation peak of
 one image at the checkpoint's max_soft_tokens, all from config.json (and the processor config, if the
 folder has one) alone.
 
@@ -68,7 +68,9 @@ def onnx_tensors(vc: VisionConfig, dtype: str, bits: int | None, group: int | No
                     parts = [f"{stem}.{p}.linear.weight" for p in group_]
         done.update(parts)
         n_out, n_in = sum(shapes[p][0] for p in parts), shape[-1] if shape else 1
-        if name in quant:
+        if name in quant and quant[name].group is None:  # int8 rows: int8 weights and an fp32 scale a column
+            rows.append((name, 2, n_out * n_in + 4 * n_out))
+        elif name in quant:
             rows.append((name, 3, tensor_bytes((n_out, n_in), VISION_BITS, quant[name].group)))
         elif name.endswith("position_embedding_table"):  # stored as its x and its y half
             rows.append((name, 2, math.prod(shape) * ITEMSIZE[md]))

@@ -178,10 +178,11 @@ def write_dequantized_checkpoint(ckpt, bits: int, group: int, out_dir) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     quant = {name: (bits_, group) for name, (_, bits_) in quantized_tensors(ckpt.config, bits).items()}
-    if getattr(ckpt, "vision", None) is not None:  # the ONNX vision graph's 8-bit linears, in their own blocks
-        from .onnx_vision import vision_quant
+    if getattr(ckpt, "vision", None) is not None:  # the ONNX vision graph's 8-bit blocks, if it has them (its
+        from .onnx_vision import vision_quant     # "rows" form quantizes activations too: nothing to match)
 
-        quant.update({name: (q.bits, q.group) for name, q in vision_quant(ckpt.vision.config, group).items()})
+        quant.update({name: (q.bits, q.group) for name, q in vision_quant(ckpt.vision.config, group).items()
+                      if q.group is not None})
     for f in ckpt.path.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and not f.name.endswith(".safetensors.index.json"):
             shutil.copy2(f, out_dir / f.name)

@@ -35,9 +35,9 @@ from dgport.errors import BackendUnavailable, DgportError, ExportError
 from .onnx_rows import RowsMixin
 
 BF16 = 16  # onnx.TensorProto.BFLOAT16 (onnx itself is not a runtime dependency)
-ONNX_TYPE = {"fp32": 1, "fp16": 10, "bf16": BF16, "uint8": 2}
+ONNX_TYPE = {"fp32": 1, "fp16": 10, "bf16": BF16, "uint8": 2, "int8": 3}
 NP_TYPE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16,  # bf16 travels as raw uint16 bits
-           "uint8": np.uint8}
+           "uint8": np.uint8, "int8": np.int8}
 # quantized exports' 4-bit weights are left to onnxruntime to read from weights.bin (an OrtValue of a 4-bit
 # type cannot be made from numpy); it repacks them for MatMulNBits once (one step graph) and frees them
 LOADED_BY_ORT = ("uint4",)

@@ -40,12 +40,12 @@ def hf_tower(seed: int, text_hidden: int, **vision):
     return cfg, tower, emb, tensors
 
 
-def onnx_session(cfg, text_hidden, tensors, out, attention=None, quant_group=None, bits=None):
+def onnx_session(cfg, text_hidden, tensors, out, attention=None, quant_group=None, bits=None, form=None):
     import onnx
     import onnxruntime as ort
 
     from dgport.exporters.onnx_builder import FLOAT, WeightStore
-    from dgport.exporters.onnx_vision import ATTENTION, build_vision, vision_quant
+    from dgport.exporters.onnx_vision import ATTENTION, VISION_QUANT, build_vision, vision_quant
 
     class Checkpoint:
         def tensor(self, name):
@@ -53,7 +53,7 @@ def onnx_session(cfg, text_hidden, tensors, out, attention=None, quant_group=Non
 
     store = WeightStore(Checkpoint(), out, "fp32")
     vc = VisionConfig.from_hf(cfg.to_dict(), text_hidden)
-    b = build_vision(vc, store, FLOAT, attention or ATTENTION, vision_quant(vc, quant_group, bits) if quant_group else None)
+    b = build_vision(vc, store, FLOAT, attention or ATTENTION, vision_quant(vc, quant_group, bits, form or VISION_QUANT) if quant_group else None)
     store.close()
     onnx.save(b.model(), out / "vision.onnx")
     onnx.checker.check_model(str(out / "vision.onnx"))
@@ -127,10 +127,13 @@ def _graph(folder):
     return onnx.load(str(folder / "vision.onnx"), load_external_data=False).graph
 
 
-def test_quantized_tower_is_8_bit_blocks_close_to_fp32(tmp_path):
-    """A quantized export's tower: each linear as 8-bit blocks dequantized into a MatMul (onnxruntime's
-    MatMulNBits), q/k/v and gate/up fused; blocks of the export's group where it divides the input width,
-    else 32 or 16 (the MLP's 80 here, the real model's 4,304); soft tokens within cosine 0.999 of fp32."""
+@pytest.mark.parametrize("form", ["rows", "blocks"])
+def test_quantized_tower_close_to_fp32(form, tmp_path):
+    """A quantized export's tower, q/k/v and gate/up fused: "rows" (dgport's choice), each linear an
+    int8 MatMulInteger on per-patch int8 activations and per-column int8 weights; "blocks", 8-bit blocks
+    dequantized into a MatMul (onnxruntime's MatMulNBits) of the export's group where it divides the
+    input width, else 32 or 16 (the MLP's 80 here, the real model's 4,304). Soft tokens within cosine
+    0.999 of fp32's."""
     import onnx
 
     from dgport.exporters.onnx_vision import vision_quant
@@ -140,27 +143,34 @@ def test_quantized_tower_is_8_bit_blocks_close_to_fp32(tmp_path):
                   position_embedding_size=256, standardize=True)
     settings = ImageSettings.from_dict({"patch_size": 8, "pooling_kernel_size": 3, "max_soft_tokens": 70}, "t")
     cfg, tower, emb, tensors = hf_tower(2, 48, **vision)
-    vq = vision_quant(VisionConfig.from_hf(cfg.to_dict(), 48), 64)
-    groups = {n.split(".")[-3]: (q.bits, q.group) for n, q in vq.items()}
-    assert groups == {"q_proj": (8, 64), "k_proj": (8, 64), "v_proj": (8, 64), "o_proj": (8, 64),
-                      "gate_proj": (8, 64), "up_proj": (8, 64), "down_proj": (8, 16)}
+    vq = vision_quant(VisionConfig.from_hf(cfg.to_dict(), 48), 64, form=form)
     assert len(vq) == 7 * 2
+    if form == "blocks":
+        groups = {n.split(".")[-3]: (q.bits, q.group) for n, q in vq.items()}
+        assert groups == {"q_proj": (8, 64), "k_proj": (8, 64), "v_proj": (8, 64), "o_proj": (8, 64),
+                          "gate_proj": (8, 64), "up_proj": (8, 64), "down_proj": (8, 16)}
     p = preprocess(_images([(90, 130)])[0], settings)
     feeds = {"pixel_values": p.pixel_values[None], "pixel_position_ids": p.positions[None]}
     (tmp_path / "q").mkdir()
     (tmp_path / "f").mkdir()
-    got = onnx_session(cfg, 48, tensors, tmp_path / "q", quant_group=64).run(None, feeds)[0][0, :p.soft_tokens]
+    got = onnx_session(cfg, 48, tensors, tmp_path / "q", quant_group=64, form=form).run(None, feeds)[0][0, :p.soft_tokens]
     ref = onnx_session(cfg, 48, tensors, tmp_path / "f").run(None, feeds)[0][0, :p.soft_tokens]
     g = _graph(tmp_path / "q")
-    deq = [n for n in g.node if n.op_type == "DequantizeLinear"]
     ints = {i.name: i.data_type for i in g.initializer}
-    assert len(deq) == 4 * 2 and all(ints[n.input[0]] == onnx.TensorProto.UINT8 for n in deq)  # qkv, o, gate_up, down
+    if form == "rows":  # qkv, o, gate_up, down a layer; weights int8
+        mm = [n for n in g.node if n.op_type == "MatMulInteger"]
+        assert len(mm) == 4 * 2 and all(ints[n.input[1]] == onnx.TensorProto.INT8 for n in mm)
+        assert len([n for n in g.node if n.op_type == "Round"]) == 4 * 2  # one quantization per input, shared
+    else:
+        deq = [n for n in g.node if n.op_type == "DequantizeLinear"]
+        assert len(deq) == 4 * 2 and all(ints[n.input[0]] == onnx.TensorProto.UINT8 for n in deq)
     cos = np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert 0 < np.abs(got - ref).max() and cos.min() >= 0.999, cos.min()
-    # the real tower: 64-blocks, the MLP's down projection (4,304 wide) in 16-blocks
-    real = VisionConfig.from_hf(dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, head_dim=72), 2816)
-    assert {q.group for n, q in vision_quant(real, 64).items() if "down_proj" in n} == {16}
-    assert {q.group for n, q in vision_quant(real, 64).items() if "down_proj" not in n} == {64}
+    if form == "blocks":  # the real tower: 64-blocks, the MLP's down projection (4,304 wide) in 16-blocks
+        real = VisionConfig.from_hf(dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16,
+                                         head_dim=72), 2816)
+        assert {q.group for n, q in vision_quant(real, 64, form=form).items() if "down_proj" in n} == {16}
+        assert {q.group for n, q in vision_quant(real, 64, form=form).items() if "down_proj" not in n} == {64}
 
 
 def test_vision_config_refusals():

@@ -34,7 +34,7 @@ def test_plan_counts_the_vision_graph_as_exported(kind, checkpoints, tmp_path):
     assert p["vision"]["stored"] == len(entry["vision_graph"]["weights"])
     actual = summary.files["weights.bin"]
     assert p["weights_bytes"] <= actual <= p["weights_bytes"] + p["padding_max"], (actual, p["weights_bytes"])
-    if kind == "q8":  # the fixture's o_proj (32 wide) is 8-bit; widths 24 and 40 no block size divides stay fp32
+    if kind == "q8":  # the tower's linears are int8 in quantized exports
         assert {t["role"] for t in entry["quantized_tensors"].values()} >= {"vision tower"}
     text_only = plan(checkpoints["vision"], ExportOptions(**{**opts.__dict__, "text_only": True}))
     assert text_only["vision"] is None and text_only["weights_bytes"] == p["weights_bytes"] - stored
@@ -46,11 +46,10 @@ def test_real_vision_tower_at_each_precision(real):
     rest = layers * (4 * D + 2 * 72) + D * 3 * 16 ** 2 + 2 * 10240 * D + 2816 * D  # norms, patches, positions, proj
     std = 2 * D  # standardization, fp32 in every export
     want = {"fp32": 4 * (linears + rest + std), "bf16": 2 * (linears + rest) + 4 * std}
-    # 8-bit blocks: a byte a weight, a bf16 scale and a uint8 zero point a block; 64-blocks, 16 for the MLP's
-    # down projection (4,304 wide); the rest fp32 (in int4 exports too: the tower is never 4-bit)
-    down = layers * D * I
-    blocks = (linears - down) // 64 + down // 16
-    want["int8"] = want["int4"] = linears + 3 * blocks + 4 * (rest + std)
+    # int8 rows: a byte a weight, an fp32 scale an output column (q/k/v, o, gate/up, down); the rest fp32
+    # (in int4 exports too: the tower is never 4-bit)
+    columns = layers * (5 * D + 2 * I)
+    want["int8"] = want["int4"] = linears + 4 * columns + 4 * (rest + std)
     acts = 2 * heads * P * P * 4 + 10 * P * D * 4
     for label, dtype, bits in (("fp32", "fp32", None), ("bf16", "bf16", None), ("int8", "fp32", 8),
                                ("int4", "fp32", 4)):
@@ -80,3 +79,23 @@ def test_cli_plan_shows_the_vision_graph_and_every_precision(real, tmp_path):
     assert table[0].split()[1:3] == ["103.31", "GB"]  # fp32 weights.bin with the tower
     r = CliRunner().invoke(cli, ["export", str(real), "--plan", "--text-only"])
     assert r.exit_code == 0 and "vision" not in r.output and "with an image" not in r.output, r.output
+
+
+def test_docs_table_is_the_plan(real):
+    """docs/images.md's memory plan of the 26B-A4B is what `--plan` computes today."""
+    from dgport.exporters.plan import precisions, size
+
+    text = (Path(__file__).parent.parent / "docs" / "images.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:7]]
+            for line in text.splitlines() if line.startswith(("| fp32 |", "| bf16 |", "| int8 |", "| int4 |"))
+            and "GB" in line}
+    got = {label: [size(q["weights_bytes"]), size(q["vision"]["weights_bytes"]),
+                   size(q["vision"]["activation_bytes"]), size(q["rss_bytes"]), size(q["vision"]["image_bytes"])]
+           for label, q in precisions(real)}
+
+    def gb(cells):  # the docs round to two decimals in GB
+        return [f"{float(c.split()[0]) / (1e3 if c.endswith('MB') else 1):.2f} GB" for c in cells]
+
+    assert set(rows) == {"fp32", "bf16", "int8", "int4"}
+    for label in rows:
+        assert rows[label] == gb(got[label]), label
