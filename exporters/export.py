@@ -91,10 +91,12 @@ def check_options(opts: ExportOptions) -> None:
         raise DgportError(f"--denoise-moe {opts.denoise_moe!r}: choose auto, sparse, dense or grouped")
     stacked = {opts.encoder_moe, opts.denoise_moe} & {"dense", "grouped"}
     if opts.quantize is not None and "onnx" in opts.formats and stacked:
+        why = ("a dense stack of dequantized experts was 15x slower per step" if "dense" in stacked else
+               "grouped experts are written for unquantized exports only; no stock batched 4/8-bit product "
+               "beat MatMulNBits at the padding random routing sets, bench/RESULTS.md")
         raise DgportError(f"--encoder-moe/--denoise-moe {sorted(stacked)[0]} with --quantize: quantized ONNX exports "
                           "run each expert as its own constant 4/8-bit weight (the form onnxruntime fuses into "
-                          "MatMulNBits; a stack of dequantized experts was 15x slower per step); "
-                          "drop the --*-moe flag")
+                          f"MatMulNBits; {why}); drop the --*-moe flag")
     if opts.attention not in ("explicit", "fused"):
         raise DgportError(f"--attention {opts.attention!r}: choose explicit or fused")
     if opts.group_size is not None and opts.group_size not in (32, 64, 128):
