@@ -198,3 +198,25 @@ def test_image_tokens_outside_the_vocabulary_read_as_text_only(tmp_path):
     assert read_vision(raw, tmp_path, 16, 192, names, "config.json") is None
     with pytest.raises(CheckpointError, match="image_token_id must be a non-negative token id"):
         read_vision({**raw, "image_token_id": -1}, tmp_path, 16, 192, names, "config.json")
+
+
+def test_int8_export_with_a_tower_passes_validation(checkpoints, tmp_path):
+    """`--quantize int8` on a checkpoint with a vision tower: the tower's linears are int8 (MatMulInteger)
+    and validation measures its soft tokens against transformers fp32 (vision_soft_tokens, gated with the
+    rest at QUANT_LIMIT), beside the graph's own check on the dequantized checkpoint."""
+    import json
+
+    import onnx
+
+    from dgport.exporters.export import ExportOptions, export
+    from dgport.exporters.validation import QUANT_LIMIT
+
+    summary = export(checkpoints["vision"], tmp_path / "q8", ExportOptions(quantize=8, group_size=32))
+    errs = summary.validation["onnx"]
+    assert 0 < errs["vision_soft_tokens"] <= QUANT_LIMIT, errs
+    assert any("dequantized" in k for k in summary.validation)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q8" / "vision.onnx"), load_external_data=False).graph.node}
+    assert {"MatMulInteger", "Attention"} <= ops
+    entry = json.loads((tmp_path / "q8" / "dgport.json").read_text())["formats"]["onnx"]
+    roles = entry["quantization"]["roles"]
+    assert roles["vision tower"]["bits"] == 8 and 0 < roles["vision tower"]["max_rel_error"] < 0.01
