@@ -94,7 +94,8 @@ def test_driver_validation_gates_the_export(mlx_exports):
     mlx_exports["tiny"]
     validation = mlx_exports.summaries["tiny"].validation["mlx"]
     print(f"\ndriver validation (tiny, fp32): {validation}")
-    assert set(validation) == {"encoder_kv", "step_logits", "step_entropy"}
+    # the fixture's tiny tower is validated too (an image prompt: its soft tokens, then the encoder's image path)
+    assert set(validation) == {"encoder_kv", "step_logits", "step_entropy", "vision_soft_tokens"}
     assert max(validation.values()) <= GATE
 
 
