@@ -241,13 +241,18 @@ class Vision:
 ATTENTION = "fused"
 VISION_BITS = 8
 VISION_QUANT = "rows"
+W8_MAX = 63  # the int8 tower's weights use 7 bits: u8 x s8 pair sums fit 16 bits without VNNI (RowInt8)
 
 
 class RowInt8:
-    """The tower's linears as int8 (the "rows" form): weights [in, out] symmetric per output column
-    (`key.w8` int8, `key.wscale` fp32 [out]); at run time each row of the input symmetric over its
-    features, as uint8 with zero point 128 ((x / s + 128), s = max|x| / 127), into `MatMulInteger`,
-    then the int32 product times both scales. Stock operators (opset 10)."""
+    """The tower's linears as int8 (the "rows" form): weights [in, out] symmetric per output column in
+    7 bits (`key.w8` int8 in [-W8_MAX, W8_MAX], `key.wscale` fp32 [out]); at run time each row of the
+    input symmetric over its features, as uint8 with zero point 128 ((x / s + 128), s = max|x| / 127),
+    into `MatMulInteger`, then the int32 product times both scales. Stock operators (opset 10).
+
+    Why 7 bits: on x86 CPUs without VNNI, onnxruntime's u8 x s8 GEMM adds products in pairs into
+    saturating 16-bit lanes (vpmaddubsw): 2 x 255 x 127 overflows them and the answer would be silently
+    wrong; 2 x 255 x 63 = 32,130 fits, on every CPU (onnxruntime's own quantizer calls this reduce_range)."""
     bits, group, form = 8, None, "rows"
 
     def __init__(self):
@@ -260,9 +265,9 @@ class RowInt8:
             self._made.clear()
             ws = [np.asarray(store.raw(n), np.float32).T for n in names]
             w = np.concatenate(ws, axis=1)
-            s = np.abs(w).max(axis=0) / 127
+            s = np.abs(w).max(axis=0) / W8_MAX
             s = np.where(s > 0, s, np.float32(1)).astype(np.float32)
-            q = np.clip(np.rint(w / s), -127, 127).astype(np.int8)
+            q = np.clip(np.rint(w / s), -W8_MAX, W8_MAX).astype(np.int8)
             col = 0
             for n, part in zip(names, ws):
                 d = q[:, col:col + part.shape[1]].astype(np.float32) * s[col:col + part.shape[1]] - part
