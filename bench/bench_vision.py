@@ -36,12 +36,17 @@ REAL = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, nu
             patch_size=16, pooling_kernel_size=3, position_embedding_size=10240, standardize=True)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def tower_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options both vision benches take: the tower's depth, the image, threads and rounds."""
     ap.add_argument("--layers", type=int, default=27)
     ap.add_argument("--size", default="480x640", help="the image's HxW")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tower_arguments(ap)
     ap.add_argument("--forms", default="fused", help="comma-separated vision graphs to time (see above)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -99,9 +104,9 @@ def main(argv=None) -> int:
     for form in forms:
         got, s = out[form], statistics.median(times[form])
         err = float(np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max())
-        cos = _cos(got, ref)
+        cos = cosine(got, ref)
         report["forms"][form] = {"seconds": s, "speedup": hf_s / s, "max_rel_err": err, "cosine": cos,
-                                 "cosine_vs_fp32": None if fp32 is None else _cos(got, fp32)}
+                                 "cosine_vs_fp32": None if fp32 is None else cosine(got, fp32)}
         print(f"dgport ONNX {form:<14} {s:6.2f} s   speed-up {hf_s / s:.2f}x   max rel err {err:.2e}   cosine {cos:.6f}"
               + ("" if fp32 is None else f" (to dgport fp32 {report['forms'][form]['cosine_vs_fp32']:.6f})"))
     if args.json:
@@ -109,7 +114,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cos(a, b) -> float:
+def cosine(a, b) -> float:
+    """Mean cosine similarity of two [..., H] arrays' rows."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
 

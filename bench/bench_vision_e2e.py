@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench_batch import cpu_flags
-from .bench_vision import REAL
+from .bench_vision import REAL, cosine, tower_arguments
 
 PROMPT = "What is in this picture?"
 SIDES = ("dgport-fp32", "transformers", "dgport-int8")
@@ -112,17 +112,9 @@ def child(side: str, work: Path, size: str, threads: int) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=27)
-    ap.add_argument("--size", default="480x640", help="the image's HxW")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
+    tower_arguments(ap)
     ap.add_argument("--work", default="/tmp/dgport-bench-vision", help="checkpoint and exports (kept)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
