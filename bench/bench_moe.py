@@ -8,6 +8,7 @@ both graphs; or (`--compare attention`) attention spelled out vs one fused ONNX 
     python -m bench.bench_moe --experts 128 --top-k 8 --canvas 256   # the real model's expert counts
     python -m bench.bench_moe --compare attention --lengths 256,2048
     python -m bench.bench_moe --compare grouped        # grouped experts vs sparse (grouped-dense: vs dense)
+    python -m bench.bench_moe --compare images         # text prompts: encoder with image input vs --text-only
 
 Reports ms per encode call for prompts of each length and ms per denoise step over one canvas
 (medians of --runs after a warm-up), the dense/sparse ratios, and the largest K/V and entropy
@@ -34,6 +35,8 @@ VARIANTS = {
                 "sparse": dict(encoder_moe="sparse", denoise_moe="sparse")},
     "grouped-dense": {"grouped": dict(encoder_moe="grouped", denoise_moe="grouped"),
                       "dense": dict(encoder_moe="dense", denoise_moe="dense")},
+    # the encoder with the optional image_embeds input (fed nothing: a text prompt) against --text-only's
+    "images": {"image-input": dict(), "text-only": dict(text_only=True)},
 }
 
 # a fixture whose feed-forward cost is mostly experts, in the real model's 16:1 experts-to-top-k ratio
@@ -92,7 +95,8 @@ def main(argv=None):
     ap.add_argument("--canvas", type=int, help="fixture: canvas length (default 64)")
     ap.add_argument("--compare", default="moe", choices=list(VARIANTS),
                     help="moe: dense vs sparse experts; attention: explicit vs fused (ONNX Attention); grouped: "
-                         "grouped vs sparse experts; grouped-dense: grouped vs dense")
+                         "grouped vs sparse experts; grouped-dense: grouped vs dense; images: the encoder with "
+                         "its image input, on text, vs a --text-only export")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     from dgport.exporters.export import ExportOptions, export
