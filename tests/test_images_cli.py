@@ -18,6 +18,7 @@ from dgport.chat import ChatSession, continuation_parts
 from dgport.errors import DgportError
 from dgport.images import ImageError
 from dgport.loop import make_rng
+from image_support import answer, export, gen  # noqa: F401  (fixtures)
 from onnx_support import THREADS, onnx_exports  # noqa: F401  (session fixture)
 
 rng = np.random.default_rng(11)
@@ -27,16 +28,6 @@ IMAGE_TOKEN = 61
 RUN_JSON_KEYS = {"prompt_ids", "token_ids", "text", "finished", "steps_per_canvas", "tokens_per_forward",
                  "generated_tokens", "seconds", "tokens_per_second", "backend", "seed", "export", "default_model",
                  "timings", "answer_check", "template", "holes"}
-
-
-@pytest.fixture(scope="module")
-def export(onnx_exports):  # noqa: F811
-    return onnx_exports["vision", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def gen(export):
-    return dgport.load(export, backend="cpu", threads=THREADS)
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +50,6 @@ def files(tmp_path_factory):
     Image.new("1", (9000, 9000)).save(d / "bomb.png")  # 81 million pixels in a few kilobytes
     (d / "empty.png").write_bytes(b"")
     return d
-
-
-def answer(res) -> list[int]:
-    return res.token_ids[0]
 
 
 def test_run_with_images_gives_generates_tokens(capsys, export, gen, files):

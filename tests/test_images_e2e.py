@@ -4,30 +4,17 @@ heads, standardization, two images in one prompt, an image in a later chat turn)
 answer; chunked encoding never splits an image block; and what cannot work is refused in one line."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import dgport
 from dgport.errors import DgportError
 from dgport.image_prompt import encode_calls
 from dgport.images import ImageError
 from hf_reference import hf_generate
+from image_support import IMAGES, PRESET, answer, png
 from onnx_support import THREADS, onnx_exports  # noqa: F401  (session fixture)
-
-PRESET = "vision"
-rng = np.random.default_rng(7)
-IMAGES = [Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)),
-          Image.fromarray(rng.integers(0, 256, (90, 41, 3), dtype=np.uint8))]
-
-
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +33,6 @@ def hf_tokens(model, checkpoint, prompt_ids, images, seed, max_soft_tokens=70):
     tok, _ = hf_generate(model, prompt_ids, seed, pixel_values=feats["pixel_values"],
                          image_position_ids=feats["image_position_ids"], mm_token_type_ids=(ids == 61).long())
     return tok
-
-
-def answer(res) -> list[int]:
-    return res.token_ids[0]
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 
 import dgport  # noqa: E402
 from dgport.serve import ServeConfig, create_app  # noqa: E402
+from image_support import export, gen  # noqa: E402,F401  (fixtures)
 from onnx_support import THREADS, onnx_exports  # noqa: E402,F401  (session fixture)
 
 rng = np.random.default_rng(21)
@@ -48,16 +49,6 @@ def user(*images, text: str = "what is this?") -> dict:
 
 def body(messages, seed: int = 3, **extra) -> dict:
     return {"model": "m", "messages": messages, "seed": seed, "max_tokens": 16, "return_token_ids": True, **extra}
-
-
-@pytest.fixture(scope="module")
-def export(onnx_exports):  # noqa: F811
-    return onnx_exports["vision", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def gen(export):
-    return dgport.load(export, backend="cpu", threads=THREADS)
 
 
 def _app(folder, max_batch: int):

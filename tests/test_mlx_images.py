@@ -5,32 +5,14 @@ encoding, batched rows), and a text-only MLX export refuses images in one line
 (tests/test_images_e2e.py's checks, on MLX)."""
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
-from PIL import Image
 
 import mlx.core as mx  # noqa: F401  (the dev extra installs mlx[cpu]; a missing mlx must fail, not skip)
 
 import dgport
 from dgport.errors import DgportError
 from dgport.exporters.export import ExportOptions, export
-
-PRESET = "vision"
-rng = np.random.default_rng(7)
-IMAGES = [Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)),
-          Image.fromarray(rng.integers(0, 256, (90, 41, 3), dtype=np.uint8))]
-
-
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def answer(res) -> list[int]:
-    return res.token_ids[0]
+from image_support import IMAGES, PRESET, answer, png
 
 
 @pytest.fixture(scope="module")
