@@ -52,16 +52,22 @@ class Vision:
             return [self.linear(x, p) for p in prefixes]
         names = [p + "linear.weight" for p in prefixes]
         key = names[0].removesuffix(".weight") + "+" + "+".join(n.split(".")[-3] for n in names[1:])
-        if self.quant and isinstance(self.quant.get(names[0]), RowInt8):
-            y = self.int8_matmul(x, self.quant[names[0]], key, names)
-            return b.op("Split", y, b.const(np.array(self.widths(prefixes), np.int64), INT64), axis=-1,
-                        n_out=len(names))
-        if self.quant and names[0] in self.quant:
-            w = self.quant[names[0]].constant(b, key, names)
-        else:
-            w = b.weight(key, lambda: np.concatenate([np.asarray(b.store.raw(n)).T for n in names], axis=1))
-        return b.op("Split", b.op("MatMul", x, w), b.const(np.array(self.widths(prefixes), np.int64), INT64),
+        return b.op("Split", self.product(x, names, key), b.const(np.array(self.widths(prefixes), np.int64), INT64),
                     axis=-1, n_out=len(names))
+
+    def product(self, x: str, names: list[str], key: str) -> str:
+        """x times the weights of `names` side by side ([in, sum of outs], stored under `key`): int8 rows,
+        integer blocks (MatMulNBits) or the export's float weights, as the export quantizes them."""
+        b = self.b
+        spec = self.quant.get(names[0]) if self.quant else None
+        if isinstance(spec, RowInt8):
+            return self.int8_matmul(x, spec, key, names)
+        if spec is not None:  # blocked integers -> MatMulNBits
+            return b.op("MatMul", x, spec.constant(b, key, names))
+        if len(names) == 1:
+            return b.op("MatMul", x, self.w(names[0], transpose=True))
+        return b.op("MatMul", x, b.weight(key, lambda: np.concatenate([np.asarray(b.store.raw(n)).T for n in names],
+                                                                        axis=1)))
 
     def int8_matmul(self, x: str, spec: RowInt8, key: str, names) -> str:
         """x [N, P, in] fp32 times the int8 weights of `names` side by side (RowInt8) -> [N, P, out] fp32."""
@@ -89,12 +95,7 @@ class Vision:
         if clip:
             x = b.op("Clip", x, self.w32(prefix + "input_min"), self.w32(prefix + "input_max"))
         name = prefix + "linear.weight"
-        if self.quant and isinstance(self.quant.get(name), RowInt8):
-            y = self.int8_matmul(x, self.quant[name], name.removesuffix(".weight"), [name])
-        elif self.quant and name in self.quant:  # blocked integers -> MatMulNBits
-            y = b.op("MatMul", x, self.quant[name].constant(b, name.removesuffix(".weight"), [name]))
-        else:
-            y = b.op("MatMul", x, self.w(name, transpose=True))
+        y = self.product(x, [name], name.removesuffix(".weight"))
         if clip:
             y = b.op("Clip", y, self.w32(prefix + "output_min"), self.w32(prefix + "output_max"))
         return y
