@@ -57,7 +57,6 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     md = ONNX_DTYPE[opts.dtype]
     forms = moe_forms(opts)
     fused = opts.attention == "fused"
-    sparse = forms  # device -> graph -> its expert form (_form)
     store = WeightStore(ckpt, out_dir, opts.dtype)
     quant = None
     if opts.quantize:
@@ -98,7 +97,7 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
         cpu_graphs = graphs
         opset = step.opset
     else:
-        graphs, cpu_graphs, opset = _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progress,
+        graphs, cpu_graphs, opset = _two_graphs(cfg, store, md, opts, forms, fused, what, write, progress,
                                                 vision, vision_graph)
     vision_entry = None
     if built_vision:
@@ -146,17 +145,17 @@ def _form(form: str) -> dict:
     return {"sparse_moe": form == "sparse", "grouped_moe": form == "grouped"}
 
 
-def _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progress, vision=None,
+def _two_graphs(cfg, store, md, opts, forms, fused, what, write, progress, vision=None,
                 vision_graph=lambda: None) -> tuple[dict, dict, int]:
     """Unquantized exports: the encoder and denoise_step graphs GPUs run and the CPU's set."""
     built = {}
     try:
         with progress.step(f"onnx: encoder graph + {what} weights"):
-            built["encoder"] = build_encoder(cfg, store, md, progress=progress, **_form(sparse["cuda"]["encoder"]),
+            built["encoder"] = build_encoder(cfg, store, md, progress=progress, **_form(forms["cuda"]["encoder"]),
                                              fused_attention=fused, vision=vision)
         with progress.step("onnx: denoise_step graph"):
             built["denoise_step"] = build_denoise(cfg, store, md, opts.with_logits, progress=progress,
-                                                  **_form(sparse["cuda"]["denoise_step"]), fused_attention=fused)
+                                                  **_form(forms["cuda"]["denoise_step"]), fused_attention=fused)
         vision_graph()
     finally:
         store.close()
@@ -168,16 +167,16 @@ def _two_graphs(cfg, store, md, opts, forms, sparse, fused, what, write, progres
         store_ro = _ReadOnlyStore(store)
         if opts.dtype == "bf16":  # the CPU EP has no bf16 kernels: fp32-compute twins on the same bf16 weights
             cpu_graphs["encoder"] = write(build_encoder(cfg, store_ro, md, emulate=True,
-                                                        **_form(sparse["cpu"]["encoder"]), fused_attention=fused,
+                                                        **_form(forms["cpu"]["encoder"]), fused_attention=fused,
                                                         vision=vision),
                                           CPU_ENCODER, forms["cpu"]["encoder"])
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits, emulate=True,
-                                                             **_form(sparse["cpu"]["denoise_step"]),
+                                                             **_form(forms["cpu"]["denoise_step"]),
                                                              fused_attention=fused),
                                                CPU_DENOISE, forms["cpu"]["denoise_step"])
         elif forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
             cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
-                                                             **_form(sparse["cpu"]["denoise_step"]),
+                                                             **_form(forms["cpu"]["denoise_step"]),
                                                              fused_attention=fused),
                                                CPU_DENOISE_BY_FORM[forms["cpu"]["denoise_step"]], forms["cpu"]["denoise_step"])
     return graphs, cpu_graphs, built["encoder"].opset
