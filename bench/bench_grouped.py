@@ -1,8 +1,10 @@
-"""Grouped experts (exporters/onnx_grouped.py) against today's forms, side by side in one run.
+"""Expert forms on the CPU side by side in one run: grouped (exporters/onnx_grouped.py), the sparse
+Loop, the unrolled loop (the CPU's default), quantized exports and transformers' own bf16 step.
 
     python -m bench.bench_grouped --waste                # padding waste of the capacity rule, real and random routing
     python -m bench.bench_grouped --micro --bits 8       # the experts alone at the real geometry: candidate products
     python -m bench.bench_grouped --step --variants "bf16 sparse,bf16 grouped" --rounds 2   # real-slice, canvas 256
+    python -m bench.bench_grouped --step --variants "transformers bf16,fp32 unrolled,bf16 unrolled,int8 unrolled"
     python -m bench.bench_grouped --profile "int8 unrolled,fp32 grouped"    # where a step's time goes, by op
 
 --waste: the capacity is the largest per-expert count of a call, so its padding waste is
@@ -16,7 +18,9 @@ ONNX Runtime products: 128 per-expert MatMulNBits (today's unrolled form), one b
 one batched u8 x s8 MatMulInteger (W8A8, per-column weight scales), and com.microsoft.QMoE.
 
 --step: whole denoise steps of the real-slice fixture, each side a fresh process
-(`python -m bench.bench_quant --side`), the sides alternating round by round.
+(`python -m bench.bench_quant --side`), the sides alternating round by round. Variants: "DTYPE FORM"
+for DTYPE fp32/bf16 and FORM sparse/unrolled/grouped, "int8 unrolled", "int4 unrolled",
+"transformers bf16"; a suffix " +thp" or " +ram" changes how memory is held (run_step).
 """
 from __future__ import annotations
 
@@ -307,7 +311,10 @@ STEP_VARIANTS = {  # name -> export options
     "bf16 grouped": dict(dtype="bf16", denoise_moe="grouped"),
     "fp32 sparse": dict(dtype="fp32"),
     "fp32 grouped": dict(dtype="fp32", denoise_moe="grouped"),
+    "bf16 unrolled": dict(dtype="bf16", denoise_moe="unrolled"),
+    "fp32 unrolled": dict(dtype="fp32", denoise_moe="unrolled"),
     "int8 unrolled": dict(quantize=8, group_size=64),
+    "int4 unrolled": dict(quantize=4, group_size=64),
 }
 
 

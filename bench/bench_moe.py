@@ -8,6 +8,7 @@ both graphs; or (`--compare attention`) attention spelled out vs one fused ONNX 
     python -m bench.bench_moe --experts 128 --top-k 8 --canvas 256   # the real model's expert counts
     python -m bench.bench_moe --compare attention --lengths 256,2048
     python -m bench.bench_moe --compare grouped        # grouped experts vs sparse (grouped-dense: vs dense)
+    python -m bench.bench_moe --compare unrolled       # the unrolled expert loop vs the Loop (CPU)
     python -m bench.bench_moe --compare images         # text prompts: encoder with image input vs --text-only
 
 Reports ms per encode call for prompts of each length and ms per denoise step over one canvas
@@ -33,6 +34,9 @@ VARIANTS = {
     # grouped experts (exporters/onnx_grouped.py) against the CPU's form and against the GPU's
     "grouped": {"grouped": dict(encoder_moe="grouped", denoise_moe="grouped"),
                 "sparse": dict(encoder_moe="sparse", denoise_moe="sparse")},
+    # the CPU's experts: the Loop unrolled, each expert's weights read in place instead of gathered
+    "unrolled": {"unrolled": dict(encoder_moe="unrolled", denoise_moe="unrolled"),
+                 "sparse": dict(encoder_moe="sparse", denoise_moe="sparse")},
     "grouped-dense": {"grouped": dict(encoder_moe="grouped", denoise_moe="grouped"),
                       "dense": dict(encoder_moe="dense", denoise_moe="dense")},
     # the encoder with the optional image_embeds input (fed nothing: a text prompt) against --text-only's
@@ -95,7 +99,7 @@ def main(argv=None):
     ap.add_argument("--canvas", type=int, help="fixture: canvas length (default 64)")
     ap.add_argument("--compare", default="moe", choices=list(VARIANTS),
                     help="moe: dense vs sparse experts; attention: explicit vs fused (ONNX Attention); grouped: "
-                         "grouped vs sparse experts; grouped-dense: grouped vs dense; images: the encoder with "
+                         "grouped vs sparse experts; grouped-dense: grouped vs dense; unrolled: the unrolled expert loop vs the Loop; images: the encoder with "
                          "its image input, on text, vs a --text-only export")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)

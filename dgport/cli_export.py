@@ -20,11 +20,12 @@ from .errors import DgportError
               help="Quantization group size, 32, 64 or 128 (with --quantize; default 64, or 32 where 64 does not "
                    "divide the model's widths).")
 @click.option("--with-logits", is_flag=True, help="ONNX: also output the fp32 logits (parity/debug exports).")
-@click.option("--encoder-moe", default="sparse", show_default=True,
-              help="ONNX encoder experts: sparse (each expert on its routed tokens; long prompts), dense, or grouped "
-                   "(one batched product over every expert's routed tokens).")
+@click.option("--encoder-moe", default="auto", show_default=True,
+              help="ONNX encoder experts: auto (unrolled on CPUs, sparse on GPUs), sparse (a Loop, each expert on "
+                   "its routed tokens), unrolled (that loop written out), dense, or grouped (one batched product "
+                   "over every expert's routed tokens).")
 @click.option("--denoise-moe", default="auto", show_default=True,
-              help="ONNX denoise-step experts: auto (both forms: sparse on CPUs, dense on GPUs), dense, sparse or "
+              help="ONNX denoise-step experts: auto (unrolled on CPUs, dense on GPUs), sparse, unrolled, dense or "
                    "grouped.")
 @click.option("--attention", default="explicit", show_default=True,
               help="ONNX attention: explicit (MatMul/Softmax/MatMul) or fused (one ONNX Attention node, opset 23).")

@@ -37,7 +37,7 @@ MAX_MANIFEST_BYTES = safe_files.CAPS[MANIFEST]  # 64 MiB; a real export's manife
 DTYPES = ("fp32", "fp16", "bf16")
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "uint8": 1, "int8": 1}
 QUANT_DTYPES = ("uint8", "uint4", "int8")  # quantized ONNX exports' integer weights (uint4: two a byte; int8: the tower)
-MOE_FORMS = ("sparse", "dense", "grouped")
+MOE_FORMS = ("sparse", "unrolled", "dense", "grouped")
 GRAPHS = ("encoder", "denoise_step")
 # a graph set is the two graphs, or (quantized exports) one graph that does both: exporters/onnx_graph.build_step
 GRAPH_SETS = (GRAPHS, ("step",))
@@ -124,10 +124,10 @@ def _onnx_weights(value, path, artifacts) -> None:
     wfile = S.relative_file(value["file"], f"{path}.file")
     size = artifacts[wfile]["size"] if wfile in artifacts else None
     S.obj(value["tensors"], f"{path}.tensors", extra=True)
-    spans = []
+    spans, views = [], []
     for name, t in value["tensors"].items():
         p = f"{path}.tensors.{name}"
-        S.obj(t, p, required=("offset", "nbytes", "dtype", "shape"))
+        S.obj(t, p, required=("offset", "nbytes", "dtype", "shape"), optional=("view_of",))
         offset = S.integer(t["offset"], f"{p}.offset", 0, 1 << 50)
         nbytes = S.integer(t["nbytes"], f"{p}.nbytes", 0, 1 << 50)
         dtype = S.string(t["dtype"], f"{p}.dtype", choices=DTYPES + QUANT_DTYPES)
@@ -137,11 +137,27 @@ def _onnx_weights(value, path, artifacts) -> None:
         if size is not None and offset + nbytes > size:
             raise S.SchemaError(f"{p}.offset", f"bytes {offset}..{offset + nbytes} lie past the end of {wfile} "
                                                f"({size} bytes)")
-        spans.append((offset, offset + nbytes, name))
+        if "view_of" in t:
+            views.append((name, S.string(t["view_of"], f"{p}.view_of")))
+        else:
+            spans.append((offset, offset + nbytes, name))
+    for name, parent in views:
+        _check_view(value["tensors"], name, parent, f"{path}.tensors.{name}")
     spans.sort()
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
             raise S.SchemaError(f"{path}.tensors.{b}.offset", f"overlaps tensor {a}")
+
+
+def _check_view(tensors: dict, name: str, parent: str, p: str) -> None:
+    """A view (an unrolled expert's weight) is one whole slice along its parent's first axis."""
+    t, par = tensors[name], tensors.get(parent)
+    if par is None or "view_of" in par:
+        raise S.SchemaError(f"{p}.view_of", f"{parent!r} is not a stored tensor of this weights file")
+    k, rest = divmod(t["offset"] - par["offset"], t["nbytes"] or 1)
+    if (t["dtype"] != par["dtype"] or list(t["shape"]) != list(par["shape"][1:]) or rest
+            or not 0 <= k < (par["shape"][0] if par["shape"] else 0) or t["nbytes"] * par["shape"][0] != par["nbytes"]):
+        raise S.SchemaError(f"{p}.offset", f"is not one slice of {parent} along its first axis")
 
 
 # The graph contract's names (README, DESIGN): the runtime feeds every input and binds every output

@@ -49,10 +49,12 @@ class ExportOptions:
     quantize: int | None = None
     group_size: int | None = None  # None: 64, or 32 where 64 does not divide (quantize.choose_group)
     with_logits: bool = False
-    # ONNX experts per graph: "sparse" (per-expert loop), "dense" (all experts) or "grouped" (one batched
-    # product per projection over [experts, capacity, width]: exporters/onnx_grouped.py)
-    encoder_moe: str = "sparse"
-    denoise_moe: str = "auto"  # "auto": both forms, each device runs its faster one (onnx_export.moe_forms)
+    # ONNX experts per graph: "sparse" (a Loop over experts), "unrolled" (that loop written out, each
+    # expert's weights read in place), "dense" (all experts) or "grouped" (one batched product per
+    # projection over [experts, capacity, width]: exporters/onnx_grouped.py); "auto": each device its
+    # faster form, a CPU twin where they differ (onnx_export.moe_forms)
+    encoder_moe: str = "auto"
+    denoise_moe: str = "auto"
     attention: str = "explicit"  # ONNX: "explicit" (MatMul/Softmax/MatMul) or "fused" (ONNX Attention, opset 23)
     force: bool = False
     validate: bool = True
@@ -85,10 +87,10 @@ def check_options(opts: ExportOptions) -> None:
             raise DgportError(f"--quantize with --dtype {opts.dtype}: quantized ONNX exports keep their unquantized "
                               "tensors in fp32 and compute in fp32 (onnxruntime's CPU EP has no bf16 kernels); "
                               "drop --dtype or pass --dtype fp32")
-    if opts.encoder_moe not in ("sparse", "dense", "grouped"):
-        raise DgportError(f"--encoder-moe {opts.encoder_moe!r}: choose sparse, dense or grouped")
-    if opts.denoise_moe not in ("auto", "sparse", "dense", "grouped"):
-        raise DgportError(f"--denoise-moe {opts.denoise_moe!r}: choose auto, sparse, dense or grouped")
+    if opts.encoder_moe not in ("auto", "sparse", "unrolled", "dense", "grouped"):
+        raise DgportError(f"--encoder-moe {opts.encoder_moe!r}: choose auto, sparse, unrolled, dense or grouped")
+    if opts.denoise_moe not in ("auto", "sparse", "unrolled", "dense", "grouped"):
+        raise DgportError(f"--denoise-moe {opts.denoise_moe!r}: choose auto, sparse, unrolled, dense or grouped")
     stacked = {opts.encoder_moe, opts.denoise_moe} & {"dense", "grouped"}
     if opts.quantize is not None and "onnx" in opts.formats and stacked:
         why = ("a dense stack of dequantized experts was 15x slower per step" if "dense" in stacked else

@@ -84,6 +84,17 @@ class WeightStore:
             self._write(name, arr, label, shape)
         return name
 
+    def view(self, name: str, parent: str, index: int) -> str:
+        """`name` = parent[index]: the bytes of one slice along the stored tensor's first axis, no new
+        bytes written (a per-expert weight of a stacked [experts, in, out] tensor)."""
+        if name not in self.index:
+            meta = self.index[parent]
+            shape = list(meta["shape"][1:])
+            nbytes = meta["nbytes"] // meta["shape"][0]
+            self.index[name] = {"offset": meta["offset"] + index * nbytes, "nbytes": nbytes, "dtype": meta["dtype"],
+                                "shape": shape, "view_of": parent}
+        return name
+
     def _write(self, name: str, arr: np.ndarray, dtype: str, shape) -> None:
         pad = (-self.offset) % ALIGN
         if pad:
@@ -219,6 +230,15 @@ class Builder:
         stored-dtype tensor for a caller that gathers from it first (embedding rows, one expert) and
         casts what it gathered with `compute()`."""
         self.store.get(name, make, dtype)
+        return self._use(name, cast)
+
+    def expert_weight(self, parent: str, make, e: int) -> str:
+        """Expert e's slice of the stacked weight `parent` ([experts, in, out], stored once by `make`):
+        its own initializer over the same bytes, cast to fp32 where used in emulate mode."""
+        self.store.get(parent, make)
+        return self._use(self.store.view(f"{parent}.{e}", parent, e), True)
+
+    def _use(self, name: str, cast: bool) -> str:
         meta = self.store.index[name]
         if meta["dtype"] in QUANT_DTYPE:
             if name not in self.weights:

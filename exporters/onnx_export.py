@@ -25,7 +25,9 @@ VISION = "vision.onnx"  # checkpoints with a vision tower: patches -> soft token
 STEP = "step.onnx"  # quantized exports: encoder and denoiser in one graph (onnx_steps.build_step)
 CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
 SPARSE_DENOISE = "denoise_step.sparse.onnx"
-CPU_DENOISE_BY_FORM = {"sparse": SPARSE_DENOISE, "dense": DENOISE, "grouped": "denoise_step.grouped.onnx"}
+CPU_ENCODER_BY_FORM = {form: f"encoder.{form}.onnx" for form in ("sparse", "unrolled", "dense", "grouped")}
+CPU_DENOISE_BY_FORM = {"sparse": SPARSE_DENOISE, "dense": DENOISE, "grouped": "denoise_step.grouped.onnx",
+                       "unrolled": "denoise_step.unrolled.onnx"}
 
 
 def _save(b, path: Path) -> None:
@@ -37,15 +39,14 @@ def _save(b, path: Path) -> None:
 
 def moe_forms(opts) -> dict:
     """Experts per device and graph (unquantized exports; quantized ones unroll their experts as
-    constants in one step graph). "auto" (the denoise step's default) writes both forms and lets
-    each device run its faster one: sparse on CPUs (compute-bound; 3.8x per step at the real 16:1
-    expert ratio, bench/RESULTS.md), dense on GPUs (a 256-token canvas hits nearly every expert,
-    and one batched MatMul beats a Loop of 128 iterations, each with a NonZero, per layer)."""
-    if opts.denoise_moe in ("sparse", "dense", "grouped"):  # grouped: exporters/onnx_grouped.py
-        den = {"cuda": opts.denoise_moe, "cpu": opts.denoise_moe}
-    else:
-        den = {"cuda": "dense", "cpu": "sparse"}
-    return {dev: {"encoder": opts.encoder_moe, "denoise_step": den[dev]} for dev in ("cuda", "cpu")}
+    constants in one step graph). "auto" (both graphs' default) lets each device run its faster form:
+    on CPUs the unrolled loop (each expert's weights read in place: at the 26B-A4B's layer geometry
+    0.77x the Loop's step time and 0.46-0.91x its encode time, bit for bit the same; bench/RESULTS.md),
+    on GPUs the dense step (a 256-token canvas hits nearly every expert; one batched MatMul per
+    projection) and the sparse Loop for the encoder (long prompts)."""
+    auto = {"encoder": {"cuda": "sparse", "cpu": "unrolled"}, "denoise_step": {"cuda": "dense", "cpu": "unrolled"}}
+    chosen = {"encoder": opts.encoder_moe, "denoise_step": opts.denoise_moe}
+    return {dev: {g: auto[g][dev] if chosen[g] == "auto" else chosen[g] for g in chosen} for dev in ("cuda", "cpu")}
 
 
 def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
@@ -141,8 +142,8 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
 
 
 def _form(form: str) -> dict:
-    """The graph builders' keywords for an expert form ("sparse", "dense" or "grouped")."""
-    return {"sparse_moe": form == "sparse", "grouped_moe": form == "grouped"}
+    """The graph builders' keywords for an expert form ("sparse", "unrolled", "dense" or "grouped")."""
+    return {"sparse_moe": form == "sparse", "grouped_moe": form == "grouped", "unrolled_moe": form == "unrolled"}
 
 
 def _two_graphs(cfg, store, md, opts, forms, fused, what, write, progress, vision=None,
@@ -174,11 +175,17 @@ def _two_graphs(cfg, store, md, opts, forms, fused, what, write, progress, visio
                                                              **_form(forms["cpu"]["denoise_step"]),
                                                              fused_attention=fused),
                                                CPU_DENOISE, forms["cpu"]["denoise_step"])
-        elif forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
-            cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
-                                                             **_form(forms["cpu"]["denoise_step"]),
-                                                             fused_attention=fused),
-                                               CPU_DENOISE_BY_FORM[forms["cpu"]["denoise_step"]], forms["cpu"]["denoise_step"])
+        else:  # a CPU twin of each graph whose expert form differs from the GPUs'
+            if forms["cpu"]["encoder"] != forms["cuda"]["encoder"]:
+                cpu_graphs["encoder"] = write(build_encoder(cfg, store_ro, md, **_form(forms["cpu"]["encoder"]),
+                                                            fused_attention=fused, vision=vision),
+                                              CPU_ENCODER_BY_FORM[forms["cpu"]["encoder"]], forms["cpu"]["encoder"])
+            if forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
+                cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
+                                                                 **_form(forms["cpu"]["denoise_step"]),
+                                                                 fused_attention=fused),
+                                                   CPU_DENOISE_BY_FORM[forms["cpu"]["denoise_step"]],
+                                                   forms["cpu"]["denoise_step"])
     return graphs, cpu_graphs, built["encoder"].opset
 
 
@@ -209,6 +216,8 @@ class _ReadOnlyStore:
         if name not in self.index:
             raise RuntimeError(f"weight {name} was not written by the native graphs")
         return name
+
+    view = WeightStore.view  # a view writes no bytes
 
     def raw(self, name):  # pragma: no cover - never reached when every weight is already stored
         raise RuntimeError(name)

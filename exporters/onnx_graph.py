@@ -57,9 +57,10 @@ class Model:
     selected by the bool tensor `self.denoise`: build_step)."""
 
     def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False, fused_attention: bool = False,
-                 quant: "QuantSpec | None" = None, grouped_moe: bool = False):
+                 quant: "QuantSpec | None" = None, grouped_moe: bool = False, unrolled_moe: bool = False):
         self.b, self.cfg, self.mode, self.sparse_moe = b, cfg, mode, sparse_moe
         self.grouped_moe = grouped_moe  # exporters/onnx_grouped.py; takes precedence over sparse_moe
+        self.unrolled_moe = unrolled_moe  # the sparse loop unrolled, each expert's weights in place
         self.fused_attention = fused_attention
         self.quant = quant
         self.denoise = None  # joint mode: the bool scalar input choosing the denoiser
@@ -247,16 +248,22 @@ class Model:
         y = self.rms(r, self.vec32(p + "pre_feedforward_layernorm_2.weight"))  # [B,T,H]
         y2 = b.op("Reshape", y, b.const(np.array([-1, H], np.int64), INT64))  # [N,H]
         st = b.store
+        stacked = {  # [E, in, out] from HF's [E, out, in]
+            "gate_up": lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)),
+            "down": lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.down_proj")), 1, 2))}
         if self.quant is not None:  # quantized (build_step): each expert its own constant, unrolled
-            moe = self.unrolled_experts(y2, topi, topw, (f"layers.{i}.experts.gate_up", p + "experts.gate_up_proj"),
-                                        (f"layers.{i}.experts.down", p + "experts.down_proj"))
+            q = self.quant
+            moe = self.unrolled_experts(
+                y2, topi, topw, lambda e: q.expert(b, f"layers.{i}.experts.gate_up", p + "experts.gate_up_proj", e),
+                lambda e: q.expert(b, f"layers.{i}.experts.down", p + "experts.down_proj", e))
+        elif self.unrolled_moe:  # each expert its own initializer over the stacked tensor's bytes
+            moe = self.unrolled_experts(y2, topi, topw,
+                                        lambda e: b.expert_weight(f"layers.{i}.experts.gate_up", stacked["gate_up"], e),
+                                        lambda e: b.expert_weight(f"layers.{i}.experts.down", stacked["down"], e))
         else:  # the sparse loop gathers one expert's weights, then casts them (emulate mode)
-            wgu = b.weight(f"layers.{i}.experts.gate_up",
-                           lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.gate_up_proj")), 1, 2)),
-                           cast=not self.sparse_moe or self.grouped_moe)
-            wd = b.weight(f"layers.{i}.experts.down",
-                          lambda: np.ascontiguousarray(np.swapaxes(np.asarray(st.raw(p + "experts.down_proj")), 1, 2)),
-                          cast=not self.sparse_moe or self.grouped_moe)
+            cast = not self.sparse_moe or self.grouped_moe
+            wgu = b.weight(f"layers.{i}.experts.gate_up", stacked["gate_up"], cast=cast)
+            wd = b.weight(f"layers.{i}.experts.down", stacked["down"], cast=cast)
             if self.grouped_moe:
                 from .onnx_grouped import grouped_experts
 
@@ -320,12 +327,14 @@ class Model:
         out = b.loop(b.const(np.int64(E), INT64), acc0, step, "expert")  # [N,H] fp32, md-rounded
         return out if b.cdt == FLOAT else b.cast(out, b.md)
 
-    def unrolled_experts(self, y2: str, topi: str, topw: str, wgu: tuple, wd: tuple) -> str:
-        """Quantized exports' sparse form: the reference's loop over experts, unrolled (one block of
-        nodes per expert, in expert order, so the sums round as the Loop's do). Each expert's weights
-        are then constant initializers, so onnxruntime fuses their DequantizeLinear -> MatMul into
+    def unrolled_experts(self, y2: str, topi: str, topw: str, wgu, wd) -> str:
+        """The reference's loop over experts, unrolled (one block of nodes per expert, in expert order,
+        so the sums round as the Loop's do); `wgu(e)`, `wd(e)` give expert e's [in, out] weights, each
+        its own initializer. Quantized exports: onnxruntime fuses their DequantizeLinear -> MatMul into
         MatMulNBits with prepacked 4/8-bit blocks; inside a Loop they are gathered, and dequantizing
-        a gathered expert costs ~20x its 16-row matmul (bench/bench_quant.py --experts-only)."""
+        a gathered expert costs ~20x its 16-row matmul (bench/bench_quant.py --experts-only). Float
+        exports: the MatMuls read the mapped weights in place, where the Loop's Gather copies every
+        expert every call."""
         b, cfg = self.b, self.cfg
         M, E, K = cfg.moe_intermediate_size, cfg.num_experts, cfg.top_k_experts
         flat = b.const(np.array([-1, K], np.int64), INT64)
@@ -340,8 +349,8 @@ class Model:
             rows = b.op("Squeeze", b.op("NonZero", routed), sq0)  # [n]
             w_e = b.op("ReduceSum", b.op("Where", hit, topw, zero_f), self.ax_last, keepdims=0)
             x = b.op("Gather", y2, rows, axis=0)  # [n,H]
-            g, u = b.op("Split", b.op("MatMul", x, self.quant.expert(b, *wgu, e)), split, axis=-1, n_out=2)
-            o = b.op("MatMul", b.op("Mul", self.gelu(g), u), self.quant.expert(b, *wd, e))  # [n,H]
+            g, u = b.op("Split", b.op("MatMul", x, wgu(e)), split, axis=-1, n_out=2)
+            o = b.op("MatMul", b.op("Mul", self.gelu(g), u), wd(e))  # [n,H]
             scaled = self.round32(b.op("Mul", b.f32(o), b.op("Unsqueeze", b.op("Gather", w_e, rows, axis=0),
                                                                  self.ax_last)))
             added = self.round32(b.op("Add", b.op("Gather", acc, rows, axis=0), scaled))

@@ -143,12 +143,12 @@ def test_chat_command_runs_two_turns(checkpoints):
     (["check", "{ckpt}", "--backends", "cpu"], "name at least two backends"),
     (["check", "{ckpt}", "--backends", "cpu,torch"], "torch needs the source checkpoint"),
     (["export", "{ckpt}", "{tmp}/out", "--dtype", "fp8"], "--dtype 'fp8'"),
-    (["export", "{ckpt}", "{tmp}/out", "--encoder-moe", "fast"], "--encoder-moe 'fast': choose sparse, dense or grouped"),
+    (["export", "{ckpt}", "{tmp}/out", "--encoder-moe", "fast"], "--encoder-moe 'fast': choose auto, sparse, unrolled, dense or grouped"),
     (["export", "{ckpt}", "{tmp}/out", "--format", "tflite"], "--format 'tflite'"),
     (["export", "{ckpt}", "{tmp}/out", "--format", "mlx", "--quantize", "int3"], "--quantize 3: choose int4 or int8"),
     (["export", "{ckpt}", "{tmp}/out", "--format", "mlx", "--quantize", "four"], "'four': choose int4 or int8"),
     (["export", "{ckpt}", "{tmp}/out", "--quantize", "int4", "--dtype", "bf16"], "--quantize with --dtype bf16"),
-    (["export", "{ckpt}", "{tmp}/out", "--denoise-moe", "fast"], "--denoise-moe 'fast': choose auto, sparse, dense or grouped"),
+    (["export", "{ckpt}", "{tmp}/out", "--denoise-moe", "fast"], "--denoise-moe 'fast': choose auto, sparse, unrolled, dense or grouped"),
     (["export", "{ckpt}", "{tmp}/out", "--attention", "flash"], "--attention 'flash': choose explicit or fused"),
     (["export", "{missing}", "{tmp}/out"], "no such folder"),
 ])
@@ -196,7 +196,7 @@ def test_export_info_run_check_on_an_onnx_export(capsys, cli_export, checkpoints
     assert code == 0, err
     info = json.loads(out)
     assert info["formats"]["onnx"]["dtype"] == "fp32" and info["model"]["layers"] == 4
-    assert info["formats"]["onnx"]["experts"] == {"cpu": {"encoder": "sparse", "denoise_step": "sparse"},
+    assert info["formats"]["onnx"]["experts"] == {"cpu": {"encoder": "unrolled", "denoise_step": "unrolled"},
                                                   "cuda": {"encoder": "sparse", "denoise_step": "dense"}}
     assert info["formats"]["onnx"]["attention"] == "explicit"
     assert info["total_bytes"] > 0 and info["verified"].startswith("sha256")

@@ -128,8 +128,8 @@ def test_grouped_bf16_cpu_graph_passes_the_bf16_gate(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("opts,message", [
-    (dict(denoise_moe="fast"), "--denoise-moe 'fast': choose auto, sparse, dense or grouped"),
-    (dict(encoder_moe="fast"), "--encoder-moe 'fast': choose sparse, dense or grouped"),
+    (dict(denoise_moe="fast"), "--denoise-moe 'fast': choose auto, sparse, unrolled, dense or grouped"),
+    (dict(encoder_moe="fast"), "--encoder-moe 'fast': choose auto, sparse, unrolled, dense or grouped"),
     (dict(denoise_moe="grouped", quantize=8), "--denoise-moe grouped with --quantize"),
 ])
 def test_bad_expert_forms_are_refused(checkpoints, tmp_path, opts, message):

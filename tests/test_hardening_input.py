@@ -118,6 +118,18 @@ def _add_artifact(name):
     return change
 
 
+VIEW = ["formats", "onnx", "weights", "tensors", "layers.0.experts.gate_up.1"]  # the CPU graphs' expert 1
+
+
+def _shift(keys, by):
+    def change(m):
+        node = m
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] += by
+    return change
+
+
 MANIFEST_EDITS = [
     ("missing config key", _delete(["config", "canvas_length"]), "config.canvas_length: missing"),
     ("missing top-level key", _delete(["artifacts"]), "artifacts: missing"),
@@ -135,6 +147,9 @@ MANIFEST_EDITS = [
      "lie past the end of weights.bin"),
     ("weights nbytes vs shape", _set(["formats", "onnx", "weights", "tensors", "embed_tokens", "nbytes"], 4),
      "nbytes: 4 does not match shape"),
+    ("expert view off its slice", _shift(VIEW + ["offset"], 4), "is not one slice of layers.0.experts.gate_up"),
+    ("expert view of no tensor", _set(VIEW + ["view_of"], "layers.9.experts.down"),
+     "view_of: 'layers.9.experts.down' is not a stored tensor"),
     ("weights outside the export", _set(["formats", "onnx", "weights", "file"], "../outside.bin"),
      "formats.onnx.weights.file: '../outside.bin' is not a relative file path inside the export"),
     ("artifact climbing out", _add_artifact("../../etc/hostname"), "'../../etc/hostname' is not a relative file path"),

@@ -83,7 +83,7 @@ def test_out_not_empty_without_force(checkpoints, tmp_path):
 
 
 def test_unknown_dtype_or_moe_form(checkpoints, tmp_path):
-    with pytest.raises(DgportError, match="--denoise-moe 'fast': choose auto, sparse, dense or grouped"):
+    with pytest.raises(DgportError, match="--denoise-moe 'fast': choose auto, sparse, unrolled, dense or grouped"):
         export(checkpoints["tiny"], tmp_path / "o", ExportOptions(denoise_moe="fast"))
     with pytest.raises(DgportError, match="--dtype 'int3': choose one of fp32, fp16, bf16"):
         export(checkpoints["tiny"], tmp_path / "o", ExportOptions(dtype="int3"))

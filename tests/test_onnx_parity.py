@@ -19,7 +19,7 @@ from onnx_support import THREADS, onnx_exports  # noqa: F401
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("graph_set", ["cpu_graphs", "graphs"])  # denoise-step experts sparse (CPU) / dense (GPU)
+@pytest.mark.parametrize("graph_set", ["cpu_graphs", "graphs"])  # denoise-step experts unrolled (CPU) / dense (GPU)
 @pytest.mark.parametrize("preset", ALL_PRESETS)
 def test_fp32_parity_with_hf(preset, graph_set, onnx_exports, checkpoints, hf_models):
     out = onnx_exports[(preset, "fp32")]
@@ -29,7 +29,7 @@ def test_fp32_parity_with_hf(preset, graph_set, onnx_exports, checkpoints, hf_mo
     for name in ("onnx", "onnx gpu graphs"):
         assert {"encoder_kv", "step_logits", "step_entropy"} <= set(validation[name]), validation
     backend = OnnxBackend(open_export(out, "cpu"), threads=THREADS, graph_set=graph_set)
-    assert backend.graphs["denoise_step"]["moe"] == ("sparse" if graph_set == "cpu_graphs" else "dense")
+    assert backend.graphs["denoise_step"]["moe"] == ("unrolled" if graph_set == "cpu_graphs" else "dense")
     ref = TorchRefBackend(checkpoints[preset], model=hf_models[preset])
     errs = compare(backend, ref, backend.config, seed=7)
     assert set(errs) == {"encoder_kv", "step_logits", "step_entropy"}
@@ -86,14 +86,16 @@ def test_graphs_share_one_weights_file_and_use_standard_ops(onnx_exports):
     export = open_export(out, "cpu")
     entry = export.format("onnx")
     # the fixture keeps the tiny vision tower transformers builds with every model: vision.onnx reads it
-    assert sorted(entry["files"]) == ["denoise_step.onnx", "denoise_step.sparse.onnx", "encoder.onnx", "vision.onnx",
-                                      "weights.bin"]
+    assert sorted(entry["files"]) == ["denoise_step.onnx", "denoise_step.unrolled.onnx", "encoder.onnx",
+                                      "encoder.unrolled.onnx", "vision.onnx", "weights.bin"]
     assert entry["vision_graph"]["file"] == "vision.onnx"
-    # the CPU runs the sparse-expert denoise step, GPUs the dense one; both read the same weights
-    assert entry["cpu_graphs"]["encoder"] == entry["graphs"]["encoder"]
-    assert (entry["cpu_graphs"]["denoise_step"]["file"], entry["graphs"]["denoise_step"]["file"]) == \
-        ("denoise_step.sparse.onnx", "denoise_step.onnx")
-    assert set(entry["cpu_graphs"]["denoise_step"]["weights"]) == set(entry["graphs"]["denoise_step"]["weights"])
+    # the CPU runs the unrolled experts (each expert's weights a view of the stacked tensor), GPUs the
+    # sparse encoder and the dense step; all read the same bytes of one weights file
+    for key, gpu in (("encoder", "encoder.onnx"), ("denoise_step", "denoise_step.onnx")):
+        assert (entry["cpu_graphs"][key]["file"], entry["graphs"][key]["file"]) == (f"{key}.unrolled.onnx", gpu)
+        tensors = entry["weights"]["tensors"]
+        cpu = {tensors[w].get("view_of", w) for w in entry["cpu_graphs"][key]["weights"]}
+        assert cpu == set(entry["graphs"][key]["weights"])
     locations = set()
     enc_w, den_w = set(entry["graphs"]["encoder"]["weights"]), set(entry["graphs"]["denoise_step"]["weights"])
     assert "embed_tokens" in enc_w & den_w and len(enc_w & den_w) > 10
@@ -109,7 +111,7 @@ def test_graphs_share_one_weights_file_and_use_standard_ops(onnx_exports):
     # encoder and decoder layer scalars are different tensors
     assert any("encoder.language_model" in w for w in enc_w) and not any("encoder.language_model" in w for w in den_w)
     # one copy of every weight in the file: sizes add up
-    size = sum(t["nbytes"] for t in entry["weights"]["tensors"].values())
+    size = sum(t["nbytes"] for t in entry["weights"]["tensors"].values() if "view_of" not in t)
     assert size <= (out / "weights.bin").stat().st_size < size + 64 * len(entry["weights"]["tensors"])
 
 

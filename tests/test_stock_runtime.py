@@ -34,10 +34,11 @@ _EXPORTS: dict = {}
 def exports(checkpoints, tmp_path_factory):
     def get(case):
         if case not in _EXPORTS:
-            preset, dtype, attention = case
-            out = tmp_path_factory.mktemp("stock") / f"{preset}-{dtype}-{attention}"
+            preset, dtype, attention, *form = case  # form: both graphs' experts (default: each device's own)
+            out = tmp_path_factory.mktemp("stock") / "-".join(case)
+            moe = {"encoder_moe": form[0], "denoise_moe": form[0]} if form else {}
             export(checkpoints[preset], out, ExportOptions(dtype=dtype, attention=attention, with_logits=True,
-                                                           validate=False))
+                                                           validate=False, **moe))
             _EXPORTS[case] = out
         return _EXPORTS[case]
 
@@ -241,14 +242,17 @@ def test_loops_have_a_condition_and_slices_in_range_starts(case, exports):
                 assert (consts[n.input[1]] >= 0).all(), f"{f}: Slice {n.name} starts {consts[n.input[1]]}"
 
 
-def test_reference_evaluator_runs_sparse_denoise(exports):
-    """ONNX's reference evaluator (a second, independent runtime) computes the sparse-expert denoise
-    step as onnxruntime does; without an explicit Loop cond it would run the expert Loop zero times."""
+@pytest.mark.parametrize("form", ["sparse", "unrolled"])
+def test_reference_evaluator_runs_the_cpu_denoise_step(exports, form):
+    """ONNX's reference evaluator (a second, independent runtime) computes the CPU's denoise step as
+    onnxruntime does, with the experts in a Loop (without an explicit Loop cond it would run zero
+    times) and unrolled (each expert's weights a slice of the stacked tensor in weights.bin)."""
     from onnx.reference import ReferenceEvaluator
 
-    out = exports(("tiny", "fp32", "explicit"))
-    graphs = open_export(out, "cpu").format("onnx")["cpu_graphs"]
-    assert graphs["denoise_step"]["moe"] == "sparse"
+    out = exports(("tiny", "fp32", "explicit", form))
+    entry = open_export(out, "cpu").format("onnx")
+    graphs = entry.get("cpu_graphs", entry["graphs"])  # one form for both devices: one set of graphs
+    assert graphs["denoise_step"]["moe"] == form
     enc = ort.InferenceSession(str(out / graphs["encoder"]["file"]), providers=["CPUExecutionProvider"])
     den_path = str(out / graphs["denoise_step"]["file"])
     den = ort.InferenceSession(den_path, providers=["CPUExecutionProvider"])
