@@ -307,9 +307,9 @@ def run_micro(bits: int, cap: int, threads: int, runs: int, group: int = 64) -> 
 # ----------------------------------------------------------------------------------- whole steps
 
 STEP_VARIANTS = {  # name -> export options
-    "bf16 sparse": dict(dtype="bf16"),
+    "bf16 sparse": dict(dtype="bf16", encoder_moe="sparse", denoise_moe="sparse"),
     "bf16 grouped": dict(dtype="bf16", denoise_moe="grouped"),
-    "fp32 sparse": dict(dtype="fp32"),
+    "fp32 sparse": dict(dtype="fp32", encoder_moe="sparse", denoise_moe="sparse"),
     "fp32 grouped": dict(dtype="fp32", denoise_moe="grouped"),
     "bf16 unrolled": dict(dtype="bf16", denoise_moe="unrolled"),
     "fp32 unrolled": dict(dtype="fp32", denoise_moe="unrolled"),

@@ -3,8 +3,8 @@
     python -m bench.cuda_check --json $OUT/cuda_check.json      # on the GPU machine
     python -m bench.cuda_check --candidate cpu --presets tiny    # the harness itself, on any machine
 
-For every fixture preset, fp32, in each export variant (the default: sparse encoder experts, denoise
-step sparse on the CPU and dense on the GPU; the expert forms swapped; fused attention):
+For every fixture preset, fp32, in each export variant (the default: experts unrolled on the CPU, a
+sparse encoder and a dense denoise step on the GPU; dense encoder and sparse step; fused attention):
 - token identity with the CPU EP: the fixture prompts and seeds, and a kept cache continued;
 - graph parity against transformers (fp32, CPU) through the export-validation harness and gate;
 - the cache and the self-conditioning signal stay on the device between calls.
@@ -30,8 +30,8 @@ from pathlib import Path
 
 
 SUDOKU = Path(__file__).resolve().parent.parent / "models" / "sudoku"
-# export variants: the default (sparse encoder experts; the CPU runs a sparse denoise step, GPUs a
-# dense one), the expert forms swapped, and attention as one fused ONNX Attention node
+# export variants: the default (the CPU's experts unrolled; GPUs a sparse encoder and a dense denoise
+# step), a dense encoder with a sparse step on both, and attention as one fused ONNX Attention node
 VARIANTS = {"default": {}, "dense-enc/sparse-step": dict(encoder_moe="dense", denoise_moe="sparse"),
             "fused attention": dict(attention="fused")}
 MIN_BF16_AGREEMENT = 0.95

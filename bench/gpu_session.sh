@@ -37,6 +37,9 @@ case "${1:-check}" in
     # real 128-expert top-8 ratio and canvas 256 (issue 31)
     python3 -m bench.bench_moe --compare grouped-dense --device cuda --dtype bf16 --experts 128 --top-k 8 \
       --canvas 256 --lengths 256,1024,4096 --runs 5 --json "$out/bench_grouped.json" 2>&1 | tee "$out/bench_grouped.log"
+    # the CPU's unrolled experts on the GPU, against the sparse Loop (both graphs)
+    python3 -m bench.bench_moe --compare unrolled --device cuda --dtype bf16 --experts 128 --top-k 8 \
+      --canvas 256 --lengths 256,1024,4096 --runs 5 --json "$out/bench_unrolled.json" 2>&1 | tee "$out/bench_unrolled.log"
     python3 -m bench.bench_onnx --device cuda --dtype bf16 --preset real-slice --runs 3 2>&1 | tee "$out/bench_onnx_real_slice.log"
     python3 -m bench.bench_onnx --device cuda --dtype fp32 --preset tiny --runs 3 2>&1 | tee "$out/bench_onnx_tiny.log"
     python3 -m bench.bench_prefill --device cuda --dtype bf16 --tokens 16384 --chunks 0,4096,2048,1024,512 2>&1 \
