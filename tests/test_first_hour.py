@@ -371,9 +371,9 @@ def test_runtime_load_errors_are_one_line(capsys, tiny_onnx, checkpoints, tmp_pa
 
     bad = tmp_path / "bad-onnx"
     shutil.copytree(tiny_onnx, bad)
-    _rewrite(bad, "encoder.onnx", b"not a protobuf")
+    _rewrite(bad, "encoder.unrolled.onnx", b"not a protobuf")  # the encoder the CPU runs
     code, _, err = dg(capsys, "run", bad, "--prompt", "hi", "--seed", "0")
-    assert code == 1 and "encoder.onnx" in one_error_line(err)
+    assert code == 1 and "encoder.unrolled.onnx" in one_error_line(err)
     mlx = tmp_path / "mlx"
     assert main(["export", str(checkpoints["tiny"]), str(mlx), "--format", "mlx", "--no-validate"]) == 0
     rel = next(r for r in json.loads((mlx / "dgport.json").read_text())["artifacts"] if r.endswith(".safetensors"))
