@@ -1,5 +1,5 @@
-"""Untrusted input (issue #11, part 4): the manifest, checkpoint configs, numbers from the API and
-the command line, the model's context, and chat text. Each mistake is one line naming what is wrong."""
+"""Untrusted input (issue #11, part 4): the manifest, numbers from the API and the command line, the
+model's context, and chat text (checkpoint configs: test_hardening_config.py). Each mistake is one line naming what is wrong."""
 from __future__ import annotations
 
 import json
@@ -16,42 +16,13 @@ import pytest
 import dgport
 from dgport.chat import ChatSession, ContextFull
 from dgport.cli import main
-from dgport.config import TextConfig
-from dgport.errors import CheckpointError, DgportError, ExportError
-from dgport.exporters.checkpoint import read_checkpoint
+from dgport.errors import DgportError, ExportError
 from dgport.exporters.export import ExportOptions, export
 from dgport.loop import ContextOverflow
 from dgport.manifest import MANIFEST, manifest_digest, read_manifest
+from hardening_support import copy_checkpoint, edit_json, one_line, text_config_edit
 
 OLD_SENTINEL = "\x00dgport-answer\x00"
-REAL_CONFIG = Path(__file__).parent / "data" / "diffusiongemma-26B-A4B-it.config.json"
-
-
-def one_line(e) -> str:
-    msg = str(e.value if hasattr(e, "value") else e)
-    assert msg and "\n" not in msg, msg
-    return msg
-
-
-def copy_checkpoint(src: Path, dst: Path) -> Path:
-    """The checkpoint's small JSON files copied (to edit), its weights hard-linked where the file
-    system allows (a symlink out of the folder is refused: dgport reads only files inside it)."""
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.suffix == ".json" or f.suffix == ".jinja":
-            shutil.copy2(f, dst / f.name)
-        else:
-            try:
-                os.link(f, dst / f.name)
-            except OSError:
-                shutil.copy2(f, dst / f.name)
-    return dst
-
-
-def edit_json(path: Path, change) -> None:
-    data = json.loads(path.read_text())
-    data = change(data) or data
-    path.write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="module")
@@ -260,93 +231,6 @@ def test_good_export_still_opens(tiny_export, capsys):
     assert export_.config.max_position_embeddings == 8192  # the fixture's text_config
 
 
-# ---------------------------------------------------------------------------------------- config.json
-
-def _tc(key, value):
-    return lambda c: c["text_config"].__setitem__(key, value)
-
-
-CONFIG_EDITS = [
-    (_tc("num_hidden_layers", 0), "text_config.num_hidden_layers: 0 is out of range"),
-    (_tc("num_hidden_layers", "4"), "text_config.num_hidden_layers: '4' is a string"),
-    (_tc("num_hidden_layers", 4.5), "text_config.num_hidden_layers: 4.5 is a number, expected an integer"),
-    (_tc("num_attention_heads", 3), "do not divide 3 heads"),
-    (_tc("num_key_value_heads", 0), "text_config.num_key_value_heads: 0 is out of range"),
-    (_tc("top_k_experts", 5), "top_k_experts: 5 is more than num_experts (4)"),
-    (_tc("num_experts", 0), "text_config.num_experts: 0 is out of range"),
-    (_tc("head_dim", 15), "15 is odd"),
-    (_tc("per_layer_config", {"1": {"head_dim": 0}}), "text_config.per_layer_config.1.head_dim: 0 is out of range"),
-    (_tc("sliding_window", 1), "text_config.sliding_window: 1 is out of range"),
-    (_tc("rms_norm_eps", 0.0), "text_config.rms_norm_eps: 0.0 is out of range"),
-    (_tc("rms_norm_eps", -1e-6), "text_config.rms_norm_eps"),
-    (_tc("vocab_size", 2**40), "text_config.vocab_size: 1099511627776 is out of range"),
-    (_tc("hidden_size", -64), "text_config.hidden_size: -64 is out of range"),
-    (_tc("layer_types", "sliding_attention"), "text_config.layer_types: 'sliding_attention' is a string"),
-    (_tc("layer_types", ["sliding_attention"]), "layer_types has 1 entries for 4 layers"),
-    (_tc("per_layer_config", {"9": {"head_dim": 32}}), "text_config.per_layer_config.9"),
-    (_tc("per_layer_config", [1]), "text_config.per_layer_config"),
-    (_tc("rope_parameters", [1]), "text_config.rope_parameters"),
-    (_tc("max_position_embeddings", 8), "max_position_embeddings: 8 leaves no room"),
-    (_tc("eos_token_id", []), "text_config.eos_token_id: an empty list"),
-    (_tc("bos_token_id", 600), "bos_token_id: 600 is out of range"),
-    (lambda c: c.__setitem__("canvas_length", 10**9), "canvas_length: 1000000000 is out of range (1..65536)"),
-    (lambda c: c.__setitem__("canvas_length", "16"), "canvas_length: '16' is a string"),
-    (lambda c: c.__setitem__("text_config", []), "no 'text_config' section"),
-    (lambda c: [c], "not a JSON object"),
-]
-
-
-@pytest.mark.parametrize("change,message", CONFIG_EDITS, ids=[m for _, m in CONFIG_EDITS])
-def test_bad_config_value_is_one_line(checkpoints, tmp_path, change, message):
-    ckpt = copy_checkpoint(checkpoints["tiny"], tmp_path / "ckpt")
-    edit_json(ckpt / "config.json", change)
-    with pytest.raises(DgportError) as e:
-        read_checkpoint(ckpt)
-    assert message in one_line(e) and "config.json" in str(e.value)
-
-
-GENERATION_EDITS = [
-    ({"t_max": -1.0}, "t_max must be a finite number"),
-    ({"t_min": 2.0, "t_max": 1.0}, "t_min (2.0) must not be above t_max (1.0)"),
-    ({"max_denoising_steps": 10**9}, "max_denoising_steps must be a positive integer up to 10000"),
-    ({"stability_threshold": 10**12}, "stability_threshold must be an integer in [0, 1000]"),
-    ({"eos_token_id": [1, 9999]}, "eos_token_id: 9999 is out of range"),
-    ({"sampler_config": {"entropy_bound": "high"}}, "entropy_bound must be a finite number"),
-    ({"max_new_tokens": "many"}, "max_new_tokens must be a positive integer"),
-]
-
-
-@pytest.mark.parametrize("change,message", GENERATION_EDITS, ids=[m for _, m in GENERATION_EDITS])
-def test_bad_generation_config_is_one_line(checkpoints, tmp_path, change, message):
-    ckpt = copy_checkpoint(checkpoints["tiny"], tmp_path / "ckpt")
-    edit_json(ckpt / "generation_config.json", lambda g: g.update(change))
-    with pytest.raises(CheckpointError) as e:
-        read_checkpoint(ckpt)
-    assert message in one_line(e) and "generation_config.json" in str(e.value)
-
-
-def test_real_config_accepted_unchanged():
-    raw = json.loads(REAL_CONFIG.read_text())
-    cfg = TextConfig.from_hf(raw)
-    assert cfg.max_position_embeddings == 262144 and cfg.canvas_length == 256 and cfg.sliding_window == 1024
-    assert cfg.top_k_experts == 8 and cfg.num_experts == 128 and set(cfg.head_dims) == {256, 512}
-    assert TextConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    from dgport.config import GenerationDefaults
-
-    gen_raw = json.loads(REAL_CONFIG.with_name("diffusiongemma-26B-A4B-it.generation_config.json").read_text())
-    defaults = GenerationDefaults.from_hf(gen_raw, cfg, raw.get("eos_token_id"))
-    assert defaults.eos_token_ids == (1, 106, 50) and defaults.max_denoising_steps == 48
-    assert GenerationDefaults.from_dict(json.loads(json.dumps(defaults.to_dict()))) == defaults
-
-
-def test_default_max_position_embeddings_is_transformers():
-    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
-
-    raw = json.loads(REAL_CONFIG.read_text())
-    del raw["text_config"]["max_position_embeddings"]
-    assert TextConfig.from_hf(raw).max_position_embeddings == DiffusionGemmaTextConfig().max_position_embeddings
-
-
 # -------------------------------------------------------------------------------------------- numbers
 
 BAD_NUMBERS = [
@@ -421,7 +305,7 @@ def short_context(checkpoints, tmp_path_factory):
     """`tiny` with a 64-position context (canvas 16), exported."""
     root = tmp_path_factory.mktemp("short")
     ckpt = copy_checkpoint(checkpoints["tiny"], root / "ckpt")
-    edit_json(ckpt / "config.json", _tc("max_position_embeddings", 64))
+    edit_json(ckpt / "config.json", text_config_edit("max_position_embeddings", 64))
     export(ckpt, root / "export", ExportOptions(validate=False))
     return dgport.load(root / "export", backend="cpu", threads=2)
 

@@ -258,7 +258,7 @@ def test_quantize_3_refused(checkpoints, tmp_path):
 
 def test_manifest_rejects_bad_uint4_size(qexports):
     from dgport import schema as S
-    from dgport.manifest import _onnx_weights
+    from dgport.manifest_schema import _onnx_weights
 
     out, _ = qexports("tiny", 4, validate=False)
     entry = json.loads((out / "dgport.json").read_text())["formats"]["onnx"]

@@ -23,7 +23,7 @@ from dgport.display import terminal_text
 from dgport.errors import DgportError
 from dgport.exporters.export import ExportOptions, export
 from dgport.manifest import MANIFEST, manifest_digest
-from test_hardening_input import copy_checkpoint, edit_json
+from hardening_support import copy_checkpoint, edit_json
 
 CONTROLS = {chr(c) for c in [*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0)]}
 CLI = [sys.executable, "-m", "dgport.cli"]

@@ -22,16 +22,11 @@ from dgport.exporters.checkpoint import read_checkpoint
 from dgport.exporters.export import ExportOptions, export
 from dgport.manifest import MANIFEST, open_export
 from dgport.tokenizer import ChatTokenizer
+from hardening_support import one_line
 
 FAST = ExportOptions(validate=False)
 EMBED = "model.decoder.embed_tokens.weight"
 DOWN = "model.decoder.layers.0.experts.down_proj"
-
-
-def one_line(e) -> str:
-    msg = str(e.value if hasattr(e, "value") else e)
-    assert msg and "\n" not in msg, msg
-    return msg
 
 
 @contextlib.contextmanager
