@@ -99,8 +99,8 @@ def main(argv=None):
     ap.add_argument("--canvas", type=int, help="fixture: canvas length (default 64)")
     ap.add_argument("--compare", default="moe", choices=list(VARIANTS),
                     help="moe: dense vs sparse experts; attention: explicit vs fused (ONNX Attention); grouped: "
-                         "grouped vs sparse experts; grouped-dense: grouped vs dense; unrolled: the unrolled expert loop vs the Loop; images: the encoder with "
-                         "its image input, on text, vs a --text-only export")
+                         "grouped vs sparse experts; grouped-dense: grouped vs dense; unrolled: the unrolled expert "
+                         "loop vs the Loop; images: the encoder with its image input, on text, vs a --text-only export")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     from dgport.exporters.export import ExportOptions, export

@@ -28,6 +28,7 @@ from pathlib import Path
 from dgport import safe_files
 from dgport.errors import CheckpointError, DgportError, ExportError
 from dgport.manifest import MANIFEST, write_manifest
+from dgport.manifest_schema import MOE_FORMS
 from dgport.progress import Progress
 
 from .checkpoint import read_checkpoint
@@ -87,10 +88,10 @@ def check_options(opts: ExportOptions) -> None:
             raise DgportError(f"--quantize with --dtype {opts.dtype}: quantized ONNX exports keep their unquantized "
                               "tensors in fp32 and compute in fp32 (onnxruntime's CPU EP has no bf16 kernels); "
                               "drop --dtype or pass --dtype fp32")
-    if opts.encoder_moe not in ("auto", "sparse", "unrolled", "dense", "grouped"):
-        raise DgportError(f"--encoder-moe {opts.encoder_moe!r}: choose auto, sparse, unrolled, dense or grouped")
-    if opts.denoise_moe not in ("auto", "sparse", "unrolled", "dense", "grouped"):
-        raise DgportError(f"--denoise-moe {opts.denoise_moe!r}: choose auto, sparse, unrolled, dense or grouped")
+    forms = ("auto",) + MOE_FORMS
+    for flag, form in (("--encoder-moe", opts.encoder_moe), ("--denoise-moe", opts.denoise_moe)):
+        if form not in forms:
+            raise DgportError(f"{flag} {form!r}: choose {', '.join(forms[:-1])} or {forms[-1]}")
     stacked = {opts.encoder_moe, opts.denoise_moe} & {"dense", "grouped"}
     if opts.quantize is not None and "onnx" in opts.formats and stacked:
         why = ("a dense stack of dequantized experts was 15x slower per step" if "dense" in stacked else

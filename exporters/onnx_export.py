@@ -23,11 +23,8 @@ from .onnx_quant import QuantSpec
 ENCODER, DENOISE = "encoder.onnx", "denoise_step.onnx"
 VISION = "vision.onnx"  # checkpoints with a vision tower: patches -> soft tokens (exporters/onnx_vision.py)
 STEP = "step.onnx"  # quantized exports: encoder and denoiser in one graph (onnx_steps.build_step)
-CPU_ENCODER, CPU_DENOISE = "encoder.fp32compute.onnx", "denoise_step.fp32compute.onnx"
-SPARSE_DENOISE = "denoise_step.sparse.onnx"
-CPU_ENCODER_BY_FORM = {form: f"encoder.{form}.onnx" for form in ("sparse", "unrolled", "dense", "grouped")}
-CPU_DENOISE_BY_FORM = {"sparse": SPARSE_DENOISE, "dense": DENOISE, "grouped": "denoise_step.grouped.onnx",
-                       "unrolled": "denoise_step.unrolled.onnx"}
+# the CPU's twin of a graph: bf16 exports' fp32-compute graphs, or KEY.FORM.onnx where its expert form differs
+CPU_FP32COMPUTE = {"encoder": "encoder.fp32compute.onnx", "denoise_step": "denoise_step.fp32compute.onnx"}
 
 
 def _save(b, path: Path) -> None:
@@ -141,22 +138,23 @@ def export(ckpt, out_dir, opts, progress: Progress | None = None) -> dict:
     return entry
 
 
-def _form(form: str) -> dict:
-    """The graph builders' keywords for an expert form ("sparse", "unrolled", "dense" or "grouped")."""
-    return {"sparse_moe": form == "sparse", "grouped_moe": form == "grouped", "unrolled_moe": form == "unrolled"}
-
-
 def _two_graphs(cfg, store, md, opts, forms, fused, what, write, progress, vision=None,
                 vision_graph=lambda: None) -> tuple[dict, dict, int]:
     """Unquantized exports: the encoder and denoise_step graphs GPUs run and the CPU's set."""
+
+    def builders(store, emulate, progress=None):  # graph -> its builder, given an expert form
+        return {"encoder": lambda moe: build_encoder(cfg, store, md, emulate=emulate, progress=progress, moe=moe,
+                                                     fused_attention=fused, vision=vision),
+                "denoise_step": lambda moe: build_denoise(cfg, store, md, opts.with_logits, emulate=emulate,
+                                                          progress=progress, moe=moe, fused_attention=fused)}
+
+    native = builders(store, False, progress)
     built = {}
     try:
         with progress.step(f"onnx: encoder graph + {what} weights"):
-            built["encoder"] = build_encoder(cfg, store, md, progress=progress, **_form(forms["cuda"]["encoder"]),
-                                             fused_attention=fused, vision=vision)
+            built["encoder"] = native["encoder"](forms["cuda"]["encoder"])
         with progress.step("onnx: denoise_step graph"):
-            built["denoise_step"] = build_denoise(cfg, store, md, opts.with_logits, progress=progress,
-                                                  **_form(forms["cuda"]["denoise_step"]), fused_attention=fused)
+            built["denoise_step"] = native["denoise_step"](forms["cuda"]["denoise_step"])
         vision_graph()
     finally:
         store.close()
@@ -165,27 +163,11 @@ def _two_graphs(cfg, store, md, opts, forms, fused, what, write, progress, visio
                   for key, b, fname in (("encoder", built["encoder"], ENCODER),
                                         ("denoise_step", built["denoise_step"], DENOISE))}
         cpu_graphs = dict(graphs)
-        store_ro = _ReadOnlyStore(store)
-        if opts.dtype == "bf16":  # the CPU EP has no bf16 kernels: fp32-compute twins on the same bf16 weights
-            cpu_graphs["encoder"] = write(build_encoder(cfg, store_ro, md, emulate=True,
-                                                        **_form(forms["cpu"]["encoder"]), fused_attention=fused,
-                                                        vision=vision),
-                                          CPU_ENCODER, forms["cpu"]["encoder"])
-            cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits, emulate=True,
-                                                             **_form(forms["cpu"]["denoise_step"]),
-                                                             fused_attention=fused),
-                                               CPU_DENOISE, forms["cpu"]["denoise_step"])
-        else:  # a CPU twin of each graph whose expert form differs from the GPUs'
-            if forms["cpu"]["encoder"] != forms["cuda"]["encoder"]:
-                cpu_graphs["encoder"] = write(build_encoder(cfg, store_ro, md, **_form(forms["cpu"]["encoder"]),
-                                                            fused_attention=fused, vision=vision),
-                                              CPU_ENCODER_BY_FORM[forms["cpu"]["encoder"]], forms["cpu"]["encoder"])
-            if forms["cpu"]["denoise_step"] != forms["cuda"]["denoise_step"]:
-                cpu_graphs["denoise_step"] = write(build_denoise(cfg, store_ro, md, opts.with_logits,
-                                                                 **_form(forms["cpu"]["denoise_step"]),
-                                                                 fused_attention=fused),
-                                                   CPU_DENOISE_BY_FORM[forms["cpu"]["denoise_step"]],
-                                                   forms["cpu"]["denoise_step"])
+        emulate = opts.dtype == "bf16"  # the CPU EP has no bf16 kernels: fp32-compute twins on the same bf16 weights
+        for key, build in builders(_ReadOnlyStore(store), emulate).items():
+            form = forms["cpu"][key]
+            if emulate or form != forms["cuda"][key]:  # else the CPU runs the GPUs' graph
+                cpu_graphs[key] = write(build(form), CPU_FP32COMPUTE[key] if emulate else f"{key}.{form}.onnx", form)
     return graphs, cpu_graphs, built["encoder"].opset
 
 

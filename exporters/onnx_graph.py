@@ -30,6 +30,7 @@ import numpy as np
 from onnx import helper
 
 from dgport.config import TextConfig
+from dgport.manifest_schema import MOE_FORMS
 from .checkpoint import DEC
 from .onnx_builder import FLOAT, FUSED_ATTENTION_OPSET, INT64, Builder
 from .onnx_quant import QuantSpec
@@ -56,11 +57,11 @@ class Model:
     """The DiffusionGemma text stack on a Builder. `mode` is 'encoder', 'decoder' or 'joint' (both,
     selected by the bool tensor `self.denoise`: build_step)."""
 
-    def __init__(self, b: Builder, cfg: TextConfig, mode: str, sparse_moe: bool = False, fused_attention: bool = False,
-                 quant: "QuantSpec | None" = None, grouped_moe: bool = False, unrolled_moe: bool = False):
-        self.b, self.cfg, self.mode, self.sparse_moe = b, cfg, mode, sparse_moe
-        self.grouped_moe = grouped_moe  # exporters/onnx_grouped.py; takes precedence over sparse_moe
-        self.unrolled_moe = unrolled_moe  # the sparse loop unrolled, each expert's weights in place
+    def __init__(self, b: Builder, cfg: TextConfig, mode: str, moe: str = "dense", fused_attention: bool = False,
+                 quant: "QuantSpec | None" = None):
+        if moe not in MOE_FORMS:
+            raise ValueError(f"expert form {moe!r}: one of {MOE_FORMS}")
+        self.b, self.cfg, self.mode, self.moe = b, cfg, mode, moe  # quantized exports always unroll (quant)
         self.fused_attention = fused_attention
         self.quant = quant
         self.denoise = None  # joint mode: the bool scalar input choosing the denoiser
@@ -256,21 +257,22 @@ class Model:
             moe = self.unrolled_experts(
                 y2, topi, topw, lambda e: q.expert(b, f"layers.{i}.experts.gate_up", p + "experts.gate_up_proj", e),
                 lambda e: q.expert(b, f"layers.{i}.experts.down", p + "experts.down_proj", e))
-        elif self.unrolled_moe:  # each expert its own initializer over the stacked tensor's bytes
+        elif self.moe == "unrolled":  # each expert its own initializer over the stacked tensor's bytes
             moe = self.unrolled_experts(y2, topi, topw,
                                         lambda e: b.expert_weight(f"layers.{i}.experts.gate_up", stacked["gate_up"], e),
                                         lambda e: b.expert_weight(f"layers.{i}.experts.down", stacked["down"], e))
         else:  # the sparse loop gathers one expert's weights, then casts them (emulate mode)
-            cast = not self.sparse_moe or self.grouped_moe
+            cast = self.moe != "sparse"
             wgu = b.weight(f"layers.{i}.experts.gate_up", stacked["gate_up"], cast=cast)
             wd = b.weight(f"layers.{i}.experts.down", stacked["down"], cast=cast)
-            if self.grouped_moe:
+            if self.moe == "grouped":
                 from .onnx_grouped import grouped_experts
 
                 moe = grouped_experts(self, y2, topi, topw, wgu, wd)
+            elif self.moe == "sparse":
+                moe = self.sparse_experts(y2, topi, topw, wgu, wd)
             else:
-                moe = self.sparse_experts(y2, topi, topw, wgu, wd) if self.sparse_moe else \
-                    self.dense_experts(y2, probs, topi, topw, wgu, wd)
+                moe = self.dense_experts(y2, probs, topi, topw, wgu, wd)
         moe = b.op("Reshape", moe, b.op("Shape", r))
         h2 = self.rms(moe, self.vec32(p + "post_feedforward_layernorm_2.weight"))
         ff = self.rms(b.op("Add", h1, h2), self.vec32(p + "post_feedforward_layernorm.weight"))

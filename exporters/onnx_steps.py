@@ -162,12 +162,11 @@ def _images(b: Builder, cfg: TextConfig, vision, ids: str):
 
 
 def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = False, progress=None,
-                  sparse_moe: bool = True, fused_attention: bool = False, vision=None, grouped_moe: bool = False,
-                  unrolled_moe: bool = False):
+                  moe: str = "sparse", fused_attention: bool = False, vision=None):
     """`vision` (a VisionInfo): the graph also takes image soft tokens (exporters/onnx_images.py).
-    `grouped_moe`: experts in the grouped form (exporters/onnx_grouped.py) instead of sparse/dense."""
+    `moe`: the experts' form (onnx_graph.MOE_FORMS)."""
     b = Builder("dgport_encoder", store, md, emulate)
-    m = Model(b, cfg, "encoder", sparse_moe, fused_attention, grouped_moe=grouped_moe, unrolled_moe=unrolled_moe)
+    m = Model(b, cfg, "encoder", moe, fused_attention)
     ids = b.input("input_ids", INT64, ["batch", "seq"])
     pos = b.input("position_ids", INT64, ["batch", "seq"])
     pasts = cache_inputs(b, cfg, md)
@@ -188,10 +187,9 @@ def build_encoder(cfg: TextConfig, store: WeightStore, md: int, emulate: bool = 
 
 
 def build_denoise(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, emulate: bool = False,
-                  progress=None, sparse_moe: bool = False, fused_attention: bool = False, grouped_moe: bool = False,
-                  unrolled_moe: bool = False):
+                  progress=None, moe: str = "dense", fused_attention: bool = False):
     b = Builder("dgport_denoise_step", store, md, emulate)
-    m = Model(b, cfg, "decoder", sparse_moe, fused_attention, grouped_moe=grouped_moe, unrolled_moe=unrolled_moe)
+    m = Model(b, cfg, "decoder", moe, fused_attention)
     ids, pos, sc, temp, unif = _step_inputs(b, cfg, md, "canvas_ids", "canvas")
     pasts = cache_inputs(b, cfg, md)
     constraint = constraint_inputs(b, cfg.vocab_size, ids)
@@ -220,7 +218,7 @@ def build_step(cfg: TextConfig, store: WeightStore, md: int, with_logits: bool, 
     embedding (self-conditioning), the causal mask, the layer scalars, and whether the head runs
     (on zero rows when encoding)."""
     b = Builder("dgport_step", store, md)
-    m = Model(b, cfg, "joint", True, fused_attention, quant)
+    m = Model(b, cfg, "joint", "unrolled", fused_attention, quant)
     ids, pos, sc, temp, unif = _step_inputs(b, cfg, md, "input_ids", "seq")
     den = b.input("denoise", BOOL, [])
     m.denoise = den

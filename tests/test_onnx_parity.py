@@ -91,9 +91,9 @@ def test_graphs_share_one_weights_file_and_use_standard_ops(onnx_exports):
     assert entry["vision_graph"]["file"] == "vision.onnx"
     # the CPU runs the unrolled experts (each expert's weights a view of the stacked tensor), GPUs the
     # sparse encoder and the dense step; all read the same bytes of one weights file
+    tensors = entry["weights"]["tensors"]
     for key, gpu in (("encoder", "encoder.onnx"), ("denoise_step", "denoise_step.onnx")):
         assert (entry["cpu_graphs"][key]["file"], entry["graphs"][key]["file"]) == (f"{key}.unrolled.onnx", gpu)
-        tensors = entry["weights"]["tensors"]
         cpu = {tensors[w].get("view_of", w) for w in entry["cpu_graphs"][key]["weights"]}
         assert cpu == set(entry["graphs"][key]["weights"])
     locations = set()

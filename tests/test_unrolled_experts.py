@@ -65,7 +65,7 @@ def test_expert_weights_are_views_of_one_stored_tensor(exports):
         assert t["offset"] == parent["offset"] + e * t["nbytes"]
 
 
-def test_default_cpu_graphs_unroll_the_experts(checkpoints, onnx_exports):
+def test_default_cpu_graphs_unroll_the_experts(onnx_exports):
     """Unquantized exports: the CPU runs the unrolled form in both graphs; GPUs keep theirs."""
     entry = dgport.manifest.open_export(onnx_exports[("tiny", "fp32")], "cpu").format("onnx")
     assert entry["moe"] == {"cpu": {"encoder": "unrolled", "denoise_step": "unrolled"},
