@@ -10,7 +10,7 @@ take turns over --rounds rounds so the machine's other load falls on each alike.
 thread count: ms per denoising step (all calls' time over all their steps, so encodes are included) and
 seconds per answer (medians over rounds), the ratio to native at the same thread count, and whether every
 engine wrote the same tokens. Prints the CPU's VNNI/BF16 flags. Needs web/node_modules and Chromium
-(web/install-test-tools.sh)."""
+(tests/install-tools.sh)."""
 from __future__ import annotations
 
 import argparse

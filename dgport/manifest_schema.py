@@ -168,6 +168,8 @@ def _onnx_entry(entry, path, artifacts, config: TextConfig) -> list[str]:
             S.obj(forms, f"{path}.moe.{dev}", extra=True)
             for g, form in forms.items():
                 S.string(form, f"{path}.moe.{dev}.{g}", choices=MOE_FORMS)
+    if entry.get("quantization") is not None:  # null: not quantized
+        _quantization(entry["quantization"], f"{path}.quantization")
     _onnx_weights(entry["weights"], f"{path}.weights", artifacts)
     named = [entry["weights"]["file"]]
     if "vision_graph" in entry:
@@ -193,15 +195,28 @@ def _mlx_entry(entry, path, artifacts, config: TextConfig) -> list[str]:
     S.obj(entry, path, required=("files", "layout", "dtype"), optional=("quantization",), extra=True)
     S.string(entry["layout"], f"{path}.layout", max_len=64)
     S.string(entry["dtype"], f"{path}.dtype", choices=DTYPES)
-    q = entry.get("quantization")
-    if q is not None:
-        p = f"{path}.quantization"
-        S.obj(q, p, required=("bits", "group_size"), extra=True)
-        S.integer(q["bits"], f"{p}.bits", 4, 8)
-        if q["bits"] not in (4, 8):
-            raise S.SchemaError(f"{p}.bits", f"{q['bits']} is not 4 or 8")
-        S.integer(q["group_size"], f"{p}.group_size", 32, 128)
+    if entry.get("quantization") is not None:  # null: not quantized
+        _quantization(entry["quantization"], f"{path}.quantization")
     return []
+
+
+def _bits(value, path: str) -> None:
+    S.integer(value, path, 4, 8)
+    if value not in (4, 8):
+        raise S.SchemaError(path, f"{value} is not 4 or 8")
+
+
+def _quantization(q, p: str) -> None:
+    """A quantized format's record: its bits, group size and (ONNX) each role's bits, which the ONNX
+    backend reads to check the CPU's int8 products (runtimes/int8_check.py)."""
+    S.obj(q, p, required=("bits", "group_size"), extra=True)
+    _bits(q["bits"], f"{p}.bits")
+    S.integer(q["group_size"], f"{p}.group_size", 32, 128)
+    if "roles" in q:
+        S.obj(q["roles"], f"{p}.roles", extra=True)
+        for role, r in q["roles"].items():
+            S.obj(r, f"{p}.roles.{role}", required=("bits",), extra=True)
+            _bits(r["bits"], f"{p}.roles.{role}.bits")
 
 
 FORMAT_ENTRIES = {"onnx": _onnx_entry, "mlx": _mlx_entry}

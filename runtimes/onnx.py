@@ -32,6 +32,7 @@ from dgport.backend import StepOutput, image_embeds_input, no_vision_error
 from dgport.config import TextConfig
 from dgport.errors import BackendUnavailable, DgportError, ExportError
 
+from .int8_check import int8_level
 from .onnx_rows import RowsMixin
 
 BF16 = 16  # onnx.TensorProto.BFLOAT16 (onnx itself is not a runtime dependency)
@@ -121,7 +122,6 @@ class OnnxBackend(RowsMixin):
                 raise ExportError(f"{export.path}: graph {g['file']} takes its weights as inputs, which this "
                                   "dgport no longer binds; export again with this dgport")
         self._quiet = device == "cpu" and self.dtype == "bf16" and graph_set == "cpu_graphs"
-        self.quantization = entry.get("quantization")
         if accuracy_level is None:
             text = os.environ.get("DGPORT_ORT_ACCURACY_LEVEL", "4")
             if text not in ("0", "1", "2", "3", "4"):
@@ -130,6 +130,9 @@ class OnnxBackend(RowsMixin):
             accuracy_level = int(text)
         if accuracy_level not in (0, 1, 2, 3, 4):
             raise DgportError(f"accuracy_level {accuracy_level}: choose 0 (fp32), 1, 2, 3 or 4 (int8 activations)")
+        self.quantization = entry.get("quantization")
+        if self.quantization is not None and device == "cpu" and accuracy_level == 4:
+            accuracy_level = int8_level(self.quantization)  # 0 where int8 sums are not exact here
         self.accuracy_level = accuracy_level
         self._profile_prefix = profile_prefix
         if self.quantization is not None and device == "cpu":

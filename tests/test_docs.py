@@ -81,7 +81,7 @@ def _environment(home: Path) -> dict:
     env.update(HOME=str(home), HF_HUB_OFFLINE="1", HF_HOME=str(home / "hf"), PYTHONUNBUFFERED="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", COLUMNS="100")
     env.pop("DGPORT_DEBUG", None)
-    # npm keeps the machine's package cache (web/install-test-tools.sh filled it): no download per page
+    # npm keeps the machine's package cache (tests/install-tools.sh filled it): no download per page
     env.setdefault("npm_config_cache", str(Path.home() / ".npm"))
     return env
 

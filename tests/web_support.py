@@ -1,6 +1,6 @@
 """Running the JavaScript step loop (web/) from tests: Node.js scripts and headless Chromium.
 
-The tools come from the README's test command (web/install-test-tools.sh): Node.js with web/node_modules
+The tools come from the README's test command (tests/install-tools.sh): Node.js with web/node_modules
 (`npm ci`) and Debian's chromium. A missing tool fails the test with the command to run; it is never
 skipped, so CI cannot pass without running them."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 WEB = Path(__file__).resolve().parent.parent / "web"
 CHROME = os.environ.get("CHROME", "/usr/bin/chromium")
-FIX = "run `bash web/install-test-tools.sh` (the README's test command does)"
+FIX = "run `bash tests/install-tools.sh` (the README's test command does)"
 
 
 def need_node() -> str:
