@@ -315,6 +315,9 @@ def main(argv=None):
                          "noised canvas, its entropy-bound accepted samples at temperature T kept and the rest "
                          "renoised uniformly, its logits / T as self-conditioning")
     ap.add_argument("--entropy-bound", default="1,6", help="LO,HI: accept bound ~ U(LO, HI) for --sampler-noise")
+    ap.add_argument("--template-prob", type=float, default=0.0,
+                    help="probability per canvas that its givens are clean in it, as the answer template keeps "
+                         "them at inference (the sampler's budget is then spent on the blanks only)")
     ap.add_argument("--sc-prob", type=float, default=0.5,
                     help="probability per step of the plain self-conditioning pass (when not --sampler-noise)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (weights fp32)")
@@ -426,6 +429,9 @@ def main(argv=None):
         tlev = torch.rand(n, 1) * (1 - 1e-3) + 1e-3
         noise = torch.randint(0, V, (n, C))
         canvas = torch.where(torch.rand(n, C) < tlev, noise, tgt)
+        fixed = torch.zeros(n, C, dtype=torch.bool)  # the template's positions: its givens, where drawn
+        fixed[:, :81] = given.repeat_interleave(R, dim=0) & (torch.rand(n, 1) < args.template_prob)
+        canvas = torch.where(fixed, tgt, canvas)
         dec_pos = torch.arange(prompt_len, prompt_len + C)[None].expand(n, -1)
         sc = None
         u = coin.random()
@@ -441,12 +447,12 @@ def main(argv=None):
             sc = first / temp
             probs = sc.softmax(-1)
             sampled = torch.multinomial(probs.view(-1, V), 1).view(n, C)
-            ent = -(probs * torch.log_softmax(sc, -1)).sum(-1)
+            ent = (-(probs * torch.log_softmax(sc, -1)).sum(-1)).masked_fill(fixed, 0.0)  # fixed: no budget
             sorted_e, order = ent.sort(dim=-1, stable=True)
             before_e = sorted_e.cumsum(-1) - sorted_e
             bound = torch.rand(n, 1) * (bound_hi - bound_lo) + bound_lo
             accepted = torch.zeros(n, C, dtype=torch.bool).scatter(1, order, before_e <= bound)
-            canvas = torch.where(accepted, sampled, torch.randint(0, V, (n, C)))
+            canvas = torch.where(fixed, tgt, torch.where(accepted, sampled, torch.randint(0, V, (n, C))))
             mode = f"sampler(acc {accepted[:, :81].float().mean().item():.2f})"
         elif u < args.sampler_noise + (1 - args.sampler_noise) * args.sc_prob:
             with torch.no_grad(), autocast:
