@@ -412,6 +412,25 @@ def test_bench_quant_rebuilds_exports_older_than_the_exporter(tmp_path):
     assert needs_export(tmp_path)
 
 
+def test_bench_quant_sudoku_reports_each_band_and_the_activations_share(tmp_path, capsys):
+    """`bench_quant --sudoku`: one table per givens band; level 4's agreement with its level-0 twin (the
+    int8 activations' error apart from the weights') beside the agreement with fp32."""
+    from bench import bench_quant
+
+    out = tmp_path / "r.json"
+    bench_quant.main(["--sudoku", "--puzzles", "2", "--threads", "1", "--givens", "50,60;44,45", "--template",
+                      "--workdir", str(tmp_path), "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert list(r) == ["50-60", "44-45"]
+    for band in r.values():
+        assert band["fp32"]["token_agreement"] == 1.0 and band["fp32"]["agreement_with_level_0"] is None
+        assert 0.5 < band["int8 acc4"]["agreement_with_level_0"] <= 1.0 and band["int8"]["agreement_with_level_0"] is None
+    text = capsys.readouterr().out
+    assert text.count("| export | solve rate |") == 2 and "44-45 givens, CPU EP, answer template" in text
+    with pytest.raises(SystemExit):
+        bench_quant.main(["--sudoku", "--givens", "50;60"])
+
+
 def test_gemm_ceiling_counts_the_steps_products_and_runs_them_fused():
     """bench/gemm_ceiling.py bounds the int4 step against transformers from the products alone: its
     list must be the step's (bench_quant's FLOP count, less attention scores, the head and the
