@@ -315,9 +315,8 @@ def main(argv=None):
                          "noised canvas, its entropy-bound accepted samples at temperature T kept and the rest "
                          "renoised uniformly, its logits / T as self-conditioning")
     ap.add_argument("--entropy-bound", default="1,6", help="LO,HI: accept bound ~ U(LO, HI) for --sampler-noise")
-    ap.add_argument("--template-prob", type=float, default=0.0,
-                    help="probability per canvas that its givens are clean in it, as the answer template keeps "
-                         "them at inference (the sampler's budget is then spent on the blanks only)")
+    ap.add_argument("--template-prob", type=float, default=0.0, help="probability per canvas that its givens "
+                    "are clean in it, as the answer template keeps them (the sampler's budget: blanks only)")
     ap.add_argument("--sc-prob", type=float, default=0.5,
                     help="probability per step of the plain self-conditioning pass (when not --sampler-noise)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes (weights fp32)")
