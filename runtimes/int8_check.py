@@ -52,41 +52,53 @@ def int8_reference(q, zp, scale, a, group: int) -> np.ndarray:
     return a8 @ w
 
 
-def product_model(bits: int, group: int, q, zp, scale) -> bytes:
-    """The export's pattern for one weight [K, N]: bf16 scales cast to fp32, a blocked DequantizeLinear
-    of uint4/uint8 integers, a MatMul."""
+def check_model(bits: int, group: int) -> bytes:
+    """The worst case as one self-checking graph, with no inputs to feed: the export's pattern for one
+    weight [K, N] (bf16 scales cast to fp32, a blocked DequantizeLinear of uint4/uint8 integers, a MatMul)
+    applied to the worst-case activations, and its output `relative_error`, the largest difference from
+    the exact int8 answer relative to the largest output (a scalar). The activations are an overridable
+    initializer (a graph input with a default), so onnxruntime cannot fold the product at load and runs
+    the fused kernel. The same bytes serve Python (`worst_case_error`) and the JavaScript loop
+    (web/int8_check/, written by `python -m dgport.runtimes.int8_check web/int8_check`)."""
     from onnx import TensorProto, helper
 
+    q, zp, scale, a = worst_case(bits, group)
+    exact = int8_reference(q, zp, scale, a, group).astype(np.float32)
     ints = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
     K = q.shape[0]
     nodes = [helper.make_node("Cast", ["scale"], ["scale32"], to=TensorProto.FLOAT),
              helper.make_node("DequantizeLinear", ["q", "scale32", "zp"], ["w"], axis=0, block_size=group),
-             helper.make_node("MatMul", ["a", "w"], ["y"])]
+             helper.make_node("MatMul", ["a", "w"], ["y"]),
+             helper.make_node("Sub", ["y", "exact"], ["diff"]),
+             helper.make_node("Abs", ["diff"], ["diff_abs"]),
+             helper.make_node("ReduceMax", ["diff_abs"], ["worst"], keepdims=0),
+             helper.make_node("Abs", ["exact"], ["exact_abs"]),
+             helper.make_node("ReduceMax", ["exact_abs"], ["size"], keepdims=0),
+             helper.make_node("Div", ["worst", "size"], ["relative_error"])]
     graph = helper.make_graph(
-        nodes, "worst_case_product", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["rows", K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", N])],
-        [helper.make_tensor("q", ints, q.shape, q.ravel().tolist()),
+        nodes, "int8_worst_case", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [ROWS, K])],
+        [helper.make_tensor_value_info("relative_error", TensorProto.FLOAT, [])],
+        [helper.make_tensor("a", TensorProto.FLOAT, a.shape, a.ravel().tolist()),
+         helper.make_tensor("exact", TensorProto.FLOAT, exact.shape, exact.ravel().tolist()),
+         helper.make_tensor("q", ints, q.shape, q.ravel().tolist()),
          helper.make_tensor("scale", TensorProto.BFLOAT16, scale.shape, scale.ravel().tolist()),
          helper.make_tensor("zp", ints, zp.shape, zp.ravel().tolist())])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], producer_name="dgport int8_check")
     model.ir_version = 10
     return model.SerializeToString()
 
 
 def worst_case_error(ort, bits: int, group: int, optimized_path: str | None = None) -> float:
-    """onnxruntime's answer to the worst case at accuracy level 4, as the largest difference from the
-    exact int8 answer relative to the largest output. `optimized_path`: also write the fused graph there."""
-    q, zp, scale, a = worst_case(bits, group)
+    """onnxruntime's relative error on the worst case at accuracy level 4 (check_model's output; exact
+    int8 sums give ~1e-7). `optimized_path`: also write the fused graph there."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "4")
     if optimized_path:
         so.optimized_model_filepath = optimized_path
-    sess = ort.InferenceSession(product_model(bits, group, q, zp, scale), so, providers=["CPUExecutionProvider"])
-    y = sess.run(None, {"a": a})[0].astype(np.float64)
-    exact = int8_reference(q, zp, scale, a, group)
-    return float(np.abs(y - exact).max() / np.abs(exact).max())
+    sess = ort.InferenceSession(check_model(bits, group), so, providers=["CPUExecutionProvider"])
+    return float(sess.run(None, {})[0])
 
 
 @functools.cache
@@ -108,3 +120,20 @@ def int8_level(quantization: dict) -> int:
                   "dgport/runtimes/int8_check.py); computing with fp32 activations (accuracy level 0), ~2x slower",
                   RuntimeWarning, stacklevel=3)
     return 0
+
+
+CHECKS = [(bits, group) for bits in (4, 8) for group in (32, 64, 128)]  # the export's bit widths and group sizes
+
+
+def check_file(bits: int, group: int) -> str:
+    return f"q{bits}_g{group}.onnx"
+
+
+if __name__ == "__main__":  # writes the JavaScript loop's copies: python -m dgport.runtimes.int8_check web/int8_check
+    import sys
+    from pathlib import Path
+
+    folder = Path(sys.argv[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    for bits, group in CHECKS:
+        (folder / check_file(bits, group)).write_bytes(check_model(bits, group))

@@ -165,3 +165,42 @@ def test_vendored_page_files_are_the_locked_packages():
         if name.endswith(".gz"):
             data = gzip.decompress(data)
         assert data == (WEB / "node_modules" / src).read_bytes(), name
+
+
+def test_int8_check_graphs_are_the_python_ones():
+    """web/int8_check/ holds exactly what runtimes/int8_check.py writes (`python -m dgport.runtimes.int8_check
+    web/int8_check`): the JavaScript loop checks the CPU's int8 products on the same worst cases."""
+    from dgport.runtimes.int8_check import CHECKS, check_file, check_model
+    from web_support import WEB
+
+    assert sorted(p.name for p in (WEB / "int8_check").iterdir()) == sorted(check_file(*c) for c in CHECKS)
+    for bits, group in CHECKS:
+        assert (WEB / "int8_check" / check_file(bits, group)).read_bytes() == check_model(bits, group), (bits, group)
+
+
+def test_node_checks_the_cpus_int8_products_before_using_them(web_exports, tmp_path):
+    """onnxruntime-node on this CPU passes the check (level 4, int8 activations, as the token-identity test
+    above runs); where the check fails (a tolerance no answer meets) it falls back to level 0 with a
+    warning; a hand-made group size the checks do not cover is refused."""
+    import subprocess
+
+    from dgport.manifest import MANIFEST, manifest_digest
+    from hardening_support import edit_json
+    from web_support import WEB, need_node
+
+    q4 = web_exports("tiny", "fp32", 4)
+    assert node_lines("int8-check.mjs", q4) == [{"level": 4}]
+    proc = subprocess.run([need_node(), str(WEB / "scripts" / "int8-check.mjs"), str(q4), "-1"], cwd=WEB,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"level": 0}
+    assert "does not sum 4-bit int8 products exactly" in proc.stderr and "accuracy level 0" in proc.stderr
+    odd = tmp_path / "odd"
+    shutil.copytree(q4, odd)
+
+    def change(m):
+        m["formats"]["onnx"]["quantization"]["group_size"] = 48
+        m["manifest_sha256"] = manifest_digest(m)
+    edit_json(odd / MANIFEST, change)
+    proc = subprocess.run([need_node(), str(WEB / "scripts" / "int8-check.mjs"), str(odd)], cwd=WEB,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "formats.onnx.quantization.group_size" in proc.stderr

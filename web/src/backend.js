@@ -91,12 +91,13 @@ export class OrtBackend {
 
 /** Session options as dgport's Python backend sets them (so outputs match it bit for bit where the
  * kernels are the same): `threads` intra-op threads, one inter-op thread, prepacking off for
- * unquantized exports (on, with int8 activations, for quantized ones). */
-export function sessionOptions(manifest, { threads = 0, executionProviders = ["cpu"] } = {}) {
+ * unquantized exports (on for quantized ones, at MatMulNBits accuracy level `accuracyLevel`: 4 = int8
+ * activations, 0 = fp32; node.js picks it with src/int8_check.js). */
+export function sessionOptions(manifest, { threads = 0, executionProviders = ["cpu"], accuracyLevel = 4 } = {}) {
   const options = { executionProviders, interOpNumThreads: 1, graphOptimizationLevel: "all" };
   if (threads) options.intraOpNumThreads = threads;
   options.extra = manifest.quantization === null
     ? { session: { disable_prepacking: "1" } }
-    : { session: { qdq_matmulnbits_accuracy_level: "4" } };
+    : { session: { qdq_matmulnbits_accuracy_level: String(accuracyLevel) } };
   return options;
 }

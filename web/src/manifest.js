@@ -78,8 +78,16 @@ export function readManifest(bytes) {
     const a = artifacts[f];
     need(a && isInt(a.size, 0, Number.MAX_SAFE_INTEGER) && /^[0-9a-f]{64}$/.test(a.sha256), `artifacts.${f}`, "lacks a size and sha256");
   }
+  const q = onnx.quantization ?? null;
+  if (q !== null) { // src/int8_check.js reads the bit widths and the group size (dgport writes groups of 32, 64, 128)
+    need(typeof q === "object" && [4, 8].includes(q.bits), "formats.onnx.quantization.bits", "is not 4 or 8");
+    need([32, 64, 128].includes(q.group_size), "formats.onnx.quantization.group_size", "is not 32, 64 or 128");
+    for (const [role, r] of Object.entries(q.roles ?? {})) {
+      need(r && [4, 8].includes(r.bits), `formats.onnx.quantization.roles.${role}.bits`, "is not 4 or 8");
+    }
+  }
   return { config: c, generation, dtype: onnx.dtype, joint, graphs: Object.fromEntries(names.map((n) => [n, graphs[n]])),
-           weights, artifacts, files, quantization: onnx.quantization ?? null };
+           weights, artifacts, files, quantization: q };
 }
 
 const hex = (buf) => Array.from(new Uint8Array(buf), (b) => b.toString(16).padStart(2, "0")).join("");

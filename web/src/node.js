@@ -5,6 +5,7 @@ import { join } from "node:path";
 
 import { OrtBackend, sessionOptions } from "./backend.js";
 import { Generator } from "./generator.js";
+import { int8Level } from "./int8_check.js";
 import { readManifest, verifyFile } from "./manifest.js";
 import { ChatTokenizer } from "./tokenizer.js";
 
@@ -14,10 +15,12 @@ export async function loadExport(dir, ort, { threads = 0 } = {}) {
   const manifest = readManifest(readFileSync(join(dir, "dgport.json")));
   const read = async (name) => verifyFile(manifest, name, new Uint8Array(readFileSync(join(dir, name))));
   await read(manifest.weights);
+  // quantized exports: int8 activations only where this CPU sums them exactly (as dgport's Python backend)
+  const accuracyLevel = manifest.quantization === null ? 4 : await int8Level(ort, manifest.quantization);
   const sessions = {};
   for (const [key, g] of Object.entries(manifest.graphs)) {
     await read(g.file);
-    sessions[key] = await ort.InferenceSession.create(join(dir, g.file), sessionOptions(manifest, { threads }));
+    sessions[key] = await ort.InferenceSession.create(join(dir, g.file), sessionOptions(manifest, { threads, accuracyLevel }));
   }
   const json = async (name) => JSON.parse(new TextDecoder().decode(await read(name)));
   const tokenizer = new ChatTokenizer(await json("tokenizer.json"), await json("tokenizer_config.json"));
