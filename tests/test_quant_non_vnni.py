@@ -5,7 +5,7 @@ u8 x s8 products summed in pairs into saturating 16-bit lanes (vpmaddubsw, the i
 CPUs without VNNI) overflow when both factors reach the ends of their ranges. runtimes/int8_check.py
 runs that worst case through the export's own node pattern before a quantized export computes with
 int8 activations, and the backend falls back to fp32 activations where the answer is not exact. Here:
-the worst case is one (saturated pairs would be 40 % off; the export's quantizer gives such integers),
+the worst case is one (saturated pairs would be 37-49 % off; the export's quantizer gives such integers),
 onnxruntime is exact on it natively and under `qemu-x86_64 -cpu Haswell` (AVX2 without AVX-512 or VNNI:
 MLAS picks its non-VNNI kernels from CPUID), and the backend takes the fallback when the check fails.
 qemu-user comes from the README's test command (tests/install-tools.sh)."""
