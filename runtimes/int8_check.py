@@ -41,13 +41,19 @@ def worst_case(bits: int, group: int):
     return q, zp, scale, a
 
 
-def int8_reference(q, zp, scale, a, group: int) -> np.ndarray:
-    """The exact answer of int8 activations: each block of `group` along K rounded to amax / 127 steps
-    (MLAS's QuantizeARow), times the dequantized weights, summed in float64."""
+def int8_activations(a, group: int):
+    """Activations [rows, K] as MLAS's QuantizeARow rounds them: each block of `group` along K to
+    amax / 127 steps. Returns the integers [rows, K] and each block's step [rows, K/group, 1] (float64)."""
     blocks = a.reshape(len(a), -1, group).astype(np.float64)
     step = np.abs(blocks).max(-1, keepdims=True) / 127
     step[step == 0] = 1
-    a8 = (np.rint(blocks / step) * step).reshape(a.shape)
+    return np.rint(blocks / step).reshape(a.shape), step
+
+
+def int8_reference(q, zp, scale, a, group: int) -> np.ndarray:
+    """The exact answer of int8 activations times the dequantized weights, summed in float64."""
+    ints, step = int8_activations(a, group)
+    a8 = (ints.reshape(step.shape[0], -1, group) * step).reshape(a.shape)
     w = (q.astype(np.float64) - np.repeat(zp, group, axis=0)) * np.repeat(scale, group, axis=0)
     return a8 @ w
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from dgport.runtimes import int8_check
-from dgport.runtimes.int8_check import int8_reference, worst_case
+from dgport.runtimes.int8_check import int8_activations, int8_reference, worst_case
 
 CASES = int8_check.CHECKS
 FEATURES = ("import numpy as np, json; f = np._core._multiarray_umath.__cpu_features__; "
@@ -55,9 +55,7 @@ def _child(prefix: list[str], code: str):
 def _pairs_saturated(q, zp, scale, a, group: int) -> np.ndarray:
     """What vpmaddubsw would give: u8 weight integers x s8 activations added in pairs into saturating
     16-bit lanes, then the zero points' share subtracted exactly."""
-    blocks = a.reshape(len(a), -1, group).astype(np.float64)
-    step = np.abs(blocks).max(-1, keepdims=True) / 127
-    ints = np.rint(blocks / step).reshape(a.shape)  # [rows, K]
+    ints, step = int8_activations(a, group)  # [rows, K], [rows, K/group, 1]
     prod = ints[:, :, None] * q.astype(np.float64)[None]  # [rows, K, N]
     pairs = np.clip(prod[:, 0::2] + prod[:, 1::2], -32768, 32767)
     per_block = pairs.reshape(len(a), -1, group // 2, q.shape[1]).sum(2) \
@@ -77,7 +75,9 @@ def test_the_worst_case_is_one():
 
 
 def test_the_exports_quantizer_gives_the_worst_cases_integers():
-    from dgport.exporters.quantize import quantize
+    from dgport.exporters.quantize import GROUP_SIZES, quantize
+
+    assert {group for _, group in CASES} == set(GROUP_SIZES)  # a check for every group size an export may have
 
     w = np.array([[255 / 256] * 32, [-255 / 256] * 32], np.float32)  # an all-positive and an all-negative group
     q, scale, zp = quantize(w, 8, 32)
