@@ -1,0 +1,76 @@
+"""models/sudoku/grow.py: deepening the Sudoku model keeps what it computes, and training resumes it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "sudoku"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(MODEL, dtype=torch.float32, use_safetensors=True).eval()
+
+
+def test_grown_model_computes_the_same_logits(shipped):
+    from models.sudoku.grow import grow, max_logit_gap
+
+    big = grow(shipped)
+    text = big.config.text_config
+    old = shipped.config.text_config
+    assert text.num_hidden_layers == 2 * old.num_hidden_layers
+    assert text.layer_types[::2] == old.layer_types and text.layer_types[1::2] == old.layer_types
+    assert max_logit_gap(shipped, big) <= 1e-5
+
+
+def test_new_layers_are_in_the_path(shipped):
+    """The gap check can fail: once a copy's zero output norm moves, the logits move with it."""
+    import torch
+    from models.sudoku.grow import grow, max_logit_gap
+
+    big = grow(shipped)
+    for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+        moved = grow(shipped)
+        with torch.no_grad():
+            getattr(moved.model.decoder.layers[3], name).weight.fill_(0.5)
+        assert max_logit_gap(big, moved) > 1e-3, name
+
+
+def test_grow_refuses_an_existing_folder_and_a_missing_checkpoint(tmp_path):
+    base = [sys.executable, "-m", "models.sudoku.grow"]
+    taken = subprocess.run(base + ["--init", str(MODEL), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert taken.returncode != 0 and "already exists" in taken.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = subprocess.run(base + ["--init", str(empty), "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "no config.json" in bad.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_dgport_reads_the_grown_folder_and_training_resumes_it(tmp_path):
+    from dgport.exporters.checkpoint import read_checkpoint
+
+    out = tmp_path / "grown"
+    made = subprocess.run([sys.executable, "-m", "models.sudoku.grow", "--init", str(MODEL), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert len(read_checkpoint(out).config.layer_types) == 8
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["total_steps"] == 0 and state["grown_from"] == str(MODEL)
+    run = subprocess.run([sys.executable, "-m", "models.sudoku.train", "--out", str(out), "--resume", "--steps", "1",
+                          "--batch", "2", "--draws", "1", "--log-every", "1", "--moment-warmup", "1"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "params 3,363,712" in run.stdout and "done: 1 steps" in run.stdout
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 8
