@@ -23,7 +23,7 @@ def shipped():
 def test_grown_model_computes_the_same_logits(shipped):
     from models.sudoku.grow import grow, max_logit_gap
 
-    big = grow(shipped)
+    big = grow(shipped, 0.0)
     text = big.config.text_config
     old = shipped.config.text_config
     assert text.num_hidden_layers == 2 * old.num_hidden_layers
@@ -36,12 +36,36 @@ def test_new_layers_are_in_the_path(shipped):
     import torch
     from models.sudoku.grow import grow, max_logit_gap
 
-    big = grow(shipped)
+    big = grow(shipped, 0.0)
     for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
-        moved = grow(shipped)
+        moved = grow(shipped, 0.0)
         with torch.no_grad():
             getattr(moved.model.decoder.layers[3], name).weight.fill_(0.5)
         assert max_logit_gap(big, moved) > 1e-3, name
+
+
+def copy_gradient(model) -> float:
+    """Largest |gradient| on a copy's attention weights (layer 3 copies layer 2) for one loss."""
+    import torch
+    from models.sudoku.train import CANVAS, VOCAB_SIZE
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(5, VOCAB_SIZE, (1, 40), generator=g)
+    canvas = torch.randint(0, VOCAB_SIZE, (1, CANVAS), generator=g)
+    model.zero_grad()
+    logits = model(input_ids=prompt, decoder_input_ids=canvas).logits
+    torch.nn.functional.cross_entropy(logits[0], torch.randint(0, VOCAB_SIZE, (CANVAS,), generator=g)).backward()
+    return model.model.decoder.layers[3].self_attn.q_proj.weight.grad.abs().max().item()
+
+
+def test_zero_copies_get_no_gradient_and_scaled_ones_do(shipped):
+    """Why --scale defaults to 0.05: a copy behind zero norms never trains (AdamW moves nothing)."""
+    from models.sudoku.grow import grow, max_logit_gap
+
+    assert copy_gradient(grow(shipped, 0.0)) == 0.0
+    scaled = grow(shipped, 0.05)
+    assert copy_gradient(scaled) > 1e-6
+    assert 1e-3 < max_logit_gap(shipped, scaled) < 5.0
 
 
 def test_grow_refuses_an_existing_folder_and_a_missing_checkpoint(tmp_path):
@@ -49,6 +73,9 @@ def test_grow_refuses_an_existing_folder_and_a_missing_checkpoint(tmp_path):
     taken = subprocess.run(base + ["--init", str(MODEL), "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert taken.returncode != 0 and "already exists" in taken.stderr.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
+    wild = subprocess.run(base + ["--init", str(MODEL), "--out", str(tmp_path / "w"), "--scale", "2"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert wild.returncode != 0 and "--scale 2.0: must lie in [0, 1]" in wild.stderr.strip().splitlines()[-1]
     empty = tmp_path / "empty"
     empty.mkdir()
     bad = subprocess.run(base + ["--init", str(empty), "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True,
@@ -67,7 +94,7 @@ def test_dgport_reads_the_grown_folder_and_training_resumes_it(tmp_path):
     assert made.returncode == 0, made.stderr[-2000:]
     assert len(read_checkpoint(out).config.layer_types) == 8
     state = json.loads((out / "train_state.json").read_text())
-    assert state["total_steps"] == 0 and state["grown_from"] == str(MODEL)
+    assert state["total_steps"] == 0 and state["grown_from"] == str(MODEL) and state["grown_scale"] == 0.05
     run = subprocess.run([sys.executable, "-m", "models.sudoku.train", "--out", str(out), "--resume", "--steps", "1",
                           "--batch", "2", "--draws", "1", "--log-every", "1", "--moment-warmup", "1"],
                          cwd=REPO, capture_output=True, text=True)

@@ -1,17 +1,20 @@
-"""Deepen a trained Sudoku checkpoint without changing what it computes, so training can go on with
-more layers instead of starting over.
+"""Deepen a trained Sudoku checkpoint while keeping what it computes (nearly), so training can go on
+with more layers instead of starting over.
 
     python -m models.sudoku.grow --init models/sudoku --out /work/sudoku_run/grown
 
 Every decoder layer is followed by a copy of itself (same attention type and head size) whose two
-output norms (`post_attention_layernorm`, `post_feedforward_layernorm`) are zero: the copy adds
-nothing to the residual stream, so the grown model's logits equal the original's, while the zero
-norms still get gradients and the copy's other weights start from useful features rather than
-noise. The encoder shares the decoder's layer weights; only its per-layer `layer_scalar` buffers
-are its own, and they follow the same plan. The folder written is a checkpoint `train.py --resume`
-continues (its streams go on after `train_state.json`'s steps; no optimizer state, so give it
-`--moment-warmup`). Before writing, the grown and the original model are run on the same noised
-canvases and must agree to 1e-5.
+output norms (`post_attention_layernorm`, `post_feedforward_layernorm`) are `--scale` times its
+source's. At scale 0 the copy adds nothing to the residual stream and the grown model's logits equal
+the original's, but then the copy's weights get no gradient at all (their only way to the loss runs
+through the zero norms), and AdamW leaves them where they are: in TRAINING_LOG's phase 12a the
+zero norms of such copies reached only 0.001-0.03 in 1,130 steps. The default, 0.05, adds 5 % of
+each layer once more (81 of 100 tuning puzzles solved, against the original's 82) and lets every weight of the copies train from
+the first step. The encoder shares the decoder's layer weights; only its per-layer `layer_scalar`
+buffers are its own, and they follow the same plan. The folder written is a checkpoint `train.py
+--resume` continues (its streams go on after `train_state.json`'s steps; no optimizer state, so give
+it `--moment-warmup`). The largest logit difference to the original on real puzzles' noised canvases
+is printed; at scale 0 it must be under 1e-5 or nothing is written.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-ZEROED = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
+OUTPUT_NORMS = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
 
 
 def grown_config(config: dict) -> tuple[dict, list[int]]:
@@ -35,8 +38,9 @@ def grown_config(config: dict) -> tuple[dict, list[int]]:
     return {**config, "text_config": text}, source
 
 
-def grow(model):
-    """A DiffusionGemma with twice the layers, computing what `model` computes."""
+def grow(model, scale: float):
+    """A DiffusionGemma with twice the layers whose copies' output norms are `scale` times their
+    source's: at 0 it computes exactly what `model` computes."""
     import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
@@ -50,8 +54,8 @@ def grow(model):
             if name.startswith(prefix):
                 j, rest = name[len(prefix):].split(".", 1)
                 src = old[f"{prefix}{source[int(j)]}.{rest}"].clone()
-                if int(j) % 2 and rest in ZEROED:
-                    src.zero_()
+                if int(j) % 2 and rest in OUTPUT_NORMS:
+                    src.mul_(scale)
                 new[name] = src
                 break
         else:
@@ -92,7 +96,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--init", required=True, help="checkpoint folder to grow (e.g. models/sudoku)")
     ap.add_argument("--out", required=True, help="folder to write (must not exist)")
+    ap.add_argument("--scale", type=float, default=0.05,
+                    help="the copies' output norms as a share of their source's, in [0, 1] (0: exact)")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.scale <= 1.0:
+        raise SystemExit(f"--scale {args.scale}: must lie in [0, 1]")
 
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -105,17 +113,18 @@ def main(argv=None) -> int:
     if not (init / "config.json").is_file():
         raise SystemExit(f"--init {init}: no config.json; name a checkpoint folder")
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(init, dtype=torch.float32, use_safetensors=True).eval()
-    big = grow(model)
+    big = grow(model, args.scale)
     gap = max_logit_gap(model, big)
-    if gap > 1e-5:
+    if args.scale == 0 and gap > 1e-5:
         raise SystemExit(f"grow: the grown model's logits differ by {gap:.2e} from {init}'s; nothing written")
     state = init / "train_state.json"
     meta = json.loads(state.read_text()) if state.is_file() else {}
     meta = {"total_steps": meta.get("total_steps", 0), "total_minutes": meta.get("total_minutes", 0.0),
-            "grown_from": str(init)}
+            "grown_from": str(init), "grown_scale": args.scale}
     save(big, out, meta)
     n = big.config.text_config.num_hidden_layers
-    print(f"{out}: {n} layers, {sum(p.numel() for p in big.parameters()):,} parameters, logits within {gap:.1e} of {init}")
+    print(f"{out}: {n} layers, {sum(p.numel() for p in big.parameters()):,} parameters, copies at scale {args.scale}, "
+          f"logits within {gap:.1e} of {init}'s")
     return 0
 
 
