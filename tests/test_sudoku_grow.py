@@ -101,3 +101,22 @@ def test_dgport_reads_the_grown_folder_and_training_resumes_it(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "params 3,363,712" in run.stdout and "done: 1 steps" in run.stdout
     assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 8
+
+
+def test_the_committed_training_checkpoint_is_the_shipped_model_grown_and_trained():
+    """models/sudoku_next (TRAINING_LOG phase 14) is what a later session resumes: the shipped
+    geometry grown by grow.py, weights only (no optimizer state, nothing pickled), its steps counted."""
+    from models.sudoku.grow import grown_config
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    nxt = REPO / "models" / "sudoku_next"
+    assert sorted(p.name for p in nxt.iterdir()) == ["README.md", "config.json", "model.safetensors", "train_state.json"]
+    config = json.loads((nxt / "config.json").read_text())
+    expected, _ = grown_config(json.loads((MODEL / "config.json").read_text()))
+    text, grown = ({k: v for k, v in c["text_config"].items() if k != "dtype"} for c in (config, expected))
+    assert text == grown
+    state = json.loads((nxt / "train_state.json").read_text())
+    assert state["step"] > 0 and state["total_steps"] == 34_284 + state["step"]  # the shipped model's 34,284
+    model, info = DiffusionGemmaForBlockDiffusion.from_pretrained(nxt, use_safetensors=True, output_loading_info=True)
+    assert model.config.text_config.num_hidden_layers == 8
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
