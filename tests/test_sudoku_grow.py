@@ -84,17 +84,39 @@ def test_grow_refuses_an_existing_folder_and_a_missing_checkpoint(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_grow_takes_the_trained_steps_from_the_folder_or_the_flags_and_never_guesses(tmp_path):
+    from models.sudoku.grow import trained_counts
+
+    with pytest.raises(SystemExit, match="no train_state.json; give --init-steps and --init-minutes"):
+        trained_counts(MODEL, None, None)
+    with pytest.raises(SystemExit, match="give --init-steps"):
+        trained_counts(MODEL, 34_284, None)
+    assert trained_counts(MODEL, 34_284, 434.0) == {"total_steps": 34_284, "total_minutes": 434.0}
+    (tmp_path / "train_state.json").write_text(json.dumps({"step": 9, "total_steps": 38_982, "total_minutes": 539.5}))
+    assert trained_counts(tmp_path, None, None) == {"total_steps": 38_982, "total_minutes": 539.5}
+    with pytest.raises(SystemExit, match="already counts them; leave the flags out"):
+        trained_counts(tmp_path, 1, 1.0)
+    (tmp_path / "train_state.json").write_text(json.dumps({"step": 9}))
+    with pytest.raises(SystemExit, match="no total_steps and total_minutes"):
+        trained_counts(tmp_path, None, None)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "models.sudoku.grow", "--init", str(MODEL), "--out", str(out),
+                          "--init-steps", "-3", "--init-minutes", "1"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode != 0 and "--init-steps -3: must be a count" in run.stderr.strip().splitlines()[-1]
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_dgport_reads_the_grown_folder_and_training_resumes_it(tmp_path):
     from dgport.exporters.checkpoint import read_checkpoint
 
     out = tmp_path / "grown"
-    made = subprocess.run([sys.executable, "-m", "models.sudoku.grow", "--init", str(MODEL), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True)
+    made = subprocess.run([sys.executable, "-m", "models.sudoku.grow", "--init", str(MODEL), "--out", str(out),
+                           "--init-steps", "34284", "--init-minutes", "434"], cwd=REPO, capture_output=True, text=True)
     assert made.returncode == 0, made.stderr[-2000:]
     assert len(read_checkpoint(out).config.layer_types) == 8
     state = json.loads((out / "train_state.json").read_text())
-    assert state["total_steps"] == 0 and state["grown_from"] == str(MODEL) and state["grown_scale"] == 0.05
+    assert state == {"total_steps": 34_284, "total_minutes": 434.0, "grown_from": str(MODEL), "grown_scale": 0.05}
     run = subprocess.run([sys.executable, "-m", "models.sudoku.train", "--out", str(out), "--resume", "--steps", "1",
                           "--batch", "2", "--draws", "1", "--log-every", "1", "--moment-warmup", "1"],
                          cwd=REPO, capture_output=True, text=True)
@@ -116,7 +138,10 @@ def test_the_committed_training_checkpoint_is_the_shipped_model_grown_and_traine
     text, grown = ({k: v for k, v in c["text_config"].items() if k != "dtype"} for c in (config, expected))
     assert text == grown
     state = json.loads((nxt / "train_state.json").read_text())
-    assert state["step"] > 0 and state["total_steps"] == 34_284 + state["step"]  # the shipped model's 34,284
+    # counted after the shipped model's 34,284 steps and 434 minutes (a resumed run's "step" is its own)
+    assert state["step"] > 0 and state["total_steps"] >= 34_284 + state["step"]
+    assert state["total_minutes"] >= 434 + state["minutes"]
+    assert f"{state['total_steps']:,} steps" in (nxt / "README.md").read_text()
     model, info = DiffusionGemmaForBlockDiffusion.from_pretrained(nxt, use_safetensors=True, output_loading_info=True)
     assert model.config.text_config.num_hidden_layers == 8
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

@@ -1,7 +1,8 @@
 """Deepen a trained Sudoku checkpoint while keeping what it computes (nearly), so training can go on
 with more layers instead of starting over.
 
-    python -m models.sudoku.grow --init models/sudoku --out /work/sudoku_run/grown
+    python -m models.sudoku.grow --init models/sudoku --init-steps 34284 --init-minutes 434 \
+        --out /work/sudoku_run/grown
 
 Every decoder layer is followed by a copy of itself (same attention type and head size) whose two
 output norms (`post_attention_layernorm`, `post_feedforward_layernorm`) are `--scale` times its
@@ -13,7 +14,9 @@ layer once more (81 of 100 tuning puzzles solved, against the original's 82) and
 of the copies train from the first step. The encoder shares the decoder's layer weights; only its
 per-layer `layer_scalar` buffers are its own, and they follow the same plan. The folder written is a
 checkpoint `train.py --resume` continues (its streams go on after `train_state.json`'s steps; no
-optimizer state, so give it `--moment-warmup`). The largest logit difference to the original on real
+optimizer state, so give it `--moment-warmup`). The steps and minutes already trained come from
+`--init`'s `train_state.json`, or, for a folder without one (the shipped model), from `--init-steps`
+and `--init-minutes`, as train.py takes them; a folder with neither is refused. The largest logit difference to the original on real
 puzzles' noised canvases is printed; at scale 0 it must be under 1e-5 or nothing is written.
 """
 from __future__ import annotations
@@ -92,15 +95,43 @@ def max_logit_gap(a, b, seed: int = 0) -> float:
     return gap
 
 
+def trained_counts(init: Path, steps: int | None, minutes: float | None) -> dict:
+    """The steps and minutes already trained into `init`: from its train_state.json, else from the
+    flags; training's data and noise streams go on after these steps, so a guess would replay them."""
+    state = init / "train_state.json"
+    if state.is_file():
+        if steps is not None or minutes is not None:
+            raise SystemExit(f"--init-steps/--init-minutes: {state} already counts them; leave the flags out")
+        try:
+            meta = json.loads(state.read_text())
+            counts = {"total_steps": int(meta["total_steps"]), "total_minutes": float(meta["total_minutes"])}
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{state}: no total_steps and total_minutes ({e}); fix or remove the file") from None
+        if counts["total_steps"] < 0 or counts["total_minutes"] < 0:
+            raise SystemExit(f"{state}: negative counts; fix or remove the file")
+        return counts
+    if steps is None or minutes is None:
+        raise SystemExit(f"--init {init}: no train_state.json; give --init-steps and --init-minutes "
+                         "(the steps and minutes its weights were trained)")
+    return {"total_steps": steps, "total_minutes": minutes}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--init", required=True, help="checkpoint folder to grow (e.g. models/sudoku)")
     ap.add_argument("--out", required=True, help="folder to write (must not exist)")
     ap.add_argument("--scale", type=float, default=0.05,
                     help="the copies' output norms as a share of their source's, in [0, 1] (0: exact)")
+    ap.add_argument("--init-steps", type=int, default=None,
+                    help="steps already trained into --init's weights, when it has no train_state.json")
+    ap.add_argument("--init-minutes", type=float, default=None,
+                    help="minutes already trained into --init's weights, when it has no train_state.json")
     args = ap.parse_args(argv)
     if not 0.0 <= args.scale <= 1.0:
         raise SystemExit(f"--scale {args.scale}: must lie in [0, 1]")
+    for flag, value in (("--init-steps", args.init_steps), ("--init-minutes", args.init_minutes)):
+        if value is not None and not 0 <= value < 1e9:
+            raise SystemExit(f"{flag} {value}: must be a count of at least 0")
 
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -112,16 +143,13 @@ def main(argv=None) -> int:
     init = Path(args.init)
     if not (init / "config.json").is_file():
         raise SystemExit(f"--init {init}: no config.json; name a checkpoint folder")
+    counts = trained_counts(init, args.init_steps, args.init_minutes)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(init, dtype=torch.float32, use_safetensors=True).eval()
     big = grow(model, args.scale)
     gap = max_logit_gap(model, big)
     if args.scale == 0 and gap > 1e-5:
         raise SystemExit(f"grow: the grown model's logits differ by {gap:.2e} from {init}'s; nothing written")
-    state = init / "train_state.json"
-    meta = json.loads(state.read_text()) if state.is_file() else {}
-    meta = {"total_steps": meta.get("total_steps", 0), "total_minutes": meta.get("total_minutes", 0.0),
-            "grown_from": str(init), "grown_scale": args.scale}
-    save(big, out, meta)
+    save(big, out, {**counts, "grown_from": str(init), "grown_scale": args.scale})
     n = big.config.text_config.num_hidden_layers
     print(f"{out}: {n} layers, {sum(p.numel() for p in big.parameters()):,} parameters, copies at scale {args.scale}, "
           f"logits within {gap:.1e} of {init}'s")
