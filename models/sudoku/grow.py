@@ -16,8 +16,9 @@ per-layer `layer_scalar` buffers are its own, and they follow the same plan. The
 checkpoint `train.py --resume` continues (its streams go on after `train_state.json`'s steps; no
 optimizer state, so give it `--moment-warmup`). The steps and minutes already trained come from
 `--init`'s `train_state.json`, or, for a folder without one (the shipped model), from `--init-steps`
-and `--init-minutes`, as train.py takes them; a folder with neither is refused. The largest logit difference to the original on real
-puzzles' noised canvases is printed; at scale 0 it must be under 1e-5 or nothing is written.
+and `--init-minutes`, as train.py takes them; a folder with neither is refused. The largest logit
+difference to the original on real puzzles' noised canvases is printed; at scale 0 it must be under
+1e-5 or nothing is written.
 """
 from __future__ import annotations
 
