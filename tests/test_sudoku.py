@@ -1,6 +1,7 @@
 """The shipped Sudoku model (models/sudoku): puzzle generator, checker, and a small solve-rate check."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -118,3 +119,15 @@ def test_training_resumes_its_optimizer_state(tmp_path):
     assert again.returncode == 0 and "optimizer state restored" in again.stdout, again.stderr[-2000:]
     steps = {k: float(v) for k, v in load_file(str(tmp_path / "optimizer.safetensors")).items() if k.endswith(".step")}
     assert set(steps.values()) == {3.0}
+    assert "resuming after 2 steps" in again.stdout
+    assert json.loads((tmp_path / "train_state.json").read_text())["total_steps"] == 3
+    # a folder without its counts is never resumed from 0 (that would replay the data streams) ...
+    (tmp_path / "train_state.json").unlink()
+    refused = subprocess.run(base + ["--steps", "1", "--resume"], cwd=repo, capture_output=True, text=True)
+    assert refused.returncode != 0 and "no train_state.json; give --init-steps" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "train_state.json").exists()
+    # ... but from the counts the flags give
+    counted = subprocess.run(base + ["--steps", "1", "--resume", "--init-steps", "3", "--init-minutes", "0.5"],
+                             cwd=repo, capture_output=True, text=True)
+    assert counted.returncode == 0 and "resuming after 3 steps" in counted.stdout, counted.stderr[-2000:]
+    assert json.loads((tmp_path / "train_state.json").read_text())["total_steps"] == 4

@@ -47,7 +47,7 @@ def test_new_layers_are_in_the_path(shipped):
 def copy_gradient(model) -> float:
     """Largest |gradient| on a copy's attention weights (layer 3 copies layer 2) for one loss."""
     import torch
-    from models.sudoku.train import CANVAS, VOCAB_SIZE
+    from models.sudoku.vocab import CANVAS, VOCAB_SIZE
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, VOCAB_SIZE, (1, 40), generator=g)
@@ -85,7 +85,7 @@ def test_grow_refuses_an_existing_folder_and_a_missing_checkpoint(tmp_path):
 
 
 def test_grow_takes_the_trained_steps_from_the_folder_or_the_flags_and_never_guesses(tmp_path):
-    from models.sudoku.grow import trained_counts
+    from models.sudoku.checkpoint import trained_counts
 
     with pytest.raises(SystemExit, match="no train_state.json; give --init-steps and --init-minutes"):
         trained_counts(MODEL, None, None)
@@ -104,6 +104,24 @@ def test_grow_takes_the_trained_steps_from_the_folder_or_the_flags_and_never_gue
                           "--init-steps", "-3", "--init-minutes", "1"], cwd=REPO, capture_output=True, text=True)
     assert run.returncode != 0 and "--init-steps -3: must be a count" in run.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_training_refuses_a_folder_whose_trained_steps_it_would_guess(tmp_path):
+    """train.py, like grow.py, takes the steps already trained from the folder it starts from or from
+    the flags: resuming the shipped folder (no train_state.json) from step 0 would replay its streams."""
+    base = [sys.executable, "-m", "models.sudoku.train", "--steps", "1"]
+
+    def refused(args, message):
+        run = subprocess.run(base + args, cwd=REPO, capture_output=True, text=True)
+        assert run.returncode != 0 and message in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
+
+    refused(["--out", str(MODEL), "--resume"], "no train_state.json; give --init-steps and --init-minutes")
+    refused(["--out", str(tmp_path / "o"), "--init", str(MODEL), "--init-steps", "5"], "give --init-steps")
+    refused(["--out", str(tmp_path / "o"), "--init", str(MODEL), "--init-steps", "-1", "--init-minutes", "1"],
+            "--init-steps -1: must be a count")
+    refused(["--out", str(tmp_path / "o"), "--init-steps", "5", "--init-minutes", "1"], "only with --init or --resume")
+    refused(["--out", str(tmp_path / "none"), "--resume"], "no config.json; name a checkpoint folder")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "none").exists()
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ difference to the original on real puzzles' noised canvases is printed; at scale
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -45,7 +44,6 @@ def grown_config(config: dict) -> tuple[dict, list[int]]:
 def grow(model, scale: float):
     """A DiffusionGemma with twice the layers whose copies' output norms are `scale` times their
     source's: at 0 it computes exactly what `model` computes."""
-    import torch
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     config, source = grown_config(model.config.to_dict())
@@ -78,7 +76,7 @@ def max_logit_gap(a, b, seed: int = 0) -> float:
 
     import torch
     from models.sudoku.puzzles import make_puzzle
-    from models.sudoku.train import CANVAS, EOS_ID, VOCAB_SIZE, build_tokenizer, render_prompt
+    from models.sudoku.vocab import CANVAS, EOS_ID, VOCAB_SIZE, build_tokenizer, render_prompt
 
     tok = build_tokenizer()
     g = torch.Generator().manual_seed(seed)
@@ -96,27 +94,6 @@ def max_logit_gap(a, b, seed: int = 0) -> float:
     return gap
 
 
-def trained_counts(init: Path, steps: int | None, minutes: float | None) -> dict:
-    """The steps and minutes already trained into `init`: from its train_state.json, else from the
-    flags; training's data and noise streams go on after these steps, so a guess would replay them."""
-    state = init / "train_state.json"
-    if state.is_file():
-        if steps is not None or minutes is not None:
-            raise SystemExit(f"--init-steps/--init-minutes: {state} already counts them; leave the flags out")
-        try:
-            meta = json.loads(state.read_text())
-            counts = {"total_steps": int(meta["total_steps"]), "total_minutes": float(meta["total_minutes"])}
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{state}: no total_steps and total_minutes ({e}); fix or remove the file") from None
-        if counts["total_steps"] < 0 or counts["total_minutes"] < 0:
-            raise SystemExit(f"{state}: negative counts; fix or remove the file")
-        return counts
-    if steps is None or minutes is None:
-        raise SystemExit(f"--init {init}: no train_state.json; give --init-steps and --init-minutes "
-                         "(the steps and minutes its weights were trained)")
-    return {"total_steps": steps, "total_minutes": minutes}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--init", required=True, help="checkpoint folder to grow (e.g. models/sudoku)")
@@ -130,13 +107,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not 0.0 <= args.scale <= 1.0:
         raise SystemExit(f"--scale {args.scale}: must lie in [0, 1]")
-    for flag, value in (("--init-steps", args.init_steps), ("--init-minutes", args.init_minutes)):
-        if value is not None and not 0 <= value < 1e9:
-            raise SystemExit(f"{flag} {value}: must be a count of at least 0")
 
-    import torch
-    from transformers import DiffusionGemmaForBlockDiffusion
-    from models.sudoku.train import save
+    from models.sudoku.checkpoint import save, trained_counts
 
     out = Path(args.out)
     if out.exists():
@@ -145,6 +117,9 @@ def main(argv=None) -> int:
     if not (init / "config.json").is_file():
         raise SystemExit(f"--init {init}: no config.json; name a checkpoint folder")
     counts = trained_counts(init, args.init_steps, args.init_minutes)
+
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(init, dtype=torch.float32, use_safetensors=True).eval()
     big = grow(model, args.scale)
     gap = max_logit_gap(model, big)

@@ -25,259 +25,17 @@ canvas position; the cell tokens' embeddings are initialised as row + column + b
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from models.fixtures import BASE_GENERATION, FULL, SLIDING, save_tokenizer
-from models.sudoku.puzzles import TRAIN_SEED_BASE, make_puzzle, transform
+from models.sudoku.checkpoint import OPTIMIZER_FILE, build_model, restore_optimizer, save, trained_counts
+from models.sudoku.stream import DEFAULT_GIVENS_MIX, PuzzleStream, parse_givens_mix
+from models.sudoku.vocab import CANVAS, EOS_ID, VOCAB_SIZE, build_tokenizer, render_prompt
 
 
-# ---------------------------------------------------------------- vocabulary and tokenizer
-SPECIAL = {
-    0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>",
-    48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>", 51: "<tool_response|>", 52: '<|"|>',
-    98: "<|think|>", 100: "<|channel>", 101: "<channel|>", 105: "<|turn>", 106: "<turn|>",
-}
-VOCAB_SIZE = 192
-NEWLINE_ID = 107
-CELL0_ID = 108  # <r1c1> .. <r9c9> = 108 .. 188
-CELLS = [f"<r{r + 1}c{c + 1}>" for r in range(9) for c in range(9)]
-CHARS = list("123456789.0 abcdefghijklmnopqrstuvwxyz|-+:,")
-DIGIT_IDS = None  # filled by vocab()
-EOS_ID = 1
-CANVAS = 82  # 81 digits + <eos>
-
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "<|turn>system{{ '\\n' }}" + "".join(CELLS) + "<turn|>{{ '\\n' }}"
-    "{%- for m in messages -%}"
-    "{%- if m.role == 'user' -%}"
-    "<|turn>user{{ '\\n' }}"
-    "{{ m.content | replace(' ', '') | replace('\\n', '') | replace('\\r', '') | replace('\\t', '') "
-    "| replace('|', '') | replace('-', '') | replace('+', '') | replace('0', '.') | replace('_', '.') }}"
-    "<turn|>{{ '\\n' }}"
-    "{%- elif m.role != 'system' -%}"
-    "<|turn>model{{ '\\n' }}{{ m.content | trim }}<turn|>{{ '\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|turn>model{{ '\\n' }}<|channel>thought{{ '\\n' }}<channel|>{%- endif -%}"
-)
-
-
-def vocab() -> dict[str, int]:
-    v = {name: i for i, name in SPECIAL.items()}
-    v["\n"] = NEWLINE_ID
-    for k, name in enumerate(CELLS):
-        v[name] = CELL0_ID + k
-    free = [i for i in range(5, 98) if i not in SPECIAL]
-    for ch, i in zip(CHARS, free):
-        v[ch] = i
-    used = set(v.values())
-    for i in range(VOCAB_SIZE):
-        if i not in used:
-            v[f"<unused{i}>"] = i
-    assert len(v) == VOCAB_SIZE and max(v.values()) == VOCAB_SIZE - 1
-    return v
-
-
-def build_tokenizer():
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    v = vocab()
-    tok = Tokenizer(models.WordLevel(vocab=v, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, i in sorted(v.items(), key=lambda kv: kv[1]) if t.startswith("<") and len(t) > 1])
-    return tok
-
-
-def write_tokenizer(out: Path) -> None:
-    """tokenizer.json built here; tokenizer_config.json is the shipped one, whose chat template also
-    refuses what is not a puzzle and which carries the model's dgport section (task, check prompts).
-    CHAT_TEMPLATE above renders valid puzzles exactly as it does."""
-    import shutil
-
-    save_tokenizer(out, build_tokenizer(), CHAT_TEMPLATE, 4096)
-    shutil.copyfile(Path(__file__).resolve().with_name("tokenizer_config.json"), out / "tokenizer_config.json")
-
-
-def render_prompt(puzzle: str) -> str:
-    """The chat-template rendering of one user turn (what dgport/HF produce), without jinja."""
-    return ("<bos><|turn>system\n" + "".join(CELLS) + "<turn|>\n<|turn>user\n" + puzzle
-            + "<turn|>\n<|turn>model\n<|channel>thought\n<channel|>")
-
-
-# ---------------------------------------------------------------- model
-ARCH = dict(
-    hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    global_head_dim=64, num_global_key_value_heads=2,
-    layer_types=[SLIDING, FULL, SLIDING, FULL],
-    sliding_window=256, num_experts=4, top_k_experts=2, moe_intermediate_size=128,
-)
-
-GENERATION = {**BASE_GENERATION, "max_new_tokens": CANVAS, "max_denoising_steps": 32}
-
-
-def hf_config(arch=ARCH):
-    from transformers import DiffusionGemmaConfig
-
-    a = dict(arch)
-    text = dict(
-        vocab_size=VOCAB_SIZE, num_hidden_layers=len(a["layer_types"]), max_position_embeddings=1024,
-        use_bidirectional_attention="vision", tie_word_embeddings=True,
-        rope_parameters={
-            SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-        },
-        **a,
-    )
-    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                  num_attention_heads=1, num_key_value_heads=1, head_dim=16)
-    return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=CANVAS,
-                                eos_token_id=[1, 106], pad_token_id=0, bos_token_id=2)
-
-
-def build_model(seed: int):
-    import torch
-    from transformers import DiffusionGemmaForBlockDiffusion
-
-    torch.manual_seed(seed)
-    model = DiffusionGemmaForBlockDiffusion(hf_config())
-    g = torch.Generator().manual_seed(seed + 1)
-    H = ARCH["hidden_size"]
-    with torch.no_grad():
-        emb = model.model.decoder.embed_tokens.weight
-        rows, cols, boxes = (torch.randn(9, H, generator=g) for _ in range(3))
-        for k in range(81):
-            r, c = divmod(k, 9)
-            emb[CELL0_ID + k] = 0.02 * (rows[r] + cols[c] + boxes[(r // 3) * 3 + c // 3]) / math.sqrt(3)
-    return model
-
-
-OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW moments by parameter name (safetensors: no pickle)
-
-
-def optimizer_tensors(opt, model) -> dict:
-    """AdamW's state as named tensors: `NAME.exp_avg`, `NAME.exp_avg_sq` and `NAME.step`."""
-    import torch
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if st:
-                n = names[id(p)]
-                out[f"{n}.exp_avg"] = st["exp_avg"].detach().contiguous()
-                out[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].detach().contiguous()
-                out[f"{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-    return out
-
-
-def restore_optimizer(opt, model, folder: Path) -> bool:
-    """Loads `folder/optimizer.safetensors` into AdamW (a restart with fresh moments cost 10-20 points
-    of solve rate in the first thousand steps, TRAINING_LOG.md); False when the folder has none."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / OPTIMIZER_FILE
-    if not path.exists():
-        return False
-    saved = load_file(str(path))
-    for n, p in model.named_parameters():
-        if f"{n}.exp_avg" in saved:
-            opt.state[p] = {"step": saved[f"{n}.step"].reshape(()).clone(), "exp_avg": saved[f"{n}.exp_avg"].clone(),
-                            "exp_avg_sq": saved[f"{n}.exp_avg_sq"].clone()}
-            if opt.state[p]["exp_avg"].shape != p.shape:
-                raise SystemExit(f"{path}: {n} has shape {tuple(opt.state[p]['exp_avg'].shape)}, the model {tuple(p.shape)}")
-    return True
-
-
-def save(model, out: Path, meta: dict | None = None, opt=None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    (tmp / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))
-    write_tokenizer(tmp)
-    if meta:
-        (tmp / "train_state.json").write_text(json.dumps(meta, indent=2))
-    if opt is not None:
-        from safetensors.torch import save_file
-
-        save_file(optimizer_tensors(opt, model), str(tmp / OPTIMIZER_FILE))
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-
-
-# ---------------------------------------------------------------- data
-# (low, high, weight): the givens count of a fresh puzzle is drawn from these ranges. The default is
-# phases 1-3's mix (mostly 36-50, some harder and some easier); `--givens-mix` changes it.
-DEFAULT_GIVENS_MIX = ((36, 50, 0.70), (26, 35, 0.20), (51, 70, 0.10))
-
-
-def parse_givens_mix(text: str):
-    """'36-45:0.5,28-35:0.3' -> ((36, 45, 0.5), (28, 35, 0.3)); weights are normalised by their sum."""
-    mix = []
-    for part in text.split(","):
-        rng_text, _, w = part.partition(":")
-        lo, _, hi = rng_text.partition("-")
-        lo, hi, w = int(lo), int(hi or lo), float(w or 1)
-        if not 23 <= lo <= hi <= 80 or w <= 0:
-            raise SystemExit(f"--givens-mix: bad part {part!r} (want LOW-HIGH:WEIGHT with 23 <= LOW <= HIGH <= 80)")
-        mix.append((lo, hi, w))
-    total = sum(w for _, _, w in mix)
-    return tuple((lo, hi, w / total) for lo, hi, w in mix)
-
-
-def sample_givens(rng: random.Random, mix=DEFAULT_GIVENS_MIX) -> int:
-    u, acc = rng.random(), 0.0
-    for lo, hi, w in mix:
-        acc += w
-        if u < acc:
-            return rng.randint(lo, hi)
-    lo, hi, _ = mix[-1]
-    return rng.randint(lo, hi)
-
-
-class PuzzleStream:
-    """Fresh puzzles from training seeds, mixed with symmetry-transformed copies of a growing pool."""
-
-    def __init__(self, seed: int, fresh_fraction: float = 0.25, givens_mix=DEFAULT_GIVENS_MIX):
-        self.givens_mix = givens_mix
-        self.rng = random.Random(TRAIN_SEED_BASE + seed)
-        self.pool: list[tuple[str, str]] = []
-        self.fresh_fraction = fresh_fraction
-        self.next_seed = TRAIN_SEED_BASE + 1_000_000 * (seed + 1)
-
-    def fresh(self):
-        r = random.Random(self.next_seed)
-        self.next_seed += 1
-        p = make_puzzle(r, sample_givens(r, self.givens_mix))
-        self.pool.append(p)
-        return p
-
-    def __call__(self, n: int):
-        out = []
-        for _ in range(n):
-            if len(self.pool) < 64 or self.rng.random() < self.fresh_fraction:
-                p = self.fresh()
-            else:
-                p = self.pool[self.rng.randrange(len(self.pool))]
-            out.append(transform(*p, self.rng))
-        return out
-
-
-# ---------------------------------------------------------------- training
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/sudoku_run")
@@ -301,9 +59,11 @@ def main(argv=None):
                     help="ignore the optimizer.safetensors beside the weights (AdamW restarts)")
     ap.add_argument("--init", default=None,
                     help="start from this checkpoint folder's weights (e.g. models/sudoku) instead of a fresh model")
-    ap.add_argument("--init-steps", type=int, default=0,
-                    help="steps already trained into --init's weights: its data and noise streams continue after them")
-    ap.add_argument("--init-minutes", type=float, default=0.0, help="minutes already trained into --init's weights")
+    ap.add_argument("--init-steps", type=int, default=None,
+                    help="steps already trained into the weights of --init (or --resume's folder) when it has no "
+                         "train_state.json: the data and noise streams continue after them")
+    ap.add_argument("--init-minutes", type=float, default=None,
+                    help="minutes already trained into those weights, when the folder has no train_state.json")
     ap.add_argument("--givens-mix", default=None,
                     help="givens ranges of fresh puzzles, e.g. '36-45:0.5,28-35:0.3,46-60:0.2' (default: 70%% 36-50, "
                          "20%% 26-35, 10%% 51-70)")
@@ -324,23 +84,33 @@ def main(argv=None):
     ap.add_argument("--speed-test", type=int, default=0, help="run N steps, print timings, exit")
     args = ap.parse_args(argv)
 
+    out = Path(args.out)
+    # a resumed run continues the data and noise streams where the last one stopped instead of
+    # replaying them: every stream is seeded with seed + the steps already trained
+    start = out if args.resume else Path(args.init) if args.init else None
+    if start is not None and not (start / "config.json").is_file():
+        raise SystemExit(f"{'--out' if args.resume else '--init'} {start}: no config.json; name a checkpoint folder")
+    if start is None and (args.init_steps is not None or args.init_minutes is not None):
+        raise SystemExit("--init-steps/--init-minutes: only with --init or --resume")
+    before = trained_counts(start, args.init_steps, args.init_minutes) if start else {}
+    done, done_minutes = before.get("total_steps", 0), before.get("total_minutes", 0.0)
+
+    if args.bf16:
+        from bench.bench_batch import cpu_flags
+
+        if not {"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()):
+            # measured on a 2-core AMD EPYC with avx2 only: ~23 s a step with --bf16, 2.4 s without
+            print("warning: --bf16 on a CPU without avx512_bf16 or amx_bf16: autocast emulates bfloat16 and "
+                  "runs ~10x slower than fp32 here; leave --bf16 out", file=sys.stderr, flush=True)
+
     import torch
     import torch.nn.functional as F
     from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    # a resumed run continues the data and noise streams where the last one stopped instead of
-    # replaying them: every stream is seeded with seed + the steps already trained
-    state_file = out / "train_state.json"
-    before = json.loads(state_file.read_text()) if args.resume and state_file.exists() else {}
-    if args.init and not args.resume:
-        before = {"total_steps": args.init_steps, "total_minutes": args.init_minutes}
-    done, done_minutes = before.get("total_steps", 0), before.get("total_minutes", 0.0)
     torch.manual_seed(args.seed + done)
-    if args.resume or args.init:
-        model = DiffusionGemmaForBlockDiffusion.from_pretrained(out if args.resume else args.init,
-                                                                dtype=torch.float32, use_safetensors=True)
+    if start is not None:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(start, dtype=torch.float32, use_safetensors=True)
     else:
         model = build_model(args.seed)
     mix = parse_givens_mix(args.givens_mix) if args.givens_mix else DEFAULT_GIVENS_MIX
@@ -350,7 +120,6 @@ def main(argv=None):
     model.config._attn_implementation = "eager"  # faster than CPU sdpa at these sizes; not saved
     model.train()
     enc = model.model.encoder
-    dec_model = model.model
     tok = build_tokenizer()
     V, C = VOCAB_SIZE, CANVAS
 
@@ -367,9 +136,8 @@ def main(argv=None):
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
-    source = out if args.resume else args.init
-    if source and not args.fresh_optimizer and restore_optimizer(opt, model, Path(source)):
-        print(f"optimizer state restored from {Path(source) / OPTIMIZER_FILE}", flush=True)
+    if start is not None and not args.fresh_optimizer and restore_optimizer(opt, model, start):
+        print(f"optimizer state restored from {start / OPTIMIZER_FILE}", flush=True)
 
     def lr_at(step):
         # --moment-warmup steps at lr 0 (AdamW's moments fill, the weights stay), then linear warmup
