@@ -16,7 +16,6 @@ NEWLINE_ID = 107
 CELL0_ID = 108  # <r1c1> .. <r9c9> = 108 .. 188
 CELLS = [f"<r{r + 1}c{c + 1}>" for r in range(9) for c in range(9)]
 CHARS = list("123456789.0 abcdefghijklmnopqrstuvwxyz|-+:,")
-DIGIT_IDS = None  # filled by vocab()
 EOS_ID = 1
 CANVAS = 82  # 81 digits + <eos>
 
