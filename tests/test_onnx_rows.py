@@ -165,10 +165,12 @@ FORMS = {"fp32-sparse": ("fp32", None, None, "exact"), "fp32-dense": ("fp32", "g
          "fp16": ("fp16", None, None, "rounded"), "int4-level4": ("int4", None, 4, "rounded"),
          "int8-level4": ("int8", None, 4, "rounded")}
 # measured on this script (docs/onnx.md): exact forms differ in 0-1 of 608 ids, entropies by 1 ulp (in
-# ~30 % of positions), logits by <= 1.8e-5; rounded ones in up to 8.2 % of ids (int4 at level 4; bf16
-# 3.8 %, fp16 0), entropies by <= 1.7e-3 relative
+# ~30 % of positions), logits by <= 1.8e-5; rounded ones in up to 8.2 % of ids on an avx512_vnni CPU
+# (int4 at level 4; bf16 3.8 %, fp16 0) and 21.2 % on an AVX2-only one (int8 at level 4: its int8
+# kernels round other steps there), entropies by <= 1.7e-3 relative on both. The entropy bound checks
+# the numbers; the ids bound only that rows are not mixed up (another row's cache changes ~all ids).
 BOUNDS = {"exact": dict(ids=0.01, entropy_ulps=2, logits=5e-5, entropy_rel=1e-6),
-          "rounded": dict(ids=0.12, entropy_ulps=None, logits=None, entropy_rel=5e-3)}
+          "rounded": dict(ids=0.3, entropy_ulps=None, logits=None, entropy_rel=5e-3)}
 
 
 @pytest.mark.parametrize("form", list(FORMS))
