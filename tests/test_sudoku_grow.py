@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +116,12 @@ def test_training_refuses_a_folder_whose_trained_steps_it_would_guess(tmp_path):
         run = subprocess.run(base + args, cwd=REPO, capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr.strip().splitlines()[-1], run.stderr[-2000:]
 
-    refused(["--out", str(MODEL), "--resume"], "no train_state.json; give --init-steps and --init-minutes")
+    shipped = tmp_path / "shipped"  # a copy: a regression here must not train into models/sudoku
+    shipped.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(MODEL / name, shipped / name)
+    refused(["--out", str(shipped), "--resume"], "no train_state.json; give --init-steps and --init-minutes")
+    assert sorted(p.name for p in shipped.iterdir()) == ["config.json", "model.safetensors"]
     refused(["--out", str(tmp_path / "o"), "--init", str(MODEL), "--init-steps", "5"], "give --init-steps")
     refused(["--out", str(tmp_path / "o"), "--init", str(MODEL), "--init-steps", "-1", "--init-minutes", "1"],
             "--init-steps -1: must be a count")
