@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pytest
 
+from bench.bench_batch import cpu_flags
 from dgport.errors import DgportError
 from dgport.exporters.export import ExportOptions, export
 from dgport.manifest import open_export
@@ -168,9 +169,10 @@ FORMS = {"fp32-sparse": ("fp32", None, None, "exact"), "fp32-dense": ("fp32", "g
 # ~30 % of positions), logits by <= 1.8e-5; rounded ones in up to 8.2 % of ids on an avx512_vnni CPU
 # (int4 at level 4; bf16 3.8 %, fp16 0) and 21.2 % on an AVX2-only one (int8 at level 4: its int8
 # kernels round other steps there), entropies by <= 1.7e-3 relative on both. The entropy bound checks
-# the numbers; the ids bound only that rows are not mixed up (another row's cache changes ~all ids).
+# the numbers; the ids bound that rows are not mixed up (another row's cache changes ~all ids).
 BOUNDS = {"exact": dict(ids=0.01, entropy_ulps=2, logits=5e-5, entropy_rel=1e-6),
-          "rounded": dict(ids=0.3, entropy_ulps=None, logits=None, entropy_rel=5e-3)}
+          "rounded": dict(ids=0.12, entropy_ulps=None, logits=None, entropy_rel=5e-3)}
+INT8_LEVEL4_IDS_WITHOUT_VNNI = 0.3  # int8 at level 4 where the CPU has no VNNI: 21.2 % measured
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -194,7 +196,10 @@ def test_rows_denoise_like_each_row_alone(form, exports, caplog):
     stats = compare(got, want)
     assert stats["steps"] == 19
     bound = BOUNDS[kind]
-    assert stats["ids_differ"] <= bound["ids"] * 2 * stats["positions"], stats
+    ids = bound["ids"]
+    if form == "int8-level4" and not {"avx512_vnni", "avx_vnni"} & set(cpu_flags().split()):
+        ids = INT8_LEVEL4_IDS_WITHOUT_VNNI
+    assert stats["ids_differ"] <= ids * 2 * stats["positions"], stats
     assert stats["max_entropy_rel"] <= bound["entropy_rel"], stats
     if bound["entropy_ulps"] is not None:
         assert stats["max_entropy_ulps"] <= bound["entropy_ulps"], stats
