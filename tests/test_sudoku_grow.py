@@ -150,7 +150,7 @@ def test_dgport_reads_the_grown_folder_and_training_resumes_it(tmp_path):
 
 
 def test_the_committed_training_checkpoint_is_the_shipped_model_grown_and_trained():
-    """models/sudoku_next (TRAINING_LOG phase 14) is what a later session resumes: the shipped
+    """models/sudoku_next (TRAINING_LOG_30_35 phase 14) is what a later session resumes: the shipped
     geometry grown by grow.py, weights only (no optimizer state, nothing pickled), its steps counted."""
     from models.sudoku.grow import grown_config
     from transformers import DiffusionGemmaForBlockDiffusion

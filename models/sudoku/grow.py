@@ -8,7 +8,7 @@ Every decoder layer is followed by a copy of itself (same attention type and hea
 output norms (`post_attention_layernorm`, `post_feedforward_layernorm`) are `--scale` times its
 source's. At scale 0 the copy adds nothing to the residual stream and the grown model's logits equal
 the original's, but then the copy's weights get no gradient at all (their only way to the loss runs
-through the zero norms), and AdamW leaves them where they are: in TRAINING_LOG's phase 12a the zero
+through the zero norms), and AdamW leaves them where they are: in TRAINING_LOG_30_35's phase 12a the zero
 norms of such copies reached only 0.001-0.03 in 1,130 steps. The default, 0.05, adds 5 % of each
 layer once more (81 of 100 tuning puzzles solved, against the original's 82) and lets every weight
 of the copies train from the first step. The encoder shares the decoder's layer weights; only its
