@@ -15,6 +15,11 @@ os.environ.setdefault("DGPORT_CACHE_DIR", str(Path(__file__).parent / ".." / ".p
 
 from models.fixtures import PRESETS, build_fixture  # noqa: E402
 
+# The suite runs on two pytest-xdist workers (the README's command); tests that take several GB each
+# share this group, so they run one after another on one worker and the suite's peak stays one of them
+# plus an ordinary test.
+BIG_MEMORY = pytest.mark.xdist_group("big-memory")
+
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):

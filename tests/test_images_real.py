@@ -9,6 +9,7 @@ import gc
 
 import numpy as np
 import pytest
+from conftest import BIG_MEMORY
 
 REAL = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
             num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3,
@@ -23,6 +24,7 @@ def _mem_available_gb() -> float:
 
 
 @pytest.mark.slow
+@BIG_MEMORY
 @pytest.mark.skipif(_mem_available_gb() < 8, reason="the real tower is 0.4 B parameters: ~6 GB with both sides")
 def test_real_vision_tower_generates_transformers_tokens(tmp_path):
     import torch

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import dgport
-from conftest import ALL_PRESETS
+from conftest import ALL_PRESETS, BIG_MEMORY
 from dgport.errors import DgportError, ExportError
 from dgport.exporters.export import ExportOptions, export
 from backend_checks import assert_generates_like_torch, assert_keep_cache_like_torch
@@ -162,6 +162,7 @@ print(json.dumps({"validation": summary.validation["onnx"], "tokens": len(res.to
 
 
 @pytest.mark.slow
+@BIG_MEMORY
 @pytest.mark.skipif(_mem_available_gb() < 12, reason="the real-geometry slice peaks at ~10 GB RSS (transformers "
                     "loading its 3.1 GB of bf16 weights as the 6.2 GB fp32 reference; one model at a time)")
 def test_real_geometry_slice_exports_validates_and_runs(tmp_path):
