@@ -21,6 +21,18 @@ from models.fixtures import PRESETS, build_fixture  # noqa: E402
 BIG_MEMORY = pytest.mark.xdist_group("big-memory")
 
 
+def mem_available_gb() -> float:
+    """The machine's available memory (0 where /proc/meminfo cannot be read): the big tests skip below
+    their peak."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """name -> folder of every fixture preset, built on first use."""

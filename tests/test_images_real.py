@@ -9,23 +9,16 @@ import gc
 
 import numpy as np
 import pytest
-from conftest import BIG_MEMORY
+from conftest import BIG_MEMORY, mem_available_gb
 
 REAL = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
             num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3,
             position_embedding_size=10240, standardize=True)
 
 
-def _mem_available_gb() -> float:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
-
-
 @pytest.mark.slow
 @BIG_MEMORY
-@pytest.mark.skipif(_mem_available_gb() < 8, reason="the real tower is 0.4 B parameters: ~6 GB with both sides")
+@pytest.mark.skipif(mem_available_gb() < 8, reason="the real tower is 0.4 B parameters: ~6 GB with both sides")
 def test_real_vision_tower_generates_transformers_tokens(tmp_path):
     import torch
     from PIL import Image

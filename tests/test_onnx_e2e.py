@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import dgport
-from conftest import ALL_PRESETS, BIG_MEMORY
+from conftest import ALL_PRESETS, BIG_MEMORY, mem_available_gb
 from dgport.errors import DgportError, ExportError
 from dgport.exporters.export import ExportOptions, export
 from backend_checks import assert_generates_like_torch, assert_keep_cache_like_torch
@@ -130,16 +130,6 @@ def test_cuda_without_onnxruntime_gpu(copied_export):
 
 # --------------------------------------------------------------------------- real 26B-A4B geometry
 
-def _mem_available_gb() -> float:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
-
-
 REAL_SLICE = r"""
 import json, resource, sys
 import dgport
@@ -163,7 +153,7 @@ print(json.dumps({"validation": summary.validation["onnx"], "tokens": len(res.to
 
 @pytest.mark.slow
 @BIG_MEMORY
-@pytest.mark.skipif(_mem_available_gb() < 12, reason="the real-geometry slice peaks at ~10 GB RSS (transformers "
+@pytest.mark.skipif(mem_available_gb() < 12, reason="the real-geometry slice peaks at ~10 GB RSS (transformers "
                     "loading its 3.1 GB of bf16 weights as the 6.2 GB fp32 reference; one model at a time)")
 def test_real_geometry_slice_exports_validates_and_runs(tmp_path):
     """Real 26B-A4B layer geometry (models.fixtures LARGE_PRESETS['real-slice']): one sliding and one
